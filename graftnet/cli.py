@@ -1,0 +1,167 @@
+"""The `graft` command: a thin layer over the Python API. Every train flag is also a config key."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GraftError
+
+# flag -> config key (dotted). Flags left out keep the config file's or the default value.
+TRAIN_FLAGS = {
+    "data": "data.path", "backbone": "backbone.name", "weights": "backbone.weights",
+    "image_size": "backbone.image_size", "features": "backbone.features",
+    "precision": "backbone.precision", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "lr": "train.lr", "optimizer": "train.optimizer", "weight_decay": "train.weight_decay",
+    "seed": "train.seed", "out": "out", "name": "name", "cache_dir": "cache_dir",
+    "pool": "head.pool", "hidden": "head.hidden", "dropout": "head.dropout",
+    "max_per_class": "data.max_per_class", "val_fraction": "data.val_fraction",
+}
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="graft a head onto a backbone and train it")
+    p.add_argument("--config", help="YAML config (a recipe, or a run folder's config.yaml)")
+    p.add_argument("--data", help="class folder, ZIP with class folders, CIFAR archive, or 'cifar10'")
+    p.add_argument("--backbone", help="registered name or any timm architecture (see `graft backbones`)")
+    p.add_argument("--weights", help="backbone weights file (safetensors, or .pth read weights-only)")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation")
+    p.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
+    p.add_argument("--features", choices=["last", "multi"], help="final feature map, or + late stages")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="backbone pass precision")
+    p.add_argument("--pool", choices=["avg", "flatten"], help="global average pooling or Flatten")
+    p.add_argument("--hidden", help="hidden widths, comma-separated (e.g. 256 or 512,256; '' for none)")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-per-class", type=int, help="use at most N images per class and split")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--out", help="parent folder of run folders (default runs/)")
+    p.add_argument("--name", help="run folder name")
+    p.add_argument("--cache-dir", help="feature cache (default ~/.cache/graftnet)")
+    p.add_argument("--no-cache", action="store_true", help="run the backbone on every batch")
+    p.add_argument("--flip-views", action="store_true", help="cache flipped images as a second view")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images, list them in the run")
+    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("evaluate", help="evaluate a finished run on a data set")
+    p.add_argument("run")
+    p.add_argument("--data", help="default: the run's own data (its test split)")
+    p = sub.add_parser("predict", help="classify an image or a folder of images")
+    p.add_argument("run")
+    p.add_argument("target", help="image file or folder")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("preview", help="write a PNG grid of random training images with labels")
+    p.add_argument("--data", default=None)
+    p.add_argument("--config")
+    p.add_argument("--out", default="preview.png")
+    p.add_argument("-n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("backbones", help="list registered backbones and whether their weights are offline")
+    return parser
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()}
+    if args.no_pretrained:
+        overrides["backbone.pretrained"] = False
+    if args.no_cache:
+        overrides["train.cache_features"] = False
+    if args.flip_views:
+        overrides["train.flip_views"] = True
+    if args.skip_bad:
+        overrides["data.skip_bad"] = True
+    for item in args.set:
+        if "=" not in item:
+            raise GraftError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    return overrides
+
+
+def cmd_train(args) -> None:
+    from . import config
+    from .train.pipeline import train
+    if args.resume:
+        run_dir = train(None, resume=args.resume)
+    else:
+        run_dir = train(config.resolve(args.config, train_overrides(args)))
+    print(run_dir)
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluation import evaluate_run
+    m = evaluate_run(args.run, args.data)
+    print(json.dumps({"accuracy": m["accuracy"], **m["top_k"], "n": m["n"]}))
+
+
+def cmd_predict(args) -> None:
+    from rich.table import Table
+    from .evaluation import predict
+    from .progress import console
+    results = predict(args.run, args.target, args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"predictions ({len(results)} image{'s' * (len(results) != 1)})")
+    table.add_column("file")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    table.add_column(f"top {args.top}")
+    for r in results:
+        table.add_row(r["file"], r["class"], f"{r['probability']:.3f}",
+                      ", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["top"]))
+    console.print(table)
+
+
+def cmd_preview(args) -> None:
+    from . import config
+    from .data.preview import preview
+    overrides = {"data.path": args.data}
+    out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed)
+    print(out)
+
+
+def cmd_backbones(args) -> None:
+    from rich.table import Table
+    from .backbones import list_specs
+    from .progress import console
+    table = Table(title="registered backbones (any timm architecture name works too: hub weights or --weights FILE)")
+    for col in ("name", "timm model", "input", "mean / std", "weights", "offline"):
+        table.add_column(col)
+    for s in list_specs():
+        table.add_row(s.name, s.timm_name, f"{s.input_size}px", f"{s.mean} / {s.std}",
+                      s.weights.split("/")[0], "[green]yes[/]" if s.offline_ready() else "[red]no[/]")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .progress import console
+    try:
+        {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+         "preview": cmd_preview, "backbones": cmd_backbones}[args.command](args)
+    except GraftError as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: a training run continues with `graft train --resume RUN`")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Typed configuration for every stage, loaded from and saved to YAML.
+
+A run folder always holds the resolved `config.yaml`; `graft train --config run/config.yaml`
+reproduces the run. Dotted overrides (`train.lr=3e-4`) and CLI flags land on the same fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = "cifar10"            # class folder, ZIP with class folders, CIFAR archive, or "cifar10"
+    val_fraction: float = 0.1        # carved out of the training split, stratified, for monitoring
+    test_fraction: float = 0.2       # only used when the source has no test/ or val/ split
+    split_seed: int = 0              # fixed apart from train.seed: seeds vary training, not the split
+    max_per_class: int | None = None  # take a slice (quick experiments, tests)
+    skip_bad: bool = False           # skip unreadable images and list them instead of failing
+    workers: int = 2                 # decoding threads
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    weights: str | None = None       # a file (safetensors or .pth); None: the registry's default source
+    pretrained: bool = True          # False: random initialisation
+    image_size: int | None = None    # None: the entry's default input size
+    features: str = "last"           # "last": final feature map; "multi": + pooled outputs of late stages
+    precision: str = "auto"          # backbone pass: bf16 autocast, fp32, or auto (bf16 only where the
+                                     # CPU has native bf16 matmul, e.g. AMX; on AVX2 bf16 is ~10x slower)
+    channels_last: bool = True
+
+
+@dataclass
+class HeadConfig:
+    pool: str = "avg"                # "avg": global average pooling; "flatten": the paper's Flatten
+    hidden: list[int] = field(default_factory=lambda: [256])
+    activation: str = "relu"
+    dropout: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"          # adam | adamw | sgd
+    weight_decay: float = 0.0
+    seed: int = 0
+    cache_features: bool = True      # frozen backbone: run it once per image and train on its features
+    flip_views: bool = False         # cache flipped images too: training draws one view per sample,
+                                     # evaluation averages the logits of both
+    eval_batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None          # run folder name; default: <backbone>-<timestamp>
+    out: str = "runs"
+    cache_dir: str | None = None     # feature cache; default ~/.cache/graftnet
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with an error that names the key."""
+    text = str(typ)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    try:
+        if typ is bool or text.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if "list[int]" in text:
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            return [int(v) for v in value]
+        if typ is int or text.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float or text.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot use {value!r} as {text}") from None
+
+
+def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data.pop(f.name)
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{f.name}: expected a mapping, got {value!r}")
+            kwargs[f.name] = from_dict(sub, value, f"{where}.{f.name}")
+        else:
+            kwargs[f.name] = _coerce(value, sub, f"{where}.{f.name}")
+    if data:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{where}: unknown key(s) {sorted(data)}; known keys: {known}")
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (`train.lr`) in a nested dict; values of None are ignored (flag not given)."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[last] = value
+    return data
+
+
+def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    data = load_yaml(config_file) if config_file else {}
+    apply_overrides(data, overrides or {})
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    choices = {
+        "head.pool": (cfg.head.pool, ("avg", "flatten")),
+        "head.activation": (cfg.head.activation, ("relu", "gelu", "silu", "tanh")),
+        "backbone.precision": (cfg.backbone.precision, ("auto", "bf16", "fp32")),
+        "backbone.features": (cfg.backbone.features, ("last", "multi")),
+        "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.lr": cfg.train.lr, "train.eval_batch_size": cfg.train.eval_batch_size}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
+        raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
+    if not 0 <= cfg.head.dropout < 1:
+        raise ConfigError(f"head.dropout: must be in [0, 1), got {cfg.head.dropout}")
+    if not 0 <= cfg.data.val_fraction < 1 or not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError("data.val_fraction must be in [0, 1) and data.test_fraction in (0, 1)")
+    if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
+        raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    from .io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,184 @@
+"""Decoding, splitting and batching images.
+
+Images are decoded once, converted to RGB whatever their mode, centre-cropped to a square and kept
+in memory as uint8 at min(short side, input size): a 32 px CIFAR image stays 32 px (3 KB) and is
+resized to the backbone's input size batch by batch, so 60k images cost 180 MB, not 3 GB.
+"""
+from __future__ import annotations
+
+import io
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+
+from ..errors import DataError
+from .sources import IMAGE_EXTENSIONS, Source
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
+
+
+@dataclass
+class ImageSet:
+    images: list[torch.Tensor]      # uint8, 3 x h x w, square
+    labels: torch.Tensor            # int64
+    keys: list[str]
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # "file: reason" for files left out
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx) -> "ImageSet":
+        idx = list(idx)
+        return ImageSet([self.images[i] for i in idx], self.labels[idx], [self.keys[i] for i in idx],
+                        self.classes)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: grayscale X-rays, 16-bit scans, palettes and alpha (over white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def decode(data: bytes | np.ndarray, where: str) -> Image.Image:
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data)
+    if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{where}: not an image file (extension {Path(where).suffix or 'none'}); "
+                        "remove it or pass --skip-bad")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # PIL raises many types for bad files
+        reason = "truncated" if "truncated" in str(e) else f"cannot decode ({type(e).__name__}: {e})"
+        raise DataError(f"{where}: corrupt or unreadable image: {reason}; "
+                        "remove it or pass --skip-bad") from None
+
+
+def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
+    """Centre square crop, shrunk to max_size when larger; never enlarged here."""
+    w, h = img.size
+    s = min(w, h)
+    if (w, h) != (s, s):
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if s > max_size:
+        img = img.resize((max_size, max_size), Image.BICUBIC, reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool = False,
+                workers: int = 2, progress=None) -> ImageSet:
+    def one(item):
+        key, _ = item
+        where = source.describe(key)
+        try:
+            return square_uint8(decode(source.read(key), where), size), None
+        except DataError as e:
+            if not skip_bad:
+                raise
+            return None, str(e)
+
+    images, labels, keys, skipped = [], [], [], []
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
+        for (key, label), (img, err) in zip(samples, pool.map(one, samples, chunksize=256)):
+            if progress:
+                progress()
+            if img is None:
+                skipped.append(err)
+                continue
+            images.append(img)
+            labels.append(label)
+            keys.append(key)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), keys, source.classes, skipped)
+
+
+def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
+    """Split samples into (rest, held-out) keeping each class's share; deterministic for a seed."""
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = random.Random(seed)
+    rest, held = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        n = int(round(len(items) * fraction)) if fraction > 0 else 0
+        if fraction > 0 and len(items) > 1:
+            n = min(max(n, 1), len(items) - 1)
+        held += items[:n]
+        rest += items[n:]
+    return rest, held
+
+
+def limit_per_class(samples, n: int | None, seed: int):
+    if n is None:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    out = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        out += items[:n]
+    return out
+
+
+def make_splits(source: Source, val_fraction: float, test_fraction: float, seed: int,
+                max_per_class: int | None = None) -> dict[str, list[tuple[str, int]]]:
+    """train / val / test sample lists. The test split is the source's own when it has one."""
+    s = source.splits
+    if "train" in s:
+        train = limit_per_class(s["train"], max_per_class, seed)
+        test_name = "test" if "test" in s else "val"
+        if test_name in s:
+            test = limit_per_class(s[test_name], max_per_class, seed)
+        else:
+            train, test = stratified_split(train, test_fraction, seed)
+        if "test" in s and "val" in s:
+            val = limit_per_class(s["val"], max_per_class, seed)
+        else:
+            train, val = stratified_split(train, val_fraction, seed + 1)
+    else:
+        everything = limit_per_class(s["all"], max_per_class, seed)
+        rest, test = stratified_split(everything, test_fraction, seed)
+        train, val = stratified_split(rest, val_fraction, seed + 1)
+    if not train:
+        raise DataError(f"{source.location}: no training images")
+    return {"train": train, "val": val, "test": test}
+
+
+def to_batch(images: list[torch.Tensor], size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """uint8 squares -> normalised float batch at size x size (bilinear, antialiased when shrinking)."""
+    if all(im.shape == images[0].shape for im in images):
+        x = torch.stack(images).float()
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
+                              align_corners=False)
+    else:
+        x = torch.cat([F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
+                                     antialias=im.shape[-1] > size, align_corners=False)
+                       for im in images])
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1) * 255
+    sd = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1) * 255
+    x = (x - m) / sd
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

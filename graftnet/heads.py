@@ -1,0 +1,98 @@
+"""The grafted model: a backbone that emits feature maps and a new head that classifies them.
+
+The head is split in two on purpose: `pool` turns feature maps into one vector (global average
+pooling, or the paper's Flatten) and `mlp` classifies that vector. A frozen backbone's pooled
+vectors can then be cached on disk and the MLP trained on them alone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HeadConfig
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class FeatureExtractor(nn.Module):
+    """Wraps a timm model (classifier removed): returns [final map, *late stage maps].
+
+    With features="multi", forward hooks collect the outputs of the last `taps` stages that timm's
+    `feature_info` names (for EfficientNet-Lite0: 40, 112 and 320 channels beside the final 1280).
+    Features from several depths carry more of what a frozen backbone knows about small images.
+    """
+
+    def __init__(self, model: nn.Module, features: str = "last", taps: int = 3):
+        super().__init__()
+        self.model = model
+        self.tap_names: list[str] = []
+        if features == "multi":
+            info = getattr(model, "feature_info", None)
+            names = [i["module"] for i in info] if info is not None else []
+            self.tap_names = names[-taps - 1:-1] if len(names) > taps else names[:-1]
+        self._taps: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        for name in self.tap_names:
+            modules[name].register_forward_hook(self._keep(name))
+
+    def _keep(self, name):
+        def hook(_module, _inputs, output):
+            self._taps[name] = output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._taps.clear()
+        final = self.model.forward_features(x)
+        maps = [final] + [self._taps[n] for n in self.tap_names]
+        self._taps.clear()
+        return maps
+
+    @torch.no_grad()
+    def channels(self, image_size: int) -> list[tuple[int, int, int]]:
+        was_training = self.training
+        self.eval()
+        shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size))]
+        self.train(was_training)
+        return shapes
+
+
+class Pool(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        if self.mode == "flatten":
+            return torch.flatten(maps[0], 1)
+        return torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1)
+
+    def out_features(self, shapes: list[tuple[int, int, int]]) -> int:
+        if self.mode == "flatten":
+            c, h, w = shapes[0]
+            return c * h * w
+        return sum(s[0] for s in shapes)
+
+
+def make_mlp(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Sequential:
+    """The paper's Flatten -> Dense(256, ReLU) -> Dropout(0.5) -> Dense(classes), any widths."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for hidden in cfg.hidden:
+        layers += [nn.Linear(width, hidden), _ACTIVATIONS[cfg.activation]()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class GraftedModel(nn.Module):
+    def __init__(self, extractor: FeatureExtractor, pool: Pool, mlp: nn.Sequential):
+        super().__init__()
+        self.extractor, self.pool, self.mlp = extractor, pool, mlp
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.extractor(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(x).float())

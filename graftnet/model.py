@@ -1,0 +1,90 @@
+"""Build a grafted model from a config, and save/load it as safetensors + a JSON spec.
+
+The JSON spec holds plain values only (nanoGPT keeps its config in the checkpoint the same way), so
+`load_model(run_dir)` rebuilds the exact architecture without pickles and without network.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+
+from . import backbones
+from .config import HeadConfig, RunConfig
+from .errors import GraftError
+from .heads import FeatureExtractor, GraftedModel, Pool, make_mlp
+from .io import atomic_write_json, save_tensors
+
+
+@dataclass
+class ModelSpec:
+    backbone: str
+    timm_name: str
+    weights_id: str
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    features: str
+    multi_taps: int
+    head: dict = field(default_factory=dict)
+    feature_dim: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
+    extractor = FeatureExtractor(timm_model, spec.features, spec.multi_taps)
+    head_cfg = HeadConfig(**spec.head)
+    pool = Pool(head_cfg.pool)
+    spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
+    return GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
+
+
+def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, ModelSpec]:
+    bspec = backbones.get_spec(cfg.backbone.name)
+    timm_model, weights_id = backbones.create(bspec, cfg.backbone.pretrained, cfg.backbone.weights)
+    spec = ModelSpec(
+        backbone=bspec.name, timm_name=bspec.timm_name, weights_id=weights_id, classes=list(classes),
+        image_size=cfg.backbone.image_size or bspec.input_size, mean=list(bspec.mean),
+        std=list(bspec.std), features=cfg.backbone.features, multi_taps=bspec.multi_taps,
+        head=asdict(cfg.head))
+    model = _assemble(timm_model, spec)
+    for p in model.extractor.parameters():  # the backbone starts frozen
+        p.requires_grad_(False)
+    return model, spec
+
+
+def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
+    save_tensors(run_dir / "model.safetensors", model.state_dict(), {"format": "graftnet-1"})
+    atomic_write_json(run_dir / "model.json", asdict(spec))
+
+
+def load_model(run_dir: str | Path) -> tuple[GraftedModel, ModelSpec]:
+    run_dir = Path(run_dir)
+    spec_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise GraftError(f"{run_dir}: not a finished graftnet run (model.json / model.safetensors "
+                         "missing); a run interrupted before its end can be continued with --resume")
+    try:
+        raw = json.loads(spec_path.read_text())
+        spec = ModelSpec(**{k: v for k, v in raw.items() if k != "num_classes"})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise GraftError(f"{spec_path}: not a valid model spec ({e})") from None
+    model = _assemble(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(weights_path)))
+    model.eval()
+    return model, spec
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that training changes: parameters with grad, plus all buffers (BN statistics)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names or "running" in k
+            or "num_batches" in k}

@@ -1,0 +1,1 @@
+"""Run report: PNG plots and a single self-contained HTML page."""

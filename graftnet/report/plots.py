@@ -1,0 +1,97 @@
+"""PNG plots for the run report: training curves, confusion matrix, sample predictions."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines; must be set before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from graftnet.io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                          bbox_inches="tight"))
+    finally:
+        plt.close(fig)  # figures are kept alive by pyplot until closed
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        val = np.array([row.get(f"val_{key}", math.nan) for row in history], dtype=float)
+        if not np.isnan(val).all():  # runs without a validation split have only NaN here
+            ax.plot(epochs, val, "s-", label="validation")
+        ax.set(title=title, xlabel="epoch", ylabel=key if key == "loss" else "accuracy")
+        if len(epochs) <= 15:  # few epochs: one tick each (also avoids 0.96, 0.98, ... for 1 epoch)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path,
+                   normalize: bool = True) -> Path:
+    counts = np.asarray(confusion, dtype=np.int64)
+    n = len(classes)
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True)
+        values = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals != 0)
+    else:
+        values = counts.astype(float)
+
+    size = min(max(4.0, 0.55 * n + 2.5), 16.0)  # grow with the class count, within reason
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    vmax = 1.0 if normalize else max(values.max(), 1.0)
+    im = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
+                 label="fraction of true class" if normalize else "count")
+
+    if n <= 20:  # beyond that the numbers no longer fit in the cells
+        fontsize = 10 if n <= 10 else 7
+        for i in range(n):
+            for j in range(n):
+                # White text on dark cells, dark text on light ones.
+                color = "white" if values[i, j] > 0.55 * vmax else "#222222"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center",
+                        color=color, fontsize=fontsize)
+
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, labels=classes)
+    ax.set(xlabel="predicted", ylabel="true",
+           title="Confusion matrix" + (" (row-normalised, counts shown)" if normalize else ""))
+    return _save(fig, path)
+
+
+def _fit(title: str, width: int = 24) -> str:
+    # Long class names would run into the neighbouring titles; shorten each line instead.
+    return "\n".join(line if len(line) <= width else line[: width - 1] + "…"
+                     for line in title.split("\n"))
+
+
+def plot_samples(images: list[torch.Tensor], titles: list[str], path: str | Path,
+                 colors: list[str] | None = None, ncols: int = 8) -> Path:
+    ncols = max(1, min(ncols, len(images)))
+    nrows = max(1, math.ceil(len(images) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.9 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        # Nearest-neighbour keeps tiny (e.g. 32x32) images crisp instead of blurred.
+        ax.imshow(images[k].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.set_title(_fit(titles[k]), fontsize=7, color=colors[k] if colors else "black")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,144 @@
+"""Run a frozen backbone once per image and keep its pooled features on disk.
+
+With the backbone frozen and no augmentation, every epoch would compute the same features again:
+we compute them once (bf16 autocast and channels-last where the CPU has AMX) and train the head on
+them. The cache key covers everything that changes the numbers: backbone, weights, preprocessing,
+feature taps, pooling, precision, and a fingerprint of the exact images.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from queue import Queue
+
+import torch
+
+from ..data.images import ImageSet, to_batch
+from ..io import save_tensors
+from ..progress import bar
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """True where bf16 matmuls run in hardware: CUDA with bf16, or a CPU with AMX / AVX512-BF16.
+    Without them (AVX2 CPUs) PyTorch emulates bf16 and a backbone pass gets ~10x slower."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: str = "cpu"):
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std,
+                  channels_last: bool, flip: bool = False, prefetch: int = 2):
+    """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model."""
+    order = list(order)
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def make(idx):
+        x = to_batch([images.images[i] for i in idx], size, mean, std, channels_last)
+        return (x.flip(3) if flip else x), images.labels[idx]
+
+    if prefetch <= 0 or len(chunks) < 2:
+        for idx in chunks:
+            yield make(idx)
+        return
+    queue: Queue = Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for idx in chunks:
+                if stop.is_set():
+                    return
+                queue.put(make(idx))
+        except BaseException as e:  # hand the error to the consumer
+            queue.put(e)
+        queue.put(None)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Exception):
+                queue.get_nowait()
+            thread.join(timeout=0.05)
+
+
+@torch.no_grad()
+def compute_features(model, images: ImageSet, size: int, mean, std, batch_size: int = 128,
+                     precision: str = "bf16", channels_last: bool = True, flip: bool = False,
+                     description: str = "features") -> torch.Tensor:
+    """Pooled features of every image (model = GraftedModel; its extractor and pool run)."""
+    model.eval()
+    out = []
+    with bar(len(images), description) as advance:
+        for x, _ in image_batches(images, range(len(images)), batch_size, size, mean, std,
+                                  channels_last, flip):
+            with autocast(precision):
+                f = model.features(x)
+            out.append(f.to(torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32))
+            advance(len(x))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def cache_key(parts: dict, images: ImageSet, fingerprint: str) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    h.update(fingerprint.encode())
+    for k in images.keys:
+        h.update(k.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def cached_features(model, images: ImageSet, parts: dict, fingerprint: str, cache_dir: Path | None,
+                    **kwargs) -> tuple[torch.Tensor, bool]:
+    """Features from the cache when present, else computed and stored. Returns (features, hit)."""
+    if cache_dir is None:
+        return compute_features(model, images, **kwargs), False
+    key = cache_key({**parts, "flip": kwargs.get("flip", False)}, images, fingerprint)
+    path = Path(cache_dir) / "features" / f"{key}.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+        try:
+            feats = load_file(str(path))["features"]
+            if feats.shape[0] == len(images):
+                return feats, True
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            pass
+    feats = compute_features(model, images, **kwargs)
+    try:
+        save_tensors(path, {"features": feats}, {"parts": json.dumps(parts), "n": str(len(images))})
+    except OSError as e:  # a full disk costs the cache, not the run
+        from ..progress import log
+        log(f"[yellow]feature cache not written ({e}); training goes on[/]")
+    return feats, False
+
+
+def default_cache_dir(configured: str | None) -> Path:
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet"))

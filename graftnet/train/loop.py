@@ -1,0 +1,132 @@
+"""One training loop for every stage, as plain functions with a few named events.
+
+Events (methods a callback may define): `after_loss(state, loss) -> loss` (distillation and EWC add
+terms here), `after_step(state)` (pruning re-applies masks), `after_epoch(state, row)` (checkpoints,
+early stopping sets `state.stop`). Batches are any iterable of (x, y).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TrainingDiverged
+from ..progress import bar, log
+from .features import autocast
+
+
+@dataclass
+class State:
+    epoch: int = 0                  # epochs completed
+    step: int = 0                   # optimizer steps taken
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False
+
+
+class Callback:
+    def after_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_step(self, state: State) -> None:
+        pass
+
+    def after_epoch(self, state: State, row: dict) -> None:
+        pass
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimizer, state: State,
+                    callbacks: list[Callback] = (), precision: str = "fp32",
+                    loss_fn: Callable = F.cross_entropy) -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    with bar(n_batches, f"epoch {state.epoch + 1}") as advance:
+        for x, y in batches:
+            with autocast(precision):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            for cb in callbacks:
+                loss = cb.after_loss(state, loss)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                    "training stopped, the last completed epoch's checkpoint is kept. Lower the "
+                    "learning rate or check the data", state.step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            for cb in callbacks:
+                cb.after_step(state)
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            advance(1, loss=total_loss / seen)
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logits, labels = [], []
+    for x, y in batches:
+        with autocast(precision):
+            logits.append(model(x).float())
+        labels.append(y)
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32") -> dict:
+    logits, labels = predict_logits(model, batches, precision)
+    if len(labels) == 0:
+        return {"loss": math.nan, "acc": math.nan}
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
+        make_val: Callable[[], Iterable] | None, optimizer, epochs: int, state: State,
+        callbacks: list[Callback] = (), precision: str = "fp32") -> State:
+    """Train from state.epoch to `epochs`; a resumed run passes its restored state."""
+    while state.epoch < epochs and not state.stop:
+        t0 = time.perf_counter()
+        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision)
+        val = evaluate(model, make_val(), precision) if make_val else {"loss": math.nan, "acc": math.nan}
+        state.epoch += 1
+        row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0,
+               "lr": optimizer.param_groups[0]["lr"]}
+        state.history.append(row)
+        log(f"epoch {state.epoch:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)")
+        for cb in callbacks:
+            cb.after_epoch(state, row)
+    return state
+
+
+def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None):
+    """Mini-batches of cached features, shuffled when a generator is given. x is N x D, or V x N x D
+    for V cached views of each image (e.g. original and flipped): each sample draws one view."""
+    order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
+    views = None
+    if x.dim() == 3:
+        views = torch.randint(x.shape[0], (len(y),), generator=generator) if generator is not None \
+            else torch.zeros(len(y), dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        xb = x[views[idx], idx] if views is not None else x[idx]
+        yield xb.float(), y[idx]
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)

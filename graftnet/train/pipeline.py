@@ -1,0 +1,180 @@
+"""`train(cfg)`: data -> grafted model -> trained head -> evaluation -> run folder and report.
+
+With the backbone frozen (this stage), images pass through it once: their pooled features are cached
+and the head trains on them for every epoch. `cache_features=False` runs the backbone on every batch
+instead (the slow path that Keras `fit` takes; kept for comparison and for checking equivalence).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import config as config_mod
+from ..config import RunConfig
+from ..data.images import ImageSet, load_images, make_splits
+from ..data.sources import Source, open_source
+from ..errors import DataError
+from ..io import atomic_write_json, atomic_write_text
+from ..heads import make_mlp
+from ..model import ModelSpec, build_model, save_model
+from ..progress import bar, log, set_log_file
+from ..run import new_run_dir, write_environment, write_history
+from .checkpoint import load_checkpoint, save_checkpoint
+from .features import cached_features, default_cache_dir, image_batches, resolve_precision
+from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
+    source = open_source(cfg.data.path, cfg.cache_dir)
+    splits = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed,
+                         cfg.data.max_per_class)
+    from ..backbones import get_spec
+    size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
+    sets = {}
+    total = sum(len(v) for v in splits.values())
+    with bar(total, "decoding images") as advance:
+        for name, samples in splits.items():
+            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance)
+    if not len(sets["train"]):
+        raise DataError(f"{source.location}: every training image was unreadable")
+    missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
+    if missing:
+        raise DataError(f"{source.location}: no readable training images for class(es) "
+                        f"{', '.join(source.classes[i] for i in missing)}")
+    log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
+        f"val {len(sets['val'])}  test {len(sets['test'])}")
+    return source, sets
+
+
+class _Checkpointer(Callback):
+    def __init__(self, run_dir: Path, model, optimizer, generator):
+        self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
+
+    def after_epoch(self, state: State, row: dict) -> None:
+        weights = {k: v for k, v in self.model.state_dict().items()}
+        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator)
+        write_history(self.run_dir, state.history)
+
+
+def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
+    """Everything besides the images that changes cached features."""
+    return {"timm": spec.timm_name, "weights": spec.weights_id, "size": spec.image_size,
+            "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
+            "pool": cfg.head.pool, "precision": resolve_precision(cfg.backbone.precision)}
+
+
+def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
+                   name: str, flip: bool = False) -> torch.Tensor:
+    feats, hit = cached_features(
+        model, images, feature_parts(spec, cfg), source.fingerprint,
+        default_cache_dir(cfg.cache_dir) if cfg.train.cache_features else None,
+        size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
+        precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
+        description=f"backbone: {name}{' (flipped)' if flip else ''}")
+    log(f"features {name}{' flipped' if flip else ''}: {tuple(feats.shape)} "
+        f"{'from cache' if hit else 'computed'}")
+    return feats
+
+
+def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
+    if resume:
+        run_dir = Path(resume)
+        cfg = config_mod.resolve(run_dir / "config.yaml")
+    else:
+        run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
+        config_mod.save_yaml(cfg, run_dir / "config.yaml")
+    set_log_file(run_dir / "log.txt")
+    try:
+        return _train(cfg, run_dir, bool(resume))
+    finally:
+        set_log_file(None)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
+    log(f"run folder: {run_dir}")
+    write_environment(run_dir, cfg.train.seed)
+    generator = seed_everything(cfg.train.seed)
+    source, sets = load_data(cfg)
+    skipped = [s for d in sets.values() for s in d.skipped]
+    if skipped:
+        atomic_write_text(run_dir / "skipped.txt", "\n".join(skipped) + "\n")
+        log(f"[yellow]skipped {len(skipped)} unreadable file(s), listed in {run_dir / 'skipped.txt'}[/]")
+    model, spec = build_model(cfg, source.classes)
+    log(f"model: {spec.backbone} ({spec.weights_id}) at {spec.image_size}px, {spec.features} features "
+        f"-> {spec.feature_dim} -> head {cfg.head.hidden} -> {spec.num_classes} classes")
+    # Re-seed after building: random init of the head must not depend on how the backbone was made.
+    torch.manual_seed(cfg.train.seed)
+    model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train.optimizer,
+                               cfg.train.lr, cfg.train.weight_decay)
+    state = State()
+    if resume:
+        state = load_checkpoint(run_dir, model, optimizer, generator)
+        log(f"resuming after epoch {state.epoch}")
+    t = cfg.train
+    callbacks = [_Checkpointer(run_dir, model, optimizer, generator)]
+    n_batches = -(-len(sets["train"]) // t.batch_size)
+
+    if t.cache_features:
+        train_x = split_features(model, spec, cfg, source, sets["train"], "train")
+        if t.flip_views:
+            train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
+                                                           "train", flip=True)])
+        val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
+        train_y, val_y = sets["train"].labels, sets["val"].labels
+        fit(model.mlp, lambda: feature_batches(train_x, train_y, t.batch_size, generator), n_batches,
+            (lambda: feature_batches(val_x, val_y, t.eval_batch_size, None)) if val_x is not None else None,
+            optimizer, t.epochs, state, callbacks)
+        logits, labels = predict_logits(model.mlp, feature_batches(
+            split_features(model, spec, cfg, source, sets["test"], "test"), sets["test"].labels,
+            t.eval_batch_size, None))
+        if t.flip_views:  # test-time: average the logits of the image and its mirror
+            logits = (logits + predict_logits(model.mlp, feature_batches(
+                split_features(model, spec, cfg, source, sets["test"], "test", flip=True),
+                sets["test"].labels, t.eval_batch_size, None))[0]) / 2
+    else:
+        if cfg.backbone.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
+
+        def batches(images, shuffle, bs):
+            order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
+            return image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
+                                 cfg.backbone.channels_last)
+        frozen = _FrozenBackbone(model)
+        fit(frozen, lambda: batches(sets["train"], True, t.batch_size), n_batches,
+            (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
+            optimizer, t.epochs, state, callbacks, cfg.backbone.precision)
+        logits, labels = predict_logits(model, batches(sets["test"], False, t.eval_batch_size),
+                                        cfg.backbone.precision)
+    save_model(model, spec, run_dir)
+    write_history(run_dir, state.history)
+    from ..evaluation import finish_evaluation
+    finish_evaluation(run_dir, cfg, spec, state.history, logits, labels, sets["test"], sets["train"])
+    return run_dir
+
+
+class _FrozenBackbone(torch.nn.Module):
+    """Keeps the frozen extractor in eval mode whatever `train()` the loop calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.extractor.eval()
+        return self
+
+    def forward(self, x):
+        return self.model(x)
