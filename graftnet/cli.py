@@ -109,9 +109,9 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from rich.console import Console
     from rich.table import Table
     from .evaluation import predict
-    from .progress import console
     results = predict(args.run, args.target, args.top)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -121,10 +121,12 @@ def cmd_predict(args) -> None:
     table.add_column("class")
     table.add_column("probability", justify="right")
     table.add_column(f"top {args.top}")
+    root = Path(args.target)
     for r in results:
-        table.add_row(r["file"], r["class"], f"{r['probability']:.3f}",
+        name = Path(r["file"]).relative_to(root).as_posix() if root.is_dir() else Path(r["file"]).name
+        table.add_row(name, r["class"], f"{r['probability']:.3f}",
                       ", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["top"]))
-    console.print(table)
+    Console().print(table)  # the result: stdout, unlike progress and logs
 
 
 def cmd_preview(args) -> None:
@@ -136,16 +138,19 @@ def cmd_preview(args) -> None:
 
 
 def cmd_backbones(args) -> None:
+    from rich.console import Console
     from rich.table import Table
     from .backbones import list_specs
-    from .progress import console
-    table = Table(title="registered backbones (any timm architecture name works too: hub weights or --weights FILE)")
-    for col in ("name", "timm model", "input", "mean / std", "weights", "offline"):
-        table.add_column(col)
+    table = Table(title="registered backbones", caption="any timm architecture name works too: "
+                  "hub weights when online, --weights FILE offline")
+    for col in ("name", "timm model", "input", "mean/std", "weights", "offline"):
+        table.add_column(col, no_wrap=col == "name")
     for s in list_specs():
-        table.add_row(s.name, s.timm_name, f"{s.input_size}px", f"{s.mean} / {s.std}",
-                      s.weights.split("/")[0], "[green]yes[/]" if s.offline_ready() else "[red]no[/]")
-    console.print(table)
+        stats = "/".join(f"{v:g}" for v in s.mean[:1] + s.std[:1]) if len(set(s.mean + s.std)) <= 2 \
+            else f"{s.mean}/{s.std}"
+        table.add_row(s.name, s.timm_name, f"{s.input_size}px", stats, s.weights.split(":")[0],
+                      "[green]yes[/]" if s.offline_ready() else "[red]no[/]")
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,11 +85,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         extra = sorted(set(source.classes) - set(spec.classes))
         raise DataError(f"{data}: classes do not match the model's (missing: {missing or 'none'}; "
                         f"unknown to the model: {extra or 'none'})")
-    if "test" in source.splits or "val" in source.splits:
-        samples = source.splits.get("test") or source.splits["val"]
-    elif Path(data).resolve() == Path(cfg.data.path).resolve():  # the run's own data: its test split
+    if data == cfg.data.path or Path(data).resolve() == Path(cfg.data.path).resolve():
+        # the run's own data: exactly the test split it was scored on
         samples = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction,
                               cfg.data.split_seed, cfg.data.max_per_class)["test"]
+    elif "test" in source.splits or "val" in source.splits:
+        samples = source.splits.get("test") or source.splits["val"]
     else:
         samples = source.splits["all"]
     images = load_images(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers)

@@ -27,9 +27,12 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.tap_names: list[str] = []
         if features == "multi":
-            info = getattr(model, "feature_info", None)
-            names = [i["module"] for i in info] if info is not None else []
-            self.tap_names = names[-taps - 1:-1] if len(names) > taps else names[:-1]
+            info = list(getattr(model, "feature_info", None) or [])
+            # The last stage is often the final map itself (ResNet's layer4); EfficientNet adds a
+            # 1x1 conv head after it, so there the last stage is a tap of its own.
+            if info and info[-1]["num_chs"] == model.num_features:
+                info = info[:-1]
+            self.tap_names = [i["module"] for i in info[-taps:]]
         self._taps: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         for name in self.tap_names:

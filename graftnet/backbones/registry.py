@@ -69,8 +69,11 @@ def get_spec(name: str) -> BackboneSpec:
             mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
             input_size=int(cfg.get("input_size", (3, 224, 224))[-1]), license=cfg.get("license", ""))
-    names = list(_REGISTRY) + timm.list_models()
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    # registered (offline) names first, then timm's; no duplicates
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    close += [n for n in difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+              if n not in close]
+    close = close[:5]
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise BackboneError(f"unknown backbone {name!r}.{hint} `graft backbones` lists the registered "
                         "ones; any timm architecture name also works")

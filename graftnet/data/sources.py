@@ -9,6 +9,7 @@ import os
 import tarfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,15 @@ class Source:
     def read(self, key: str) -> bytes | np.ndarray:
         if key in self.arrays:
             return self.arrays[key]
-        if self._zip is not None:
-            return self._zip.read(key)
-        return (Path(self.location) / key).read_bytes()
+        # A damaged ZIP member (bad CRC, broken deflate stream) or a file that vanished is the user's
+        # data problem: say which file as a DataError (which --skip-bad skips), not a traceback.
+        try:
+            if self._zip is not None:
+                return self._zip.read(key)
+            return (Path(self.location) / key).read_bytes()
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(f"{self.describe(key)}: cannot read the file ({e}); "
+                            "remove it or pass --skip-bad") from None
 
     def describe(self, key: str) -> str:
         """A path a user can find: 'archive.zip:member' or the file's path."""
@@ -54,6 +61,13 @@ class Source:
         state = self.__dict__.copy()
         state["_zip"] = None
         return state
+
+    def __setstate__(self, state):
+        # Reopen the archive in the new process: without it, read() would look for the member as a
+        # file under a folder named like the ZIP.
+        self.__dict__.update(state)
+        if not self.arrays and Path(self.location).is_file() and zipfile.is_zipfile(self.location):
+            self._zip = zipfile.ZipFile(self.location)
 
 
 def _is_junk(part: str) -> bool:
@@ -194,7 +208,16 @@ def open_cifar10_archive(path: Path) -> Source:
                 raise DataError(f"{path}: not a CIFAR-10 python archive (missing {', '.join(missing)})")
             for n in names:
                 batch = safe_loads(tar.extractfile(members[n]).read(), f"{path}:{n}")
-                data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                # The real archive's Python 2 pickles load with str keys ("data"), but batches pickled
+                # by Python 3 keep bytes keys (b"data"): accept both, and say so when neither is there.
+                if isinstance(batch, dict):
+                    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+                if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+                    raise DataError(f"{path}:{n}: not a CIFAR-10 batch (expected a dict with data and labels)")
+                data = np.asarray(batch["data"], dtype=np.uint8)
+                if data.size % 3072:
+                    raise DataError(f"{path}:{n}: data is not a whole number of 32x32 RGB images")
+                data = data.reshape(-1, 3, 32, 32)
                 split = "test" if n == "test_batch" else "train"
                 for j, (img, label) in enumerate(zip(data, batch["labels"])):
                     key = f"{split}/{n}/{j:05d}"
@@ -217,13 +240,18 @@ def _default_cache() -> Path:
     return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet"))
 
 
-def find_cifar10(cache_dir: str | None = None, download: bool = True) -> Path:
-    """The shared JPEG copy when it is beside the project, else the cached or downloaded archive."""
+def find_cifar10(cache_dir: str | None = None, download: bool = True, search_shared: bool = True) -> Path:
+    """The shared JPEG copy when it is beside the project, else the cached or downloaded archive.
+
+    `search_shared=False` skips the shared copy (beside the cwd or the package), so tests can check
+    the not-found path on a machine that has one.
+    """
     env = os.environ.get("GRAFTNET_CIFAR10")
     candidates = [Path(env)] if env else []
-    here = Path.cwd()
-    candidates += [p / "shared" / "datasets" / "cifar10-jpeg.zip" for p in (here.parent, here)]
-    candidates += [Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpeg.zip"]
+    if search_shared:
+        here = Path.cwd()
+        candidates += [p / "shared" / "datasets" / "cifar10-jpeg.zip" for p in (here.parent, here)]
+        candidates += [Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpeg.zip"]
     for c in candidates:
         if c.is_file():
             return c

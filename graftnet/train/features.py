@@ -49,12 +49,12 @@ def autocast(precision: str, device: str = "cpu"):
 def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std,
                   channels_last: bool, flip: bool = False, prefetch: int = 2):
     """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model."""
-    order = list(order)
+    order = [int(i) for i in order]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def make(idx):
         x = to_batch([images.images[i] for i in idx], size, mean, std, channels_last)
-        return (x.flip(3) if flip else x), images.labels[idx]
+        return (x.flip(3) if flip else x), images.labels[torch.tensor(idx, dtype=torch.long)]
 
     if prefetch <= 0 or len(chunks) < 2:
         for idx in chunks:

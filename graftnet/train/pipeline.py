@@ -16,7 +16,7 @@ from .. import config as config_mod
 from ..config import RunConfig
 from ..data.images import ImageSet, load_images, make_splits
 from ..data.sources import Source, open_source
-from ..errors import DataError
+from ..errors import DataError, GraftError
 from ..io import atomic_write_json, atomic_write_text
 from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model
@@ -86,21 +86,26 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
     return feats
 
 
-def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: RunConfig | None, resume: str | Path | None = None,
+          callbacks: list[Callback] = ()) -> Path:
+    """Train a run from a config, or continue the run folder `resume` from its last completed epoch.
+    `callbacks` join the loop's events (custom logging, early stopping, extra loss terms)."""
     if resume:
         run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise GraftError(f"{run_dir}: not a graftnet run folder (no config.yaml); nothing to resume")
         cfg = config_mod.resolve(run_dir / "config.yaml")
     else:
         run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
         config_mod.save_yaml(cfg, run_dir / "config.yaml")
     set_log_file(run_dir / "log.txt")
     try:
-        return _train(cfg, run_dir, bool(resume))
+        return _train(cfg, run_dir, bool(resume), list(callbacks))
     finally:
         set_log_file(None)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -> Path:
     log(f"run folder: {run_dir}")
     write_environment(run_dir, cfg.train.seed)
     generator = seed_everything(cfg.train.seed)
@@ -122,7 +127,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> Path:
         state = load_checkpoint(run_dir, model, optimizer, generator)
         log(f"resuming after epoch {state.epoch}")
     t = cfg.train
-    callbacks = [_Checkpointer(run_dir, model, optimizer, generator)]
+    callbacks = extra + [_Checkpointer(run_dir, model, optimizer, generator)]
     n_batches = -(-len(sets["train"]) // t.batch_size)
 
     if t.cache_features:
