@@ -9,7 +9,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 
 from . import backbones
@@ -76,7 +75,7 @@ def load_model(run_dir: str | Path) -> tuple[GraftedModel, ModelSpec]:
         spec = ModelSpec(**{k: v for k, v in raw.items() if k != "num_classes"})
     except (json.JSONDecodeError, TypeError) as e:
         raise GraftError(f"{spec_path}: not a valid model spec ({e})") from None
-    model = _assemble(timm.create_model(spec.timm_name, pretrained=False, num_classes=0), spec)
+    model = _assemble(backbones.get_spec(spec.backbone).architecture(), spec)
     from safetensors.torch import load_file
     model.load_state_dict(load_file(str(weights_path)))
     model.eval()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
@@ -23,15 +25,27 @@ class BackboneSpec:
     name: str
     timm_name: str
     description: str
-    weights: str                      # "package:<module>/<file>", "hub" or "none"
+    weights: str                      # "package:<module>/<file>", "cache:<file>" (fetched) or "hub"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int                   # the weights' native input size
     license: str = ""
     multi_taps: int = 3               # "multi" features: final map + this many late stages
+    # Builds the bare architecture when timm has no exact match (e.g. torchvision's VGG16 convs).
+    # It must honour timm's contract: forward_features(x), num_features, feature_info.
+    build: Callable[[], torch.nn.Module] | None = None
+    fetch_hint: str = ""              # how to get "cache:" weights, e.g. `graft weights fetch vgg16`
+
+    def architecture(self) -> torch.nn.Module:
+        if self.build is not None:
+            return self.build()
+        return timm.create_model(self.timm_name, pretrained=False, num_classes=0)
 
     def weights_file(self) -> Path | None:
-        """The packaged weights file, if this entry ships one and its package is installed."""
+        """The weights file, if this entry has one on this machine (packaged or fetched)."""
+        if self.weights.startswith("cache:"):
+            path = weights_cache() / self.weights[len("cache:"):]
+            return path if path.is_file() else None
         if not self.weights.startswith("package:"):
             return None
         module, rel = self.weights[len("package:"):].split("/", 1)
@@ -46,6 +60,11 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def weights_cache() -> Path:
+    """Where fetched and converted weights live (GRAFTNET_CACHE, default ~/.cache/graftnet)."""
+    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet")) / "weights"
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
@@ -131,16 +150,20 @@ def create(spec: BackboneSpec, pretrained: bool = True, weights: str | None = No
     """Build the timm model without classifier and load its weights. Returns (model, weights_id)."""
     if weights:
         path = Path(weights).expanduser()
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+        model = spec.architecture()
         load_into(model, read_weights_file(path), str(path))
         return model, f"file:{file_digest(path)}"
     if not pretrained:
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0), "random"
-    packaged = spec.weights_file()
-    if packaged is not None:
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
-        load_into(model, read_weights_file(packaged), str(packaged))
-        return model, f"package:{file_digest(packaged)}"
+        return spec.architecture(), "random"
+    local = spec.weights_file()
+    if local is not None:
+        model = spec.architecture()
+        load_into(model, read_weights_file(local), str(local))
+        return model, f"{spec.weights.split(':')[0]}:{file_digest(local)}"
+    if spec.weights.startswith("cache:"):
+        raise BackboneError(f"{spec.name}: its weights are not fetched yet; run "
+                            f"`{spec.fetch_hint or 'graft weights fetch ' + spec.name}` once (needs the "
+                            "package registry), or pass --weights FILE / --no-pretrained")
     if spec.weights.startswith("package:"):
         module = spec.weights[len("package:"):].split("/")[0]
         raise BackboneError(f"{spec.name}: its weights package is not installed; "
