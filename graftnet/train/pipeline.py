@@ -7,6 +7,7 @@ instead (the slow path that Keras `fit` takes; kept for comparison and for check
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, write_environment, write_history
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import FILE as CHECKPOINT, load_checkpoint, save_checkpoint
 from .features import cached_features, default_cache_dir, image_batches, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
 
@@ -101,6 +102,11 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
     set_log_file(run_dir / "log.txt")
     try:
         return _train(cfg, run_dir, bool(resume), list(callbacks))
+    except GraftError:
+        if not resume and not (run_dir / CHECKPOINT).exists():  # nothing worth keeping: no stray folder
+            set_log_file(None)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         set_log_file(None)
 
