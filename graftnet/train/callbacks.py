@@ -1,0 +1,76 @@
+"""Callbacks on the loop's events: learning-rate schedules and early stopping.
+
+Both derive everything from the loop's State (step, history), so a resumed run needs no extra state:
+the schedule recomputes the rate from the step, early stopping its best epoch from the history.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import save_tensors
+from ..progress import log
+from .loop import Callback, State
+
+
+def lr_factor(kind: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base rate at `step` (0-based): linear warmup, then constant/cosine/one-cycle."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    # one-cycle (fastai): rise from lr/25 to lr over the first 25%, then cosine down to lr/1e4
+    if t < 0.25:
+        return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * t / 0.25))
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
+
+
+class LRSchedule(Callback):
+    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
+        self.optimizer, self.kind, self.total, self.warmup = optimizer, kind, total_steps, warmup_steps
+        self.base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        for g, lr in zip(optimizer.param_groups, self.base):
+            g["initial_lr"] = lr  # kept in the optimizer's state, so resume finds the base rate
+
+    def set(self, step: int) -> None:
+        f = lr_factor(self.kind, step, self.total, self.warmup)
+        for g, lr in zip(self.optimizer.param_groups, self.base):
+            g["lr"] = lr * f
+
+    def after_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
+        self.set(state.step)  # the rate for the step about to be taken
+        return loss
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved for `patience` epochs; keep the best weights on disk
+    and put them back when training ends (`restore`)."""
+
+    def __init__(self, module: torch.nn.Module, run_dir: Path, patience: int, monitor: str = "val_acc"):
+        self.module, self.path, self.patience, self.monitor = module, run_dir / "checkpoint" / "best.safetensors", patience, monitor
+        self.sign = -1 if "loss" in monitor else 1
+
+    def _best(self, history: list[dict]) -> dict | None:
+        rows = [r for r in history if r.get(self.monitor) == r.get(self.monitor)]  # drop NaN
+        return max(rows, key=lambda r: self.sign * r[self.monitor]) if rows else None
+
+    def after_epoch(self, state: State, row: dict) -> None:
+        best = self._best(state.history)
+        if best is row:
+            save_tensors(self.path, self.module.state_dict(), {"epoch": str(row["epoch"])})
+        elif best is not None and state.epoch - best["epoch"] >= self.patience:
+            log(f"early stopping: {self.monitor} best at epoch {best['epoch']} "
+                f"({best[self.monitor]:.4f}), no better for {self.patience} epochs")
+            state.stop = True
+
+    def restore(self, state: State) -> None:
+        best = self._best(state.history)
+        if best is not None and self.path.is_file() and best["epoch"] != state.epoch:
+            self.module.load_state_dict(load_file(str(self.path)))
+            log(f"restored the best weights (epoch {best['epoch']}, {self.monitor} {best[self.monitor]:.4f})")

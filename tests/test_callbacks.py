@@ -1,0 +1,62 @@
+"""Learning-rate schedules and early stopping, as callbacks on the one loop."""
+import json
+
+import pytest
+import torch
+
+from graftnet import config
+from graftnet.errors import ConfigError
+from graftnet.train.callbacks import EarlyStopping, lr_factor
+from graftnet.train.loop import State
+from graftnet.train.pipeline import train
+
+from .conftest import tiny_overrides
+
+
+def test_lr_factor_shapes():
+    assert [lr_factor("constant", s, 100, 0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 100, 10) == pytest.approx(0.1)          # warmup starts low
+    assert lr_factor("cosine", 9, 100, 10) == pytest.approx(1.0)          # and reaches the base
+    assert lr_factor("cosine", 10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor("cosine", 55, 100, 10) == pytest.approx(0.5)         # half-way down
+    assert lr_factor("cosine", 100, 100, 10) == pytest.approx(0.0)
+    assert lr_factor("onecycle", 0, 100, 0) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 25, 100, 0) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 100, 100, 0) == pytest.approx(1e-4)
+
+
+def test_cosine_schedule_in_a_run(image_folder, tmp_path):
+    run = train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+        "train.schedule": "cosine", "train.warmup_epochs": 1, "train.epochs": 4})))
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    base = 3e-3
+    assert lrs[0] == pytest.approx(base, rel=1e-6)       # end of warmup
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3]
+    assert lrs[3] < 0.1 * base
+
+
+def test_early_stopping_stops_and_restores_best(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    stopper = EarlyStopping(module, tmp_path, patience=2)
+    state = State()
+    weights = {}
+    for epoch, acc in enumerate([0.5, 0.7, 0.6, 0.65, 0.9], start=1):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        weights[epoch] = module.weight.clone()
+        state.epoch = epoch
+        row = {"epoch": epoch, "val_acc": acc}
+        state.history.append(row)
+        stopper.after_epoch(state, row)
+        if state.stop:
+            break
+    assert state.stop and state.epoch == 4    # best at 2, no better at 3 and 4
+    stopper.restore(state)
+    assert torch.equal(module.weight, weights[2])
+
+
+def test_bad_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.schedule"):
+        config.resolve(None, {"train.schedule": "linear"})
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        config.resolve(None, {"train.label_smoothing": 1.5})
