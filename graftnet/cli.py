@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .data.augment import PRESETS
 from .errors import GraftError
 
 # flag -> config key (dotted). Flags left out keep the config file's or the default value.
@@ -19,6 +20,7 @@ TRAIN_FLAGS = {
     "max_per_class": "data.max_per_class", "val_fraction": "data.val_fraction",
     "label_smoothing": "train.label_smoothing", "schedule": "train.schedule",
     "warmup_epochs": "train.warmup_epochs", "early_stopping": "train.early_stopping",
+    "augment": "train.augment", "cache_views": "train.cache_views",
 }
 
 
@@ -53,6 +55,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--cache-dir", help="feature cache (default ~/.cache/graftnet)")
     p.add_argument("--no-cache", action="store_true", help="run the backbone on every batch")
     p.add_argument("--flip-views", action="store_true", help="cache flipped images as a second view")
+    p.add_argument("--augment", choices=list(PRESETS), help="augmentation preset ('paper': the paper's)")
+    p.add_argument("--cache-views", type=int, metavar="K",
+                   help="with --augment: cache K augmented views per image instead of running the "
+                        "backbone on every batch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images, list them in the run")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -77,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="preview.png")
     p.add_argument("-n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", choices=list(PRESETS), default="none",
+                   help="show each image beside two augmented versions")
     sub.add_parser("backbones", help="list registered backbones and whether their weights are offline")
     _weights_parser(sub)
     return parser
@@ -156,7 +164,7 @@ def cmd_preview(args) -> None:
     from . import config
     from .data.preview import preview
     overrides = {"data.path": args.data}
-    out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed)
+    out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed, args.augment)
     print(out)
 
 

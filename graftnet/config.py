@@ -12,6 +12,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .data.augment import PRESETS
 from .errors import ConfigError
 
 
@@ -60,6 +61,9 @@ class TrainConfig:
     monitor: str = "val_acc"         # val_acc | val_loss, for early stopping
     seed: int = 0
     cache_features: bool = True      # frozen backbone: run it once per image and train on its features
+    augment: str = "none"            # none | flip | paper | rrc | randaugment | trivialaugment
+    cache_views: int = 0             # with augment: K augmented views cached per image (0: every
+                                     # batch runs the backbone on freshly augmented images)
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
@@ -177,6 +181,7 @@ def validate(cfg: RunConfig) -> None:
         "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
         "train.schedule": (cfg.train.schedule, ("constant", "cosine", "onecycle")),
         "train.monitor": (cfg.train.monitor, ("val_acc", "val_loss")),
+        "train.augment": (cfg.train.augment, PRESETS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -190,6 +195,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
     if not 0 <= cfg.train.label_smoothing < 1 or cfg.train.warmup_epochs < 0 or cfg.train.early_stopping < 0:
         raise ConfigError("train.label_smoothing must be in [0, 1); warmup_epochs and early_stopping >= 0")
+    if cfg.train.cache_views < 0 or (cfg.train.cache_views and cfg.train.augment == "none"):
+        raise ConfigError("train.cache_views needs train.augment (a preset) and must be >= 0")
+    if cfg.train.augment != "none" and cfg.train.flip_views:
+        raise ConfigError("train.flip_views and train.augment both make training views: pick one")
     if not 0 <= cfg.head.dropout < 1:
         raise ConfigError(f"head.dropout: must be in [0, 1), got {cfg.head.dropout}")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 < cfg.data.test_fraction < 1:

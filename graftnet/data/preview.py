@@ -1,20 +1,43 @@
-"""`graft preview`: a grid of random training images with their labels, to check the data by eye."""
+"""`graft preview`: a grid of random training images with their labels, to check the data by eye;
+with an augmentation preset, each original stands beside two augmented versions of it."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig
 from ..report.plots import plot_samples
-from .images import load_images, make_splits
+from .augment import make_augment
+from .images import load_images, make_splits, to_batch
 from .sources import open_source
 
+SIZE = 128
 
-def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0) -> Path:
+
+def _augmented(augment, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    x = to_batch(augment.images(images), SIZE, (0, 0, 0), (1, 1, 1))  # floats in [0, 1]
+    return list((augment.batch(x) * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0, augment: str = "none") -> Path:
     source = open_source(cfg.data.path, cfg.cache_dir)
     train = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed,
                         cfg.data.max_per_class)["train"]
-    pick = random.Random(seed).sample(train, min(n, len(train)))
-    images = load_images(source, pick, 128, cfg.data.skip_bad, cfg.data.workers)
-    plot_samples(images.images, [source.classes[i] for i in images.labels.tolist()], out)
+    aug = make_augment(augment, seed)
+    count = -(-n // 3) if aug else n
+    pick = random.Random(seed).sample(train, min(count, len(train)))
+    images = load_images(source, pick, SIZE, cfg.data.skip_bad, cfg.data.workers)
+    labels = [source.classes[i] for i in images.labels.tolist()]
+    if aug is None:
+        plot_samples(images.images, labels, out)
+        return out
+    aug.reseed(seed)
+    first, second = _augmented(aug, images.images), _augmented(aug, images.images)
+    tiles, titles = [], []
+    for orig, a, b, label in zip(images.images, first, second, labels):
+        tiles += [orig, a, b]
+        titles += [label, f"{augment}", f"{augment}"]
+    plot_samples(tiles, titles, out, ncols=6)
     return out

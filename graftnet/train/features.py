@@ -47,13 +47,19 @@ def autocast(precision: str, device: str = "cpu"):
 
 
 def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std,
-                  channels_last: bool, flip: bool = False, prefetch: int = 2):
-    """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model."""
+                  channels_last: bool, flip: bool = False, prefetch: int = 2, augment=None):
+    """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model.
+    `augment` (data/augment.py) draws from its own generator, so the thread keeps runs repeatable;
+    per-image torchvision presets draw from the global one, so they run in order, unthreaded."""
     order = [int(i) for i in order]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if augment is not None and augment.per_image is not None:
+        prefetch = 0
 
     def make(idx):
-        x = to_batch([images.images[i] for i in idx], size, mean, std, channels_last)
+        imgs = [images.images[i] for i in idx]
+        x = to_batch(augment.images(imgs) if augment else imgs, size, mean, std, channels_last)
+        x = augment.batch(x) if augment else x
         return (x.flip(3) if flip else x), images.labels[torch.tensor(idx, dtype=torch.long)]
 
     if prefetch <= 0 or len(chunks) < 2:
@@ -91,13 +97,13 @@ def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std
 @torch.no_grad()
 def compute_features(model, images: ImageSet, size: int, mean, std, batch_size: int = 128,
                      precision: str = "bf16", channels_last: bool = True, flip: bool = False,
-                     description: str = "features") -> torch.Tensor:
+                     description: str = "features", augment=None) -> torch.Tensor:
     """Pooled features of every image (model = GraftedModel; its extractor and pool run)."""
     model.eval()
     out = []
     with bar(len(images), description) as advance:
         for x, _ in image_batches(images, range(len(images)), batch_size, size, mean, std,
-                                  channels_last, flip):
+                                  channels_last, flip, augment=augment):
             with autocast(precision):
                 f = model.features(x)
             out.append(f.to(torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32))
@@ -117,9 +123,11 @@ def cache_key(parts: dict, images: ImageSet, fingerprint: str) -> str:
 def cached_features(model, images: ImageSet, parts: dict, fingerprint: str, cache_dir: Path | None,
                     **kwargs) -> tuple[torch.Tensor, bool]:
     """Features from the cache when present, else computed and stored. Returns (features, hit)."""
+    view = kwargs.pop("view", None)  # (augmentation name, seed) of a cached augmented view
     if cache_dir is None:
         return compute_features(model, images, **kwargs), False
-    key = cache_key({**parts, "flip": kwargs.get("flip", False)}, images, fingerprint)
+    key = cache_key({**parts, "flip": kwargs.get("flip", False), **({"view": view} if view else {})},
+                    images, fingerprint)
     path = Path(cache_dir) / "features" / f"{key}.safetensors"
     if path.is_file():
         from safetensors.torch import load_file

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..config import RunConfig
+from ..data.augment import make_augment
 from ..data.images import ImageSet, load_images, make_splits
 from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
@@ -77,15 +78,21 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
-                   name: str, flip: bool = False) -> torch.Tensor:
+                   name: str, flip: bool = False, view: int | None = None) -> torch.Tensor:
+    """Cached features of one split; `view` k: the k-th augmented view (cfg.train.augment)."""
+    augment = None
+    if view is not None:
+        augment = make_augment(cfg.train.augment)
+        augment.reseed(cfg.train.seed * 1000 + view)
+    label = f"{name}{' flipped' if flip else ''}{f' view {view}' if view is not None else ''}"
     feats, hit = cached_features(
         model, images, feature_parts(spec, cfg), source.fingerprint,
         default_cache_dir(cfg.cache_dir) if cfg.train.cache_features else None,
         size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
         precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
-        description=f"backbone: {name}{' (flipped)' if flip else ''}")
-    log(f"features {name}{' flipped' if flip else ''}: {tuple(feats.shape)} "
-        f"{'from cache' if hit else 'computed'}")
+        description=f"backbone: {label}", augment=augment,
+        view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
+    log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
     return feats
 
 
@@ -145,11 +152,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
     loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
 
-    if t.cache_features:
-        train_x = split_features(model, spec, cfg, source, sets["train"], "train")
-        if t.flip_views:
-            train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
-                                                           "train", flip=True)])
+    # Augmentation defeats a one-view cache: either K augmented views are cached (a random one drawn
+    # per sample and epoch), or the backbone runs on every augmented batch.
+    on_the_fly = t.augment != "none" and not t.cache_views
+    if t.cache_features and not on_the_fly:
+        if t.augment != "none":
+            train_x = torch.stack([split_features(model, spec, cfg, source, sets["train"], "train", view=k)
+                                   for k in range(t.cache_views)])
+        else:
+            train_x = split_features(model, spec, cfg, source, sets["train"], "train")
+            if t.flip_views:
+                train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
+                                                               "train", flip=True)])
         val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
         train_y, val_y = sets["train"].labels, sets["val"].labels
         fit(model.mlp, lambda: feature_batches(train_x, train_y, t.batch_size, generator), n_batches,
@@ -169,10 +183,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
             model = model.to(memory_format=torch.channels_last)
         model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
 
+        augment = make_augment(t.augment)
+
         def batches(images, shuffle, bs):
             order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
+            if shuffle and augment:
+                augment.reseed(t.seed * 1000 + state.epoch)
             return image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
-                                 cfg.backbone.channels_last)
+                                 cfg.backbone.channels_last, augment=augment if shuffle else None)
         frozen = _FrozenBackbone(model)
         fit(frozen, lambda: batches(sets["train"], True, t.batch_size), n_batches,
             (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,

@@ -1,0 +1,74 @@
+"""Augmentation presets, by name.
+
+`paper` is the source paper's Keras ImageDataGenerator policy (rotation 15°, width/height shift 0.1,
+zoom 0.2, horizontal flip, edges filled with the nearest pixel). torchvision's RandomAffine draws
+one set of parameters per call, which costs milliseconds per image in Python; here each image of a
+batch gets its own affine matrix and one `grid_sample` warps the whole batch. Modern presets use
+torchvision.transforms.v2 per image (RandAugment, TrivialAugment, random-resized-crop).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PRESETS = ("none", "flip", "paper", "rrc", "randaugment", "trivialaugment")
+
+
+@dataclass
+class Augment:
+    name: str
+    per_image: Callable[[torch.Tensor], torch.Tensor] | None   # uint8 3xHxW -> uint8 3xHxW
+    affine: bool                                                # paper policy on the float batch
+    flip: bool
+    generator: torch.Generator
+
+    def reseed(self, seed: int) -> None:
+        """Per epoch or per cached view: a resumed run draws the same augmentations again."""
+        self.generator.manual_seed(seed)
+        if self.per_image is not None:
+            torch.manual_seed(seed)  # v2 transforms draw from the global generator
+
+    def images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.per_image(im) for im in images] if self.per_image is not None else images
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        n, g = x.shape[0], self.generator
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        if self.flip:
+            flip = torch.rand(n, generator=g) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
+        if not self.affine:
+            return x
+        angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
+        zoom = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.2            # Keras zoom_range=0.2
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.1 * 2        # 0.1 of the size, in [-1, 1] units
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                             torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x.contiguous(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def make_augment(name: str, seed: int = 0) -> Augment | None:
+    if name == "none":
+        return None
+    if name not in PRESETS:
+        raise ValueError(f"unknown augmentation {name!r}; choose from {', '.join(PRESETS)}")
+    per_image = None
+    if name in ("rrc", "randaugment", "trivialaugment"):
+        from torchvision.transforms import v2
+        if name == "rrc":
+            def per_image(im, _t={}):  # crop size = the image's own; resizing happens per batch
+                size = im.shape[-1]
+                t = _t.setdefault(size, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True))
+                return t(im)
+        else:
+            per_image = v2.RandAugment() if name == "randaugment" else v2.TrivialAugmentWide()
+    return Augment(name, per_image, affine=name == "paper", flip=True,
+                   generator=torch.Generator().manual_seed(seed))
