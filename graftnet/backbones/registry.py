@@ -83,12 +83,13 @@ def get_spec(name: str) -> BackboneSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if timm.is_model(name):
-        cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg or {}
+        # timm's default pretrained config carries the preprocessing its hub weights expect
+        cfg = timm.models.get_pretrained_cfg(name)
         return BackboneSpec(
             name=name, timm_name=name, description=f"timm {name}", weights="hub",
-            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            input_size=int(cfg.get("input_size", (3, 224, 224))[-1]), license=cfg.get("license", ""))
+            mean=tuple(cfg.mean) if cfg else (0.485, 0.456, 0.406),
+            std=tuple(cfg.std) if cfg else (0.229, 0.224, 0.225),
+            input_size=int(cfg.input_size[-1]) if cfg else 224, license=(cfg.license or "") if cfg else "")
     # registered (offline) names first, then timm's; no duplicates
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
     close += [n for n in difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
