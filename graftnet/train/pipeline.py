@@ -148,6 +148,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         callbacks.append(LRSchedule(optimizer, t.schedule, t.epochs * n_batches,
                                     int(t.warmup_epochs * n_batches)))
     stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    if cfg.backbone.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     callbacks += [stopper] if stopper else []
     callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
     loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
@@ -155,55 +157,63 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     # Augmentation defeats a one-view cache: either K augmented views are cached (a random one drawn
     # per sample and epoch), or the backbone runs on every augmented batch.
     on_the_fly = t.augment != "none" and not t.cache_views
-    if t.cache_features and not on_the_fly:
-        if t.augment != "none":
-            train_x = torch.stack([split_features(model, spec, cfg, source, sets["train"], "train", view=k)
-                                   for k in range(t.cache_views)])
-        else:
-            train_x = split_features(model, spec, cfg, source, sets["train"], "train")
-            if t.flip_views:
-                train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
-                                                               "train", flip=True)])
-        val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-        train_y, val_y = sets["train"].labels, sets["val"].labels
-        fit(model.mlp, lambda: feature_batches(train_x, train_y, t.batch_size, generator), n_batches,
-            (lambda: feature_batches(val_x, val_y, t.eval_batch_size, None)) if val_x is not None else None,
-            optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
-        if stopper:
-            stopper.restore(state)
-        logits, labels = predict_logits(model.mlp, feature_batches(
-            split_features(model, spec, cfg, source, sets["test"], "test"), sets["test"].labels,
-            t.eval_batch_size, None))
-        if t.flip_views:  # test-time: average the logits of the image and its mirror
-            logits = (logits + predict_logits(model.mlp, feature_batches(
-                split_features(model, spec, cfg, source, sets["test"], "test", flip=True),
-                sets["test"].labels, t.eval_batch_size, None))[0]) / 2
-    else:
-        if cfg.backbone.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
-
-        augment = make_augment(t.augment)
-
-        def batches(images, shuffle, bs):
-            order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
-            if shuffle and augment:
-                augment.reseed(t.seed * 1000 + state.epoch)
-            return image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
-                                 cfg.backbone.channels_last, augment=augment if shuffle else None)
-        frozen = _FrozenBackbone(model)
-        fit(frozen, lambda: batches(sets["train"], True, t.batch_size), n_batches,
-            (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-            optimizer, t.epochs, state, callbacks, cfg.backbone.precision, loss_fn)
-        if stopper:
-            stopper.restore(state)
-        logits, labels = predict_logits(model, batches(sets["test"], False, t.eval_batch_size),
-                                        cfg.backbone.precision)
+    run = _fit_on_features if t.cache_features and not on_the_fly else _fit_on_images
+    logits, labels = run(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn,
+                         generator, stopper)
     save_model(model, spec, run_dir)
     write_history(run_dir, state.history)
     from ..evaluation import finish_evaluation
     finish_evaluation(run_dir, cfg, spec, state.history, logits, labels, sets["test"], sets["train"])
     return run_dir
+
+
+def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
+                     stopper):
+    """Train the head on cached features; returns the test split's logits and labels."""
+    t = cfg.train
+    if t.augment != "none":
+        train_x = torch.stack([split_features(model, spec, cfg, source, sets["train"], "train", view=k)
+                               for k in range(t.cache_views)])
+    else:
+        train_x = split_features(model, spec, cfg, source, sets["train"], "train")
+        if t.flip_views:
+            train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
+                                                           "train", flip=True)])
+    val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
+    fit(model.mlp, lambda: feature_batches(train_x, sets["train"].labels, t.batch_size, generator),
+        -(-len(sets["train"]) // t.batch_size),
+        (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
+        optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
+    if stopper:
+        stopper.restore(state)
+    views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
+    logits = [predict_logits(model.mlp, feature_batches(split_features(model, spec, cfg, source, sets["test"],
+                                                                       "test", flip=f),
+                                                        sets["test"].labels, t.eval_batch_size, None))[0]
+              for f in views]
+    return sum(logits) / len(logits), sets["test"].labels
+
+
+def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
+                   stopper):
+    """Run the frozen backbone on every batch (augmented on the fly); returns test logits, labels."""
+    t = cfg.train
+    model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
+    augment = make_augment(t.augment)
+
+    def batches(images, shuffle, bs):
+        order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
+        if shuffle and augment:
+            augment.reseed(t.seed * 1000 + state.epoch)
+        return image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
+                             cfg.backbone.channels_last, augment=augment if shuffle else None)
+    fit(_FrozenBackbone(model), lambda: batches(sets["train"], True, t.batch_size),
+        -(-len(sets["train"]) // t.batch_size),
+        (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
+        optimizer, t.epochs, state, callbacks, cfg.backbone.precision, loss_fn)
+    if stopper:
+        stopper.restore(state)
+    return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision)
 
 
 class _FrozenBackbone(torch.nn.Module):
