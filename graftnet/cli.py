@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", choices=list(PRESETS), default="none",
                    help="show each image beside two augmented versions")
+    p = sub.add_parser("lr-find", help="learning-rate range test on the head: plot and suggestion")
+    p.add_argument("--config")
+    p.add_argument("--data")
+    p.add_argument("--backbone")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--out", default="lr_find.png")
     sub.add_parser("backbones", help="list registered backbones and whether their weights are offline")
     _weights_parser(sub)
     return parser
@@ -168,6 +174,15 @@ def cmd_preview(args) -> None:
     print(out)
 
 
+def cmd_lr_find(args) -> None:
+    from . import config
+    from .train.lr_find import lr_find
+    overrides = {"data.path": args.data, "backbone.name": args.backbone,
+                 "backbone.image_size": args.image_size}
+    best = lr_find(config.resolve(args.config, overrides), Path(args.out))
+    print(f"suggested learning rate: {best:.2e} (plot: {args.out})")
+
+
 def cmd_backbones(args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import console
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-         "preview": cmd_preview, "backbones": cmd_backbones, "weights": cmd_weights}[args.command](args)
+         "preview": cmd_preview, "lr-find": cmd_lr_find, "backbones": cmd_backbones, "weights": cmd_weights}[args.command](args)
     except GraftError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 2

@@ -60,3 +60,27 @@ def test_bad_schedule_is_a_config_error():
         config.resolve(None, {"train.schedule": "linear"})
     with pytest.raises(ConfigError, match="label_smoothing"):
         config.resolve(None, {"train.label_smoothing": 1.5})
+
+
+def test_lr_range_test_finds_a_rate_between_too_small_and_divergent():
+    from graftnet.train.lr_find import lr_range_test, suggest
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    lrs, losses = lr_range_test(head, x, y, "adam", 32, g, steps=150)
+    assert lrs == sorted(lrs) and len(lrs) == len(losses) > 50
+    best = suggest(lrs, losses)
+    assert 1e-4 < best < 1.0
+    assert min(losses) < losses[0]  # the loss did fall somewhere in the range
+
+
+def test_lr_find_cli_writes_plot(image_folder, tmp_path, capsys):
+    from graftnet.cli import main
+    out = tmp_path / "lr.png"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"backbone: {{name: test_efficientnet, pretrained: false, image_size: 32, features: multi}}\n"
+                   f"cache_dir: {tmp_path / 'cache'}\n")
+    assert main(["lr-find", "--config", str(cfg), "--data", str(image_folder), "--out", str(out)]) == 0
+    assert "suggested learning rate" in capsys.readouterr().out
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".json").is_file()
