@@ -145,7 +145,7 @@ def print_table(r: dict) -> None:
         print(f"\ngraftnet default, whole 10-epoch run (cold cache): {g:.0f} s; naive 10 epochs: {n:.0f} s; "
               f"ratio {n / g:.1f}x")
         t = r["throughput_128"]
-        print(f"backbone img/s at 128 px: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+        print("backbone img/s at 128 px: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 
+def cache_root(configured: str | Path | None = None) -> Path:
+    """graftnet's cache (features, datasets, fetched weights): the configured folder, else
+    $GRAFTNET_CACHE, else ~/.cache/graftnet."""
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet"))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp_path onto `path`."""
     path = Path(path)

@@ -19,6 +19,7 @@ import timm
 import torch
 
 from ..errors import BackboneError
+from ..io import cache_root
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def weights_cache() -> Path:
     """Where fetched and converted weights live (GRAFTNET_CACHE, default ~/.cache/graftnet)."""
-    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet")) / "weights"
+    return cache_root() / "weights"
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:

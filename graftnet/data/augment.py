@@ -64,10 +64,13 @@ def make_augment(name: str, seed: int = 0) -> Augment | None:
     if name in ("rrc", "randaugment", "trivialaugment"):
         from torchvision.transforms import v2
         if name == "rrc":
-            def per_image(im, _t={}):  # crop size = the image's own; resizing happens per batch
+            crops: dict[int, v2.RandomResizedCrop] = {}
+
+            def rrc(im):  # crop to the image's own size; resizing happens per batch
                 size = im.shape[-1]
-                t = _t.setdefault(size, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True))
-                return t(im)
+                crop = crops.setdefault(size, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True))
+                return crop(im)
+            per_image = rrc
         else:
             per_image = v2.RandAugment() if name == "randaugment" else v2.TrivialAugmentWide()
     return Augment(name, per_image, affine=name == "paper", flip=True,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..io import cache_root
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
@@ -56,18 +57,6 @@ class Source:
         if self._zip is not None or self.arrays:
             return f"{self.location}:{key}"
         return str(Path(self.location) / key)
-
-    def __getstate__(self):  # ZipFile handles are per process
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
-
-    def __setstate__(self, state):
-        # Reopen the archive in the new process: without it, read() would look for the member as a
-        # file under a folder named like the ZIP.
-        self.__dict__.update(state)
-        if not self.arrays and Path(self.location).is_file() and zipfile.is_zipfile(self.location):
-            self._zip = zipfile.ZipFile(self.location)
 
 
 def _is_junk(part: str) -> bool:
@@ -236,10 +225,6 @@ def _file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _default_cache() -> Path:
-    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet"))
-
-
 def find_cifar10(cache_dir: str | None = None, download: bool = True, search_shared: bool = True) -> Path:
     """The shared JPEG copy when it is beside the project, else the cached or downloaded archive.
 
@@ -255,7 +240,7 @@ def find_cifar10(cache_dir: str | None = None, download: bool = True, search_sha
     for c in candidates:
         if c.is_file():
             return c
-    archive = Path(cache_dir or _default_cache()) / "datasets" / "cifar-10-python.tar.gz"
+    archive = cache_root(cache_dir) / "datasets" / "cifar-10-python.tar.gz"
     if archive.is_file():
         return archive
     if download:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from queue import Queue
@@ -144,9 +143,3 @@ def cached_features(model, images: ImageSet, parts: dict, fingerprint: str, cach
         from ..progress import log
         log(f"[yellow]feature cache not written ({e}); training goes on[/]")
     return feats, False
-
-
-def default_cache_dir(configured: str | None) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("GRAFTNET_CACHE", Path.home() / ".cache" / "graftnet"))

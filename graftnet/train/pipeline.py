@@ -21,14 +21,14 @@ from ..data.augment import make_augment
 from ..data.images import ImageSet, load_images, make_splits
 from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_text, cache_root
 from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, write_environment, write_history
 from .callbacks import EarlyStopping, LRSchedule
 from .checkpoint import FILE as CHECKPOINT, load_checkpoint, save_checkpoint
-from .features import cached_features, default_cache_dir, image_batches, resolve_precision
+from .features import cached_features, image_batches, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
 
 
@@ -87,7 +87,7 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
     label = f"{name}{' flipped' if flip else ''}{f' view {view}' if view is not None else ''}"
     feats, hit = cached_features(
         model, images, feature_parts(spec, cfg), source.fingerprint,
-        default_cache_dir(cfg.cache_dir) if cfg.train.cache_features else None,
+        cache_root(cfg.cache_dir) if cfg.train.cache_features else None,
         size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
         precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
         description=f"backbone: {label}", augment=augment,
