@@ -20,7 +20,8 @@ TRAIN_FLAGS = {
     "max_per_class": "data.max_per_class", "val_fraction": "data.val_fraction",
     "label_smoothing": "train.label_smoothing", "schedule": "train.schedule",
     "warmup_epochs": "train.warmup_epochs", "early_stopping": "train.early_stopping",
-    "augment": "train.augment", "cache_views": "train.cache_views",
+    "augment": "train.augment", "cache_views": "train.cache_views", "mixup": "train.mixup",
+    "cutmix": "train.cutmix",
 }
 
 
@@ -56,6 +57,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="run the backbone on every batch")
     p.add_argument("--flip-views", action="store_true", help="cache flipped images as a second view")
     p.add_argument("--augment", choices=list(PRESETS), help="augmentation preset ('paper': the paper's)")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help="MixUp (with --augment, on the fly)")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix (with --augment, on the fly)")
     p.add_argument("--cache-views", type=int, metavar="K",
                    help="with --augment: cache K augmented views per image instead of running the "
                         "backbone on every batch")

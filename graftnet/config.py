@@ -64,6 +64,8 @@ class TrainConfig:
     augment: str = "none"            # none | flip | paper | rrc | randaugment | trivialaugment
     cache_views: int = 0             # with augment: K augmented views cached per image (0: every
                                      # batch runs the backbone on freshly augmented images)
+    mixup: float = 0.0               # alpha of MixUp (0: off); with cutmix, one of the two per batch
+    cutmix: float = 0.0              # alpha of CutMix (0: off); both need images: no cached views
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
@@ -197,6 +199,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.label_smoothing must be in [0, 1); warmup_epochs and early_stopping >= 0")
     if cfg.train.cache_views < 0 or (cfg.train.cache_views and cfg.train.augment == "none"):
         raise ConfigError("train.cache_views needs train.augment (a preset) and must be >= 0")
+    if cfg.train.mixup < 0 or cfg.train.cutmix < 0:
+        raise ConfigError("train.mixup and train.cutmix are Beta alphas: >= 0")
+    if (cfg.train.mixup or cfg.train.cutmix) and (cfg.train.cache_views or cfg.train.flip_views
+                                                  or (cfg.train.augment == "none" and cfg.train.cache_features)):
+        raise ConfigError("train.mixup/cutmix mix images batch by batch: use them with an augmentation "
+                          "preset on the fly (train.augment, no cache_views/flip_views) or cache_features=false")
     if cfg.train.augment != "none" and cfg.train.flip_views:
         raise ConfigError("train.flip_views and train.augment both make training views: pick one")
     if not 0 <= cfg.head.dropout < 1:

@@ -82,3 +82,13 @@ def test_augment_config_errors():
         config.resolve(None, {"train.augment": "paper", "train.flip_views": True})
     with pytest.raises(ConfigError, match="train.augment"):
         config.resolve(None, {"train.augment": "cutout"})
+
+
+def test_mixup_cutmix_train_on_the_fly_with_soft_targets(image_folder, tmp_path):
+    run = train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+        "train.augment": "flip", "train.mixup": 0.2, "train.cutmix": 1.0, "train.epochs": 2})))
+    import json
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["train_acc"] <= 1 for r in rows)
+    with pytest.raises(ConfigError, match="mixup"):
+        config.resolve(None, {"train.mixup": 0.2})  # cached features cannot be mixed as images

@@ -63,7 +63,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             for cb in callbacks:
                 cb.after_step(state)
             total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
+            correct += (logits.argmax(1) == hard).sum().item()
             seen += len(y)
             advance(1, loss=total_loss / seen)
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}

@@ -200,13 +200,20 @@ def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, 
     t = cfg.train
     model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
     augment = make_augment(t.augment)
+    mix = None
+    if t.mixup or t.cutmix:  # soft targets: cross-entropy takes class probabilities as they are
+        from torchvision.transforms import v2
+        n = len(spec.classes)
+        mix = v2.RandomChoice([m for m in (t.mixup and v2.MixUp(alpha=t.mixup, num_classes=n),
+                                           t.cutmix and v2.CutMix(alpha=t.cutmix, num_classes=n)) if m])
 
     def batches(images, shuffle, bs):
         order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
         if shuffle and augment:
             augment.reseed(t.seed * 1000 + state.epoch)
-        return image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
-                             cfg.backbone.channels_last, augment=augment if shuffle else None)
+        out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
+                            cfg.backbone.channels_last, augment=augment if shuffle else None)
+        return (mix(x, y) for x, y in out) if shuffle and mix else out
     fit(_FrozenBackbone(model), lambda: batches(sets["train"], True, t.batch_size),
         -(-len(sets["train"]) // t.batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
