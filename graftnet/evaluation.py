@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, resolve, to_dict
-from .data.images import ImageSet, decode, load_images, make_splits, square_uint8
+from .data.images import ImageSet, config_splits, decode, load_images, square_uint8
 from .data.sources import IMAGE_EXTENSIONS, open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
@@ -87,8 +87,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
                         f"unknown to the model: {extra or 'none'})")
     if data == cfg.data.path or Path(data).resolve() == Path(cfg.data.path).resolve():
         # the run's own data: exactly the test split it was scored on
-        samples = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction,
-                              cfg.data.split_seed, cfg.data.max_per_class)["test"]
+        samples = config_splits(source, cfg.data)["test"]
     elif "test" in source.splits or "val" in source.splits:
         samples = source.splits.get("test") or source.splits["val"]
     else:

@@ -167,6 +167,11 @@ def make_splits(source: Source, val_fraction: float, test_fraction: float, seed:
     return {"train": train, "val": val, "test": test}
 
 
+def config_splits(source: Source, data) -> dict[str, list[tuple[str, int]]]:
+    """make_splits with a DataConfig's fractions, split seed and slice: the one split a run uses."""
+    return make_splits(source, data.val_fraction, data.test_fraction, data.split_seed, data.max_per_class)
+
+
 def to_batch(images: list[torch.Tensor], size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 squares -> normalised float batch at size x size (bilinear, antialiased when shrinking)."""
     if all(im.shape == images[0].shape for im in images):

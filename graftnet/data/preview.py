@@ -10,7 +10,7 @@ import torch
 from ..config import RunConfig
 from ..report.plots import plot_samples
 from .augment import make_augment
-from .images import load_images, make_splits, to_batch
+from .images import config_splits, load_images, to_batch
 from .sources import open_source
 
 SIZE = 128
@@ -23,8 +23,7 @@ def _augmented(augment, images: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0, augment: str = "none") -> Path:
     source = open_source(cfg.data.path, cfg.cache_dir)
-    train = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed,
-                        cfg.data.max_per_class)["train"]
+    train = config_splits(source, cfg.data)["train"]
     aug = make_augment(augment, seed)
     count = -(-n // 3) if aug else n
     pick = random.Random(seed).sample(train, min(count, len(train)))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import config as config_mod
 from ..config import RunConfig
 from ..data.augment import make_augment
-from ..data.images import ImageSet, load_images, make_splits
+from ..data.images import ImageSet, config_splits, load_images
 from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
 from ..io import atomic_write_text, cache_root
@@ -41,8 +41,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
     source = open_source(cfg.data.path, cfg.cache_dir)
-    splits = make_splits(source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed,
-                         cfg.data.max_per_class)
+    splits = config_splits(source, cfg.data)
     from ..backbones import get_spec
     size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
     sets = {}
