@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,12 @@ TRAIN_FLAGS = {
     "augment": "train.augment", "cache_views": "train.cache_views", "mixup": "train.mixup",
     "cutmix": "train.cutmix",
 }
+
+
+# Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
+# area (compression, deployment) keeps its commands beside its code instead of growing this file.
+COMMAND_MODULES: list[str] = []
+EXTRA_COMMANDS: dict = {}
 
 
 def _train_parser(sub) -> None:
@@ -96,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lr_find.png")
     sub.add_parser("backbones", help="list registered backbones and whether their weights are offline")
     _weights_parser(sub)
+    for module in COMMAND_MODULES:
+        EXTRA_COMMANDS.update(importlib.import_module(module).add_commands(sub))
     return parser
 
 
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import console
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-         "preview": cmd_preview, "lr-find": cmd_lr_find, "backbones": cmd_backbones, "weights": cmd_weights}[args.command](args)
+         "preview": cmd_preview, "lr-find": cmd_lr_find, "backbones": cmd_backbones, "weights": cmd_weights,
+         **EXTRA_COMMANDS}[args.command](args)
     except GraftError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         return 2
