@@ -22,7 +22,9 @@ TRAIN_FLAGS = {
     "label_smoothing": "train.label_smoothing", "schedule": "train.schedule",
     "warmup_epochs": "train.warmup_epochs", "early_stopping": "train.early_stopping",
     "augment": "train.augment", "cache_views": "train.cache_views", "mixup": "train.mixup",
-    "cutmix": "train.cutmix",
+    "cutmix": "train.cutmix", "finetune_epochs": "finetune.epochs", "unfreeze": "finetune.unfreeze",
+    "finetune_lr": "finetune.lr", "lr_decay": "finetune.lr_decay", "bn": "finetune.bn",
+    "finetune_augment": "finetune.augment", "compile": "train.compile",
 }
 
 
@@ -32,8 +34,9 @@ COMMAND_MODULES: list[str] = []
 EXTRA_COMMANDS: dict = {}
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="graft a head onto a backbone and train it")
+def _train_parser(sub, name: str = "train",
+                  help: str = "graft a head onto a backbone and train it") -> None:
+    p = sub.add_parser(name, help=help)
     p.add_argument("--config", help="YAML config (a recipe, or a run folder's config.yaml)")
     p.add_argument("--data", help="class folder, ZIP with class folders, CIFAR archive, or 'cifar10'")
     p.add_argument("--backbone", help="registered name or any timm architecture (see `graft backbones`)")
@@ -70,6 +73,18 @@ def _train_parser(sub) -> None:
                    help="with --augment: cache K augmented views per image instead of running the "
                         "backbone on every batch")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images, list them in the run")
+    g = p.add_argument_group("fine-tuning (stage 2, after --epochs on the frozen backbone)")
+    g.add_argument("--finetune-epochs", type=int, help="epochs with unfrozen backbone groups (graft "
+                   "finetune: default 3)")
+    g.add_argument("--unfreeze", metavar="all|top:N|gradual:E",
+                   help="which backbone groups train: all, the top N, or one more every E epochs")
+    g.add_argument("--finetune-lr", type=float, help="the head's rate in stage 2 (default 1e-4)")
+    g.add_argument("--lr-decay", type=float,
+                   help="each earlier group's rate = the next one's x this (discriminative rates)")
+    g.add_argument("--bn", choices=["frozen", "train", "eval"],
+                   help="BatchNorm: frozen groups keep statistics (frozen), all update (train), none (eval)")
+    g.add_argument("--finetune-augment", choices=list(PRESETS), help="augmentation in stage 2 (default flip)")
+    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.lr=3e-4 (repeatable)")
@@ -79,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _train_parser(sub, "finetune", "two stages: train the head on the frozen backbone, then unfreeze "
+                  "backbone groups and train them too with discriminative learning rates")
     p = sub.add_parser("evaluate", help="evaluate a finished run on a data set")
     p.add_argument("run")
     p.add_argument("--data", help="default: the run's own data (its test split)")
@@ -149,6 +166,18 @@ def cmd_train(args) -> None:
     else:
         run_dir = train(config.resolve(args.config, train_overrides(args)))
     print(run_dir)
+
+
+def cmd_finetune(args) -> None:
+    from . import config
+    from .train.pipeline import train
+    if args.resume:
+        print(train(None, resume=args.resume))
+        return
+    cfg = config.resolve(args.config, train_overrides(args))
+    if not cfg.finetune.epochs:  # the command's point is stage 2: give it a default length
+        cfg.finetune.epochs = 3
+    print(train(cfg))
 
 
 def cmd_evaluate(args) -> None:
@@ -227,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .progress import console
     try:
-        {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+        {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
          "preview": cmd_preview, "lr-find": cmd_lr_find, "backbones": cmd_backbones, "weights": cmd_weights,
          **EXTRA_COMMANDS}[args.command](args)
     except GraftError as e:

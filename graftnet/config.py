@@ -69,6 +69,26 @@ class TrainConfig:
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
+    compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
+                                     # on-the-fly augmentation); off by default: see BENCHMARKS.md
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2 (`graft finetune`): after train.epochs on the frozen backbone, unfreeze and train on."""
+    epochs: int = 0                  # 0: no fine-tuning stage
+    unfreeze: str = "all"            # all | top:N (top N backbone groups) | gradual:E (one more
+                                     # group every E epochs, from the top)
+    lr: float = 1e-4                 # the head's rate; the k-th group below it gets lr * lr_decay**k
+    lr_decay: float = 0.5            # discriminative rates (1: one rate for all)
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    bn: str = "frozen"               # frozen: BatchNorm of frozen groups keeps its statistics; train:
+                                     # all update them; eval: none does, trained groups included
+    augment: str = "flip"            # images pass through the backbone anyway: augmentation is cheap
+    batch_size: int = 0              # 0: train.batch_size
 
 
 @dataclass
@@ -80,6 +100,7 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -184,6 +205,10 @@ def validate(cfg: RunConfig) -> None:
         "train.schedule": (cfg.train.schedule, ("constant", "cosine", "onecycle")),
         "train.monitor": (cfg.train.monitor, ("val_acc", "val_loss")),
         "train.augment": (cfg.train.augment, PRESETS),
+        "finetune.optimizer": (cfg.finetune.optimizer, ("adam", "adamw", "sgd")),
+        "finetune.schedule": (cfg.finetune.schedule, ("constant", "cosine", "onecycle")),
+        "finetune.bn": (cfg.finetune.bn, ("frozen", "train", "eval")),
+        "finetune.augment": (cfg.finetune.augment, PRESETS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -211,6 +236,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"head.dropout: must be in [0, 1), got {cfg.head.dropout}")
     if not 0 <= cfg.data.val_fraction < 1 or not 0 < cfg.data.test_fraction < 1:
         raise ConfigError("data.val_fraction must be in [0, 1) and data.test_fraction in (0, 1)")
+    ft = cfg.finetune
+    if ft.epochs < 0 or ft.lr <= 0 or not 0 < ft.lr_decay <= 1 or ft.batch_size < 0 or ft.warmup_epochs < 0:
+        raise ConfigError("finetune: epochs and batch_size must be >= 0, lr > 0, lr_decay in (0, 1], "
+                          "warmup_epochs >= 0")
+    from .train.finetune import parse_unfreeze
+    parse_unfreeze(ft.unfreeze)
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
 

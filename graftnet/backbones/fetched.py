@@ -44,6 +44,16 @@ class _Features(nn.Module):
 
     forward = forward_features
 
+    def group_matcher(self, coarse: bool = True):
+        """Parameter groups for fine-tuning, as timm declares them: the layers up to the end of
+        each stage form one group, layers after the last stage one more."""
+        ends = [int(i["module"].split(".")[1]) for i in self.feature_info]
+
+        def group(name: str) -> int:
+            idx = int(name.split(".")[1])
+            return next((k for k, end in enumerate(ends) if idx <= end), len(ends))
+        return group
+
 
 class VGG16Features(_Features):
     """VGG16's 13 convolutions; the final map is the last max-pool's output (512 channels, like

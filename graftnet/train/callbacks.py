@@ -32,8 +32,10 @@ def lr_factor(kind: str, step: int, total: int, warmup: int) -> float:
 
 
 class LRSchedule(Callback):
-    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
+    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int = 0, offset: int = 0):
+        """`offset`: the loop's step at which this schedule starts (a second training stage)."""
         self.optimizer, self.kind, self.total, self.warmup = optimizer, kind, total_steps, warmup_steps
+        self.offset = offset
         self.base = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
         for g, lr in zip(optimizer.param_groups, self.base):
             g["initial_lr"] = lr  # kept in the optimizer's state, so resume finds the base rate
@@ -44,7 +46,7 @@ class LRSchedule(Callback):
             g["lr"] = lr * f
 
     def after_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
-        self.set(state.step)  # the rate for the step about to be taken
+        self.set(state.step - self.offset)  # the rate for the step about to be taken
         return loss
 
 

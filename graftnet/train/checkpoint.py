@@ -2,7 +2,9 @@
 
 Weights, optimizer moments and RNG states are tensors; epoch, step, history and the optimizer's
 hyperparameters go into the file's JSON metadata. One file written with temp-and-rename means a
-kill at any moment leaves the previous epoch's checkpoint intact.
+kill at any moment leaves the previous epoch's checkpoint intact. Optimizer state is stored by
+parameter name and group name (optimizers built from named parameters), so the resumed run's
+optimizer, rebuilt from the model, gets each moment back by name, not by position.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
                     generator: torch.Generator) -> None:
     tensors = {f"model/{k}": v.detach().cpu() for k, v in weights.items()}
     opt = optimizer.state_dict()
+    names = _param_names(opt)
     for idx, slots in opt["state"].items():
         for slot, value in slots.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{idx}/{slot}"] = value.detach().cpu()
+                tensors[f"optim/{names[idx]}/{slot}"] = value.detach().cpu()
             elif value is not None:
-                tensors[f"optim/{idx}/{slot}"] = torch.tensor(value)
+                tensors[f"optim/{names[idx]}/{slot}"] = torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
     tensors["rng/generator"] = generator.get_state()
     meta = {"epoch": state.epoch, "step": state.step, "history": state.history,
@@ -36,8 +39,27 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
     save_tensors(run_dir / FILE, tensors, {"graftnet": json.dumps(meta)})
 
 
+def _param_names(opt_state: dict) -> dict[int, str]:
+    """Optimizer index -> parameter name (the index itself for optimizers of unnamed parameters)."""
+    out = {}
+    for g in opt_state["param_groups"]:
+        out.update(zip(g["params"], g.get("param_names") or [str(i) for i in g["params"]]))
+    return out
+
+
+def checkpoint_epoch(run_dir: Path) -> int:
+    """Epochs completed by the checkpoint in run_dir (0 without one), read from metadata only."""
+    path = run_dir / FILE
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["graftnet"])["epoch"]
+
+
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
-                    generator: torch.Generator) -> State:
+                    generator: torch.Generator, optimizer_state: bool = True) -> State:
+    """Restore weights, RNG and loop state; the optimizer's too unless `optimizer_state` is False
+    (a new stage starts its optimizer afresh)."""
     path = run_dir / FILE
     if not path.is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no completed epoch: {FILE} is missing)")
@@ -51,12 +73,30 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
     if missing:
         raise GraftError(f"{path}: checkpoint does not match the model (e.g. {missing[:3]})")
     model.load_state_dict(weights, strict=False)
-    opt_state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, idx, slot = k.split("/", 2)
-            opt_state.setdefault(int(idx), {})[slot] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    if optimizer_state:
+        optimizer.load_state_dict(_by_name(optimizer.state_dict(), meta["param_groups"], tensors, path))
     torch.set_rng_state(tensors["rng/torch"])
     generator.set_state(tensors["rng/generator"])
     return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"])
+
+
+def _by_name(current: dict, saved_groups: list[dict], tensors: dict, path: Path) -> dict:
+    """The optimizer state dict for the current optimizer, filled from the saved one by names."""
+    saved_by_name = {g.get("name", str(i)): g for i, g in enumerate(saved_groups)}
+    groups = []
+    for i, g in enumerate(current["param_groups"]):
+        saved = saved_by_name.get(g.get("name", str(i)))
+        if saved is None:
+            raise GraftError(f"{path}: optimizer group {g.get('name', i)!r} is not in the checkpoint "
+                             f"(it has {sorted(saved_by_name)}); was the config changed?")
+        groups.append({**saved, "params": g["params"], **({"param_names": g["param_names"]}
+                                                            if "param_names" in g else {})})
+    index = {name: idx for idx, name in _param_names(current).items()}
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            name, slot = k[len("optim/"):].rsplit("/", 1)
+            if name not in index:
+                raise GraftError(f"{path}: optimizer state for unknown parameter {name!r}")
+            state.setdefault(index[name], {})[slot] = v
+    return {"state": state, "param_groups": groups}

@@ -103,7 +103,7 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0,
-               "lr": optimizer.param_groups[0]["lr"]}
+               "lr": optimizer.param_groups[-1]["lr"]}  # the head's (the last group)
         state.history.append(row)
         log(f"epoch {state.epoch:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
             f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)")

@@ -25,9 +25,10 @@ from ..io import atomic_write_text, cache_root
 from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
-from ..run import new_run_dir, write_environment, write_history
+from ..run import new_run_dir, read_history, write_environment, write_history
 from .callbacks import EarlyStopping, LRSchedule
-from .checkpoint import FILE as CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import FILE as CHECKPOINT, checkpoint_epoch, load_checkpoint, save_checkpoint
+from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .features import cached_features, image_batches, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
 
@@ -61,11 +62,16 @@ def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
 
 
 class _Checkpointer(Callback):
-    def __init__(self, run_dir: Path, model, optimizer, generator):
+    """After each epoch: what training changed (the head; with `full`, the whole model: fine-tuning
+    moves backbone weights and BatchNorm statistics), optimizer, RNG and history."""
+
+    def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False):
         self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
+        self.full = full
 
     def after_epoch(self, state: State, row: dict) -> None:
-        save_checkpoint(self.run_dir, trainable_state(self.model), self.optimizer, state, self.generator)
+        weights = self.model.state_dict() if self.full else trainable_state(self.model)
+        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator)
         write_history(self.run_dir, state.history)
 
 
@@ -134,41 +140,102 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     # Re-seed after building: random init of the head must not depend on how the backbone was made.
     torch.manual_seed(cfg.train.seed)
     model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train.optimizer,
-                               cfg.train.lr, cfg.train.weight_decay)
-    state = State()
-    if resume:
-        state = load_checkpoint(run_dir, model, optimizer, generator)
-        log(f"resuming after epoch {state.epoch}")
-    t = cfg.train
-    n_batches = -(-len(sets["train"]) // t.batch_size)
-    callbacks = list(extra)
-    if t.schedule != "constant" or t.warmup_epochs:
-        callbacks.append(LRSchedule(optimizer, t.schedule, t.epochs * n_batches,
-                                    int(t.warmup_epochs * n_batches)))
-    stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
     if cfg.backbone.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    callbacks += [stopper] if stopper else []
-    callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
+    t, ft = cfg.train, cfg.finetune
+    done = checkpoint_epoch(run_dir) if resume else 0
     loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
-
-    # Augmentation defeats a one-view cache: either K augmented views are cached (a random one drawn
-    # per sample and epoch), or the backbone runs on every augmented batch.
-    on_the_fly = t.augment != "none" and not t.cache_views
-    run = _fit_on_features if t.cache_features and not on_the_fly else _fit_on_images
-    logits, labels = run(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn,
-                         generator, stopper)
+    state = State()
+    logits = labels = None
+    if done < t.epochs or not ft.epochs:  # stage 1: the head on the frozen backbone
+        optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                                   t.optimizer, t.lr, t.weight_decay)
+        if resume:
+            state = load_checkpoint(run_dir, model, optimizer, generator)
+            log(f"resuming after epoch {state.epoch}")
+        stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+        callbacks = list(extra) + _schedule(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
+                                            len(sets["train"]), t.batch_size, state)
+        callbacks += [stopper] if stopper else []
+        callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
+        # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
+        # drawn per sample and epoch), or the backbone runs on every augmented batch.
+        on_the_fly = t.augment != "none" and not t.cache_views
+        run = _fit_on_features if t.cache_features and not on_the_fly else _fit_on_images
+        logits, labels = run(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn,
+                             generator, stopper, predict=not ft.epochs)
+    if ft.epochs:
+        logits, labels = _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator,
+                                   state if done < t.epochs else None)
     save_model(model, spec, run_dir)
-    write_history(run_dir, state.history)
     from ..evaluation import finish_evaluation
-    finish_evaluation(run_dir, cfg, spec, state.history, logits, labels, sets["test"], sets["train"])
+    finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"])
     return run_dir
 
 
+def _schedule(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n: int,
+              batch_size: int, state: State) -> list[Callback]:
+    """The stage's LR schedule over its own steps. Its first step is derived from the state it
+    starts or resumes from (checkpoints fall on epoch ends), whatever steps an earlier stage took."""
+    n_batches = -(-n // batch_size)
+    if kind == "constant" and not warmup_epochs:
+        return []
+    return [LRSchedule(optimizer, kind, epochs * n_batches, int(warmup_epochs * n_batches),
+                       offset=state.step - (state.epoch - first_epoch) * n_batches)]
+
+
+def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state: State | None):
+    """Stage 2: unfreeze backbone groups (all, the top N, or gradually) and train them with the head,
+    earlier groups at smaller rates. `state`: the loop state after stage 1, or None to resume."""
+    t, ft = cfg.train, cfg.finetune
+    groups = all_groups(model)
+    n_backbone = len(groups) - 1
+    optimizer = make_optimizer(optimizer_groups(model, groups, ft.lr, ft.lr_decay, ft.weight_decay),
+                               ft.optimizer, ft.lr, ft.weight_decay)
+    if state is None:
+        done = checkpoint_epoch(run_dir)
+        state = load_checkpoint(run_dir, model, optimizer, generator, optimizer_state=done > t.epochs)
+        log(f"resuming after epoch {state.epoch}")
+    unfreezer = _Unfreezer(model, groups, ft.unfreeze, t.epochs)
+    unfreezer.apply(state.epoch)
+    module = FineTuneMode(model, ft.bn)
+    for row in describe(model, groups, optimizer):
+        log(f"  group {row['group']:<24} {row['params']:>9,} params  "
+            f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
+    stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    callbacks = list(extra) + _schedule(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
+                                        len(sets["train"]), ft.batch_size or t.batch_size, state)
+    callbacks += [unfreezer] + ([stopper] if stopper else [])
+    callbacks.append(_Checkpointer(run_dir, model, optimizer, generator, full=True))
+    log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
+        f"augment {ft.augment}")
+    return _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator,
+                      stopper, t.epochs + ft.epochs, ft.augment, ft.batch_size or t.batch_size)
+
+
+class _Unfreezer(Callback):
+    """Sets which backbone groups train for the coming epoch; a function of the epoch alone."""
+
+    def __init__(self, model, groups, strategy: str, first_epoch: int):
+        self.model, self.groups, self.strategy, self.first = model, groups, strategy, first_epoch
+        self.count = -1
+
+    def apply(self, epoch: int) -> None:
+        count = unfrozen_count(self.strategy, epoch - self.first, len(self.groups) - 1)
+        if count != self.count:
+            set_trainable(self.model, self.groups, count)
+            names = [g.name for g in self.groups[-1 - count:-1]] if count else []
+            log(f"unfrozen backbone groups: {count}/{len(self.groups) - 1} ({', '.join(names) or 'none'})")
+            self.count = count
+
+    def after_epoch(self, state: State, row: dict) -> None:
+        self.apply(state.epoch)
+
+
 def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
-                     stopper):
-    """Train the head on cached features; returns the test split's logits and labels."""
+                     stopper, predict: bool = True):
+    """Train the head on cached features; returns the test split's logits and labels (None, None
+    when `predict` is False: a fine-tuning stage follows)."""
     t = cfg.train
     if t.augment != "none":
         train_x = torch.stack([split_features(model, spec, cfg, source, sets["train"], "train", view=k)
@@ -185,6 +252,8 @@ def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks
         optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
     if stopper:
         stopper.restore(state)
+    if not predict:
+        return None, None
     views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
     logits = [predict_logits(model.mlp, feature_batches(split_features(model, spec, cfg, source, sets["test"],
                                                                        "test", flip=f),
@@ -194,17 +263,27 @@ def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks
 
 
 def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
-                   stopper):
+                   stopper, predict: bool = True):
     """Run the frozen backbone on every batch (augmented on the fly); returns test logits, labels."""
     t = cfg.train
-    model.extractor.eval()  # frozen: BatchNorm keeps its ImageNet statistics
-    augment = make_augment(t.augment)
+    return _image_fit(FineTuneMode(model), model, spec, cfg, sets, optimizer, state, callbacks, loss_fn,
+                      generator, stopper, t.epochs, t.augment, t.batch_size, predict)
+
+
+def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator, stopper,
+               epochs: int, augment_name: str, batch_size: int, predict: bool = True):
+    """Fit `module` (the model behind a FineTuneMode) on image batches, augmented on the fly."""
+    t = cfg.train
+    augment = make_augment(augment_name)
     mix = None
     if t.mixup or t.cutmix:  # soft targets: cross-entropy takes class probabilities as they are
         from torchvision.transforms import v2
         n = len(spec.classes)
         mix = v2.RandomChoice([m for m in (t.mixup and v2.MixUp(alpha=t.mixup, num_classes=n),
                                            t.cutmix and v2.CutMix(alpha=t.cutmix, num_classes=n)) if m])
+
+    if t.compile:  # compiles on the first batch (a minute on CPU) and again when groups unfreeze
+        module = torch.compile(module)
 
     def batches(images, shuffle, bs):
         order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
@@ -213,26 +292,11 @@ def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, 
         out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
                             cfg.backbone.channels_last, augment=augment if shuffle else None)
         return (mix(x, y) for x, y in out) if shuffle and mix else out
-    fit(_FrozenBackbone(model), lambda: batches(sets["train"], True, t.batch_size),
-        -(-len(sets["train"]) // t.batch_size),
+    fit(module, lambda: batches(sets["train"], True, batch_size), -(-len(sets["train"]) // batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-        optimizer, t.epochs, state, callbacks, cfg.backbone.precision, loss_fn)
+        optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn)
     if stopper:
         stopper.restore(state)
+    if not predict:
+        return None, None
     return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision)
-
-
-class _FrozenBackbone(torch.nn.Module):
-    """Keeps the frozen extractor in eval mode whatever `train()` the loop calls."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.extractor.eval()
-        return self
-
-    def forward(self, x):
-        return self.model(x)

@@ -1,0 +1,162 @@
+"""Fine-tuning: parameter groups, freezing, BatchNorm modes, discriminative rates, resume by name."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from graftnet import backbones, config
+from graftnet.cli import main
+from graftnet.backbones.fetched import MobileNetV2Features, VGG16Features
+from graftnet.errors import ConfigError
+from graftnet.heads import FeatureExtractor, GraftedModel, Pool, make_mlp
+from graftnet.config import HeadConfig
+from graftnet.model import load_model
+from graftnet.train.finetune import (FineTuneMode, all_groups, backbone_groups, optimizer_groups,
+                                     set_trainable, unfrozen_count)
+from graftnet.train.loop import make_optimizer
+from graftnet.train.pipeline import train
+
+from .conftest import TINY, tiny_overrides
+from .test_train import _epoch_of, _graft
+
+
+def _grafted(body: nn.Module, size: int = 32) -> GraftedModel:
+    extractor = FeatureExtractor(body)
+    pool = Pool("avg")
+    dim = pool.out_features(extractor.channels(size))
+    return GraftedModel(extractor, pool, make_mlp(dim, 3, HeadConfig(hidden=[8])))
+
+
+def _bodies():
+    yield TINY, lambda: backbones.create(backbones.get_spec(TINY), pretrained=False)[0]
+    yield "efficientnet_lite0", backbones.get_spec("efficientnet_lite0").architecture
+    yield "vgg16", VGG16Features
+    yield "mobilenetv2", MobileNetV2Features
+
+
+@pytest.mark.parametrize("name,make", list(_bodies()), ids=[n for n, _ in _bodies()])
+def test_groups_cover_every_parameter_once_in_order(name, make):
+    model = _grafted(make())
+    groups = all_groups(model)
+    names = [n for g in groups for n in g.params]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert len(names) == len(set(names))
+    assert len(groups) >= 4, [g.name for g in groups]  # stem, stages..., head
+    assert groups[-1].name == "head" and all(n.startswith(("mlp.", "pool.")) for n in groups[-1].params)
+    order = [n for n, _ in model.extractor.model.named_parameters()]
+    first = [order.index(g.params[0][len("extractor.model."):]) for g in groups[:-1]]
+    assert first == sorted(first), "groups must run from the input to the output"
+
+
+def _bn_modes(model, groups):
+    """Per backbone group: the training flags of its BatchNorm layers."""
+    modules = dict(model.named_modules())
+    out = []
+    for g in groups[:-1]:
+        owners = {n.rsplit(".", 1)[0] for n in g.params}
+        out.append({modules[o].training for o in owners
+                    if isinstance(modules[o], nn.modules.batchnorm._BatchNorm)})
+    return out
+
+
+def test_top_n_freezes_the_rest_and_bn_modes():
+    model = _grafted(backbones.create(backbones.get_spec(TINY), pretrained=False)[0])
+    groups = all_groups(model)
+    set_trainable(model, groups, 2)
+    grads = [{model.get_parameter(n).requires_grad for n in g.params} for g in groups]
+    n = len(groups)
+    assert grads == [{False}] * (n - 3) + [{True}] * 3  # 2 backbone groups + head
+    FineTuneMode(model, "frozen").train()
+    modes = _bn_modes(model, groups)
+    assert modes[:-2] == [{False}] * (n - 3) and modes[-2:] == [{True}, {True}]
+    FineTuneMode(model, "train").train()
+    assert all(m == {True} for m in _bn_modes(model, groups))
+    FineTuneMode(model, "eval").train()
+    assert all(m == {False} for m in _bn_modes(model, groups))
+    assert model.mlp.training  # the head itself always trains
+    FineTuneMode(model, "frozen").eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_discriminative_rates_and_unfreeze_schedules():
+    model = _grafted(backbones.create(backbones.get_spec(TINY), pretrained=False)[0])
+    groups = all_groups(model)
+    opt = make_optimizer(optimizer_groups(model, groups, 1e-3, 0.5, 0.01), "adamw", 1e-3, 0.01)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[-1] == pytest.approx(1e-3)
+    assert lrs == pytest.approx([1e-3 * 0.5 ** (len(groups) - 1 - i) for i in range(len(groups))])
+    assert [g["name"] for g in opt.param_groups] == [g.name for g in groups]
+    k = len(groups) - 1
+    assert [unfrozen_count("gradual:2", e, k) for e in range(6)] == [1, 1, 2, 2, 3, 3]
+    assert unfrozen_count("gradual:1", 50, k) == k
+    assert unfrozen_count("top:2", 0, k) == 2 and unfrozen_count("all", 0, k) == k
+    for bad in ("top", "top:0", "gradual:x", "some"):
+        with pytest.raises(ConfigError, match="finetune.unfreeze"):
+            config.resolve(None, {"finetune.unfreeze": bad})
+
+
+def test_finetune_trains_only_unfrozen_groups(image_folder, tmp_path):
+    """Stage 2 with top:1 moves the top backbone group and the head; lower groups keep the initial
+    weights, and frozen BatchNorm statistics stay as they were."""
+    cfg = config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+        "train.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "top:1", "finetune.lr": 3e-3,
+        "name": "ft"}))
+    run = train(cfg)
+    tuned, _ = load_model(run)
+    torch.manual_seed(0)
+    init = backbones.create(backbones.get_spec(TINY), pretrained=False)[0]
+    groups = backbone_groups(tuned)
+    init_state = init.state_dict()
+    tuned_state = tuned.extractor.model.state_dict()
+    strip = len("extractor.model.")
+    top = {n[strip:] for n in groups[-1].params}
+    for k, v in tuned_state.items():
+        owner = k.rsplit(".", 1)[0]
+        in_top = any(p.rsplit(".", 1)[0] == owner for p in top)
+        if in_top and k in top:
+            assert not torch.equal(v, init_state[k]), f"{k} should have trained"
+        elif not in_top:
+            assert torch.equal(v, init_state[k]), f"{k} is frozen and must not change"
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folder, tmp_path):
+    """Killed mid-epoch in stage 2 (gradual unfreezing, cosine schedule), `--resume` rebuilds the
+    optimizer groups by name with their rates and moments and ends where a run never stopped ends."""
+    args = ["finetune", "--data", str(image_folder), "--backbone", TINY, "--no-pretrained",
+            "--image-size", "32", "--epochs", "1", "--finetune-epochs", "4", "--unfreeze", "gradual:1",
+            "--batch-size", "4", "--hidden", "16", "--dropout", "0.2", "--features", "multi",
+            "--finetune-lr", "2e-3", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--precision", "fp32"]
+    env = {**os.environ, "GRAFTNET_QUIET": "1"}
+    assert main([*args, "--name", "ref"]) == 0  # the reference, in this process
+    killed = tmp_path / "runs" / "killed"
+    proc = _graft(*args, "--name", "killed", env=env)
+    deadline = time.time() + 240
+    while _epoch_of(killed) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _epoch_of(killed)
+    assert 3 <= done < 5, "the run was not killed during fine-tuning"
+    with safe_open(str(killed / "checkpoint" / "last.safetensors"), "pt") as f:
+        groups = json.loads(f.metadata()["graftnet"])["param_groups"]
+        assert groups[-1]["name"] == "head" and len(groups) > 3
+        assert any(k.startswith("optim/extractor.model.") for k in f.keys())  # moments by name
+    resumed = _graft("finetune", "--resume", str(killed), env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, _ = load_model(tmp_path / "runs" / "ref")
+    b, _ = load_model(killed)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+    ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in ha] == pytest.approx([r["lr"] for r in hb])
