@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from .train.distributed import is_main
+
 console = Console(stderr=True, highlight=False)
 _log_file: Path | None = None
 
@@ -21,6 +23,8 @@ def set_log_file(path: Path | None) -> None:
 
 
 def log(message: str) -> None:
+    if not is_main():  # under torchrun, rank 0 speaks for all
+        return
     console.print(message)
     if _log_file is not None:
         with open(_log_file, "a") as f:
@@ -30,7 +34,7 @@ def log(message: str) -> None:
 @contextlib.contextmanager
 def bar(total: int, description: str):
     """Yields advance(n=1, **fields). Quiet when GRAFTNET_QUIET=1 (tests) or stderr is no terminal."""
-    if os.environ.get("GRAFTNET_QUIET") or not sys.stderr.isatty():
+    if os.environ.get("GRAFTNET_QUIET") or not sys.stderr.isatty() or not is_main():
         yield lambda n=1, **kw: None
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ..io import save_tensors
 from ..progress import log
+from .distributed import barrier, is_main
 from .loop import Callback, State
 
 
@@ -64,7 +65,7 @@ class EarlyStopping(Callback):
 
     def after_epoch(self, state: State, row: dict) -> None:
         best = self._best(state.history)
-        if best is row:
+        if best is row and is_main():
             save_tensors(self.path, self.module.state_dict(), {"epoch": str(row["epoch"])})
         elif best is not None and state.epoch - best["epoch"] >= self.patience:
             log(f"early stopping: {self.monitor} best at epoch {best['epoch']} "
@@ -72,6 +73,7 @@ class EarlyStopping(Callback):
             state.stop = True
 
     def restore(self, state: State) -> None:
+        barrier()  # rank 0 has written the file
         best = self._best(state.history)
         if best is not None and self.path.is_file() and best["epoch"] != state.epoch:
             self.module.load_state_dict(load_file(str(self.path)))

@@ -27,6 +27,8 @@ from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, read_history, write_environment, write_history
 from .callbacks import EarlyStopping, LRSchedule
+from . import distributed
+from .distributed import Replicated, barrier, is_main, shard
 from .checkpoint import FILE as CHECKPOINT, checkpoint_epoch, load_checkpoint, save_checkpoint
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .features import cached_features, image_batches, resolve_precision
@@ -70,6 +72,8 @@ class _Checkpointer(Callback):
         self.full = full
 
     def after_epoch(self, state: State, row: dict) -> None:
+        if not is_main():
+            return
         weights = self.model.state_dict() if self.full else trainable_state(self.model)
         save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator)
         write_history(self.run_dir, state.history)
@@ -83,8 +87,11 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
-                   name: str, flip: bool = False, view: int | None = None) -> torch.Tensor:
-    """Cached features of one split; `view` k: the k-th augmented view (cfg.train.augment)."""
+                   name: str, flip: bool = False, view: int | None = None, shared: bool = True) -> torch.Tensor:
+    """Cached features of one split; `view` k: the k-th augmented view (cfg.train.augment). Under
+    torchrun (`shared`: every rank calls this) rank 0 fills the cache and the others read it."""
+    if shared and not is_main():
+        barrier()
     augment = None
     if view is not None:
         augment = make_augment(cfg.train.augment)
@@ -98,6 +105,8 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
         description=f"backbone: {label}", augment=augment,
         view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
     log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
+    if shared and is_main():
+        barrier()
     return feats
 
 
@@ -111,14 +120,18 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
             raise GraftError(f"{run_dir}: not a graftnet run folder (no config.yaml); nothing to resume")
         cfg = config_mod.resolve(run_dir / "config.yaml")
     else:
-        run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
-        config_mod.save_yaml(cfg, run_dir / "config.yaml")
-    set_log_file(run_dir / "log.txt")
+        distributed.init_from_env()
+        run_dir = distributed.broadcast(new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
+                                        if distributed.is_main() else None)
+        if distributed.is_main():
+            config_mod.save_yaml(cfg, run_dir / "config.yaml")
+    distributed.init_from_env()
+    set_log_file(run_dir / "log.txt" if distributed.is_main() else None)
     try:
         return _train(cfg, run_dir, bool(resume), list(callbacks))
     except GraftError:
-        if not resume and not (run_dir / CHECKPOINT).exists():  # nothing worth keeping: no stray folder
-            set_log_file(None)
+        if not resume and not (run_dir / CHECKPOINT).exists() and distributed.is_main():
+            set_log_file(None)  # nothing worth keeping: no stray folder
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
@@ -126,12 +139,13 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -> Path:
-    log(f"run folder: {run_dir}")
-    write_environment(run_dir, cfg.train.seed)
+    log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
+    if distributed.is_main():
+        write_environment(run_dir, cfg.train.seed)
     generator = seed_everything(cfg.train.seed)
     source, sets = load_data(cfg)
     skipped = [s for d in sets.values() for s in d.skipped]
-    if skipped:
+    if skipped and distributed.is_main():
         atomic_write_text(run_dir / "skipped.txt", "\n".join(skipped) + "\n")
         log(f"[yellow]skipped {len(skipped)} unreadable file(s), listed in {run_dir / 'skipped.txt'}[/]")
     model, spec = build_model(cfg, source.classes)
@@ -167,6 +181,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     if ft.epochs:
         logits, labels = _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator,
                                    state if done < t.epochs else None)
+    if not distributed.is_main():  # rank 0 writes the model and the report
+        return run_dir
     save_model(model, spec, run_dir)
     from ..evaluation import finish_evaluation
     finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"])
@@ -246,17 +262,17 @@ def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks
             train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
                                                            "train", flip=True)])
     val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-    fit(model.mlp, lambda: feature_batches(train_x, sets["train"].labels, t.batch_size, generator),
+    fit(Replicated(model.mlp), lambda: shard(feature_batches(train_x, sets["train"].labels, t.batch_size, generator)),
         -(-len(sets["train"]) // t.batch_size),
         (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
         optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
     if stopper:
         stopper.restore(state)
-    if not predict:
+    if not predict or not is_main():
         return None, None
     views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
     logits = [predict_logits(model.mlp, feature_batches(split_features(model, spec, cfg, source, sets["test"],
-                                                                       "test", flip=f),
+                                                                       "test", flip=f, shared=False),
                                                         sets["test"].labels, t.eval_batch_size, None))[0]
               for f in views]
     return sum(logits) / len(logits), sets["test"].labels
@@ -292,11 +308,12 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
         out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
                             cfg.backbone.channels_last, augment=augment if shuffle else None)
         return (mix(x, y) for x, y in out) if shuffle and mix else out
-    fit(module, lambda: batches(sets["train"], True, batch_size), -(-len(sets["train"]) // batch_size),
+    fit(Replicated(module), lambda: shard(batches(sets["train"], True, batch_size)),
+        -(-len(sets["train"]) // batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
         optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn)
     if stopper:
         stopper.restore(state)
-    if not predict:
+    if not predict or not is_main():
         return None, None
     return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision)

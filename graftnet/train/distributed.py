@@ -1,0 +1,95 @@
+"""Data-parallel training under `torchrun --nproc-per-node N graft train ...` (PyTorch DDP).
+
+Every process draws the same global batch from the same seeded generator and trains on its own
+contiguous slice of it, so N processes with global batch B step like one process with batch B (DDP
+averages the slices' gradients). Batches are assembled whole on every rank before slicing: resizing
+and augmenting are cheap next to the backbone, and the random draws then match a single process.
+Only rank 0 writes the run folder; checkpoints hold no per-process state, so a run resumes on any
+number of processes. Without torchrun (WORLD_SIZE unset or 1) everything here is a no-op.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU). The long timeout
+    covers rank 0 alone filling the feature cache while the others wait for it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or world() > 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's value of a picklable object, on every rank (trusted: our own processes)."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(batches):
+    """Each rank's contiguous slice of every global batch (sizes differ by one at most). A batch
+    smaller than the world goes whole to every rank: equal gradients average to the same step."""
+    n, r = world(), rank()
+    if n == 1:
+        yield from batches
+        return
+    for x, y in batches:
+        if len(y) < n:
+            yield x, y
+        else:
+            yield torch.tensor_split(x, n)[r], torch.tensor_split(y, n)[r]
+
+
+class Replicated(nn.Module):
+    """DDP around `module`, rebuilt whenever the set of trainable parameters changes (gradual
+    unfreezing): DDP fixes its gradient buckets when it is built. Without a process group it is
+    the module itself."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self._key = None
+        object.__setattr__(self, "_ddp", None)  # not a submodule: its parameters are module's
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._ddp is not None:
+            self._ddp.training = mode
+        return self
+
+    def forward(self, x):
+        if world() == 1:
+            return self.module(x)
+        key = tuple(p.requires_grad for p in self.module.parameters())
+        if key != self._key:
+            from torch.nn.parallel import DistributedDataParallel
+            object.__setattr__(self, "_ddp", DistributedDataParallel(self.module))
+            self._key = key
+            self._ddp.training = self.training
+        return self._ddp(x)
