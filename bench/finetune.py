@@ -1,0 +1,153 @@
+"""Fine-tuning and fast-training benchmark (issue 3), in one process.
+
+    python bench/finetune.py [--data ../shared/datasets/cifar10-jpeg.zip] [--per-class 500]
+        [--size 128] [--ft-epochs 2] [--aug-per-class 300] [--skip PART ...]
+
+Parts (each skippable):
+  throughput  training images/s of one fine-tuning step (forward + backward + AdamW, all groups
+              unfrozen) for fp32 contiguous, fp32 channels-last, bf16 autocast, torch.compile;
+              ratios against fp32 contiguous measured in this run, repeats interleaved.
+  finetune    the paper recipe (Lite0, multi features, head [256], dropout 0.5, 10 head epochs on
+              cached features) frozen only, against the same run followed by `graft finetune`
+              (all groups, discriminative rates, cosine, flip augmentation): test accuracy, wall time.
+  augment     the paper's augmentation + dropout on the frozen backbone: on the fly (backbone on
+              every augmented batch) against K cached views, and no augmentation; accuracy, time.
+Slices (--per-class) keep it inside a session on a 2-core CPU; the full set needs a GPU.
+Writes bench/results/finetune.json and prints markdown tables for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRAFTNET_QUIET", "1")
+
+from graftnet import backbones, config  # noqa: E402
+from graftnet.train.features import autocast  # noqa: E402
+from graftnet.train.pipeline import train  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
+
+
+def step_throughput(size: int, batch: int, reps: int) -> dict[str, float]:
+    """Median images/s of training steps, per variant; variants interleaved so drift hits all."""
+    base, _ = backbones.create(backbones.get_spec("efficientnet_lite0"))
+    head = torch.nn.Linear(base.num_features, 10)
+    variants = {"fp32 contiguous": ("fp32", False, False), "fp32 channels-last": ("fp32", True, False),
+                "bf16 autocast, channels-last": ("bf16", True, False),
+                "torch.compile, fp32 channels-last": ("fp32", True, True)}
+    steps, times = {}, {k: [] for k in variants}
+    for name, (precision, cl, compiled) in variants.items():
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        model = torch.nn.Sequential(base, head).to(memory_format=fmt)
+        opt = torch.optim.AdamW(model.parameters(), 1e-5)
+        fwd = torch.compile(model) if compiled else model
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (batch,))
+
+        def step(fwd=fwd, opt=opt, precision=precision, x=x, y=y):
+            with autocast(precision):
+                logits = fwd(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        t0 = time.perf_counter()
+        step()  # warm-up (compilation for the compiled variant)
+        print(f"  {name}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        steps[name] = step
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+def run(overrides: dict) -> dict:
+    cfg = config.resolve(RECIPE, overrides)
+    t0 = time.perf_counter()
+    run_dir = train(cfg)
+    wall = time.perf_counter() - t0
+    m = json.loads((run_dir / "test_metrics.json").read_text())
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"accuracy": m["accuracy"], "n_test": m["n"], "wall_s": wall, "run": str(run_dir),
+            "epoch_seconds": [r["seconds"] for r in history]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"))
+    ap.add_argument("--per-class", type=int, default=500, help="training slice per class (finetune)")
+    ap.add_argument("--aug-per-class", type=int, default=300, help="training slice per class (augment)")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32, help="throughput batch")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "finetune", "augment"])
+    args = ap.parse_args()
+    work = ROOT / "bench" / ".work" / "finetune"
+    shutil.rmtree(work, ignore_errors=True)
+    common = {"data.path": args.data, "out": str(work / "runs"), "cache_dir": str(work / "cache"),
+              "backbone.image_size": args.size}
+    results: dict = {"command": " ".join([sys.executable, *sys.argv]), "machine": platform.processor()
+                     or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
+    if "throughput" not in args.skip:
+        print("throughput", flush=True)
+        tp = step_throughput(args.size, args.batch, args.reps)
+        results["throughput"] = tp
+        base = tp["fp32 contiguous"]
+        print(f"\n| training step, Lite0 {args.size}px, batch {args.batch} | images/s | vs fp32 contiguous |")
+        print("|---|---:|---:|")
+        for k, v in tp.items():
+            print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
+    if "finetune" not in args.skip:
+        sl = {**common, "data.max_per_class": args.per_class}
+        print("frozen only", flush=True)
+        frozen = run({**sl, "name": "frozen"})
+        print("frozen head + fine-tuning", flush=True)
+        tuned = run({**sl, "name": "finetuned", "finetune.epochs": args.ft_epochs,
+                     "finetune.lr": args.ft_lr})
+        results["finetune"] = {"frozen": frozen, "finetuned": tuned}
+        print(f"\n| {args.per_class}/class, {args.size}px | test accuracy | wall time |")
+        print("|---|---:|---:|")
+        print(f"| frozen backbone, head 10 epochs | {100 * frozen['accuracy']:.2f}% | {frozen['wall_s']:.0f} s |")
+        ft_s = sum(tuned["epoch_seconds"][-args.ft_epochs:])
+        print(f"| + fine-tuning {args.ft_epochs} epochs (all groups) | {100 * tuned['accuracy']:.2f}% "
+              f"| {tuned['wall_s']:.0f} s (fine-tuning epochs {ft_s:.0f} s; features from the cache) |")
+    if "augment" not in args.skip:
+        sl = {**common, "data.max_per_class": args.aug_per_class, "train.flip_views": False}
+        aug = {}
+        for name, extra in (("none", {}), ("paper, on the fly", {"train.augment": "paper"}),
+                            (f"paper, {args.views} cached views", {"train.augment": "paper",
+                                                                    "train.cache_views": args.views})):
+            print(f"augment: {name}", flush=True)
+            aug[name] = run({**sl, **extra, "name": "aug-" + name.split(",")[-1].strip().replace(" ", "-")})
+        results["augment"] = aug
+        print(f"\n| paper augmentation + dropout, {args.aug_per_class}/class, {args.size}px | test accuracy | wall time |")
+        print("|---|---:|---:|")
+        for k, v in aug.items():
+            print(f"| {k} | {100 * v['accuracy']:.2f}% | {v['wall_s']:.0f} s |")
+    out = ROOT / "bench" / "results" / "finetune.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
