@@ -69,6 +69,7 @@ class TrainConfig:
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
+    device: str = "auto"             # auto (the GPU when there is one) | cpu | cuda
     compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
                                      # on-the-fly augmentation); off by default: see BENCHMARKS.md
 
@@ -205,6 +206,7 @@ def validate(cfg: RunConfig) -> None:
         "train.schedule": (cfg.train.schedule, ("constant", "cosine", "onecycle")),
         "train.monitor": (cfg.train.monitor, ("val_acc", "val_loss")),
         "train.augment": (cfg.train.augment, PRESETS),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "finetune.optimizer": (cfg.finetune.optimizer, ("adam", "adamw", "sgd")),
         "finetune.schedule": (cfg.finetune.schedule, ("constant", "cosine", "onecycle")),
         "finetune.bn": (cfg.finetune.bn, ("frozen", "train", "eval")),

@@ -34,6 +34,8 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
                 tensors[f"optim/{names[idx]}/{slot}"] = torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
     tensors["rng/generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"epoch": state.epoch, "step": state.step, "history": state.history,
             "param_groups": opt["param_groups"]}
     save_tensors(run_dir / FILE, tensors, {"graftnet": json.dumps(meta)})
@@ -77,6 +79,8 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
         optimizer.load_state_dict(_by_name(optimizer.state_dict(), meta["param_groups"], tensors, path))
     torch.set_rng_state(tensors["rng/torch"])
     generator.set_state(tensors["rng/generator"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"])
 
 

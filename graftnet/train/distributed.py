@@ -35,6 +35,8 @@ def init_from_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or world() > 1:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
 
 

@@ -39,6 +39,22 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     return precision
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live: batches follow the model there."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto': the process's GPU when there is one (under torchrun, LOCAL_RANK's), else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        import os
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
 def autocast(precision: str, device: str = "cpu"):
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
@@ -46,8 +62,11 @@ def autocast(precision: str, device: str = "cpu"):
 
 
 def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std,
-                  channels_last: bool, flip: bool = False, prefetch: int = 2, augment=None):
-    """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model.
+                  channels_last: bool, flip: bool = False, prefetch: int = 2, augment=None,
+                  pin: bool = False):
+    """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model (images
+    are decoded once into memory, so a thread does what DataLoader workers would). `pin`: page-locked
+    batches, for asynchronous copies to a GPU.
     `augment` (data/augment.py) draws from its own generator, so the thread keeps runs repeatable;
     per-image torchvision presets draw from the global one, so they run in order, unthreaded."""
     order = [int(i) for i in order]
@@ -59,7 +78,8 @@ def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std
         imgs = [images.images[i] for i in idx]
         x = to_batch(augment.images(imgs) if augment else imgs, size, mean, std, channels_last)
         x = augment.batch(x) if augment else x
-        return (x.flip(3) if flip else x), images.labels[torch.tensor(idx, dtype=torch.long)]
+        x = x.flip(3) if flip else x
+        return (x.pin_memory() if pin else x), images.labels[torch.tensor(idx, dtype=torch.long)]
 
     if prefetch <= 0 or len(chunks) < 2:
         for idx in chunks:
@@ -100,12 +120,14 @@ def compute_features(model, images: ImageSet, size: int, mean, std, batch_size: 
     """Pooled features of every image (model = GraftedModel; its extractor and pool run)."""
     model.eval()
     out = []
+    dev = device_of(model)
     with bar(len(images), description) as advance:
         for x, _ in image_batches(images, range(len(images)), batch_size, size, mean, std,
-                                  channels_last, flip, augment=augment):
-            with autocast(precision):
-                f = model.features(x)
-            out.append(f.to(torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32))
+                                  channels_last, flip, augment=augment, pin=dev.type == "cuda"):
+            with autocast(precision, dev.type):
+                f = model.features(x.to(dev, non_blocking=True))
+            out.append(f.to("cpu", torch.bfloat16 if resolve_precision(precision, dev.type) == "bf16"
+                            else torch.float32))
             advance(len(x))
     return torch.cat(out) if out else torch.empty(0)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import TrainingDiverged
 from ..progress import bar, log
-from .features import autocast
+from .features import autocast, device_of
 
 
 @dataclass
@@ -44,9 +44,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
                     loss_fn: Callable = F.cross_entropy) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
+    dev = device_of(model)
     with bar(n_batches, f"epoch {state.epoch + 1}") as advance:
         for x, y in batches:
-            with autocast(precision):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with autocast(precision, dev.type):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             for cb in callbacks:
@@ -74,9 +76,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
 def predict_logits(model: nn.Module, batches: Iterable, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     logits, labels = [], []
+    dev = device_of(model)
     for x, y in batches:
-        with autocast(precision):
-            logits.append(model(x).float())
+        with autocast(precision, dev.type):
+            logits.append(model(x.to(dev, non_blocking=True)).float().cpu())
         labels.append(y)
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)

@@ -31,7 +31,7 @@ from . import distributed
 from .distributed import Replicated, barrier, is_main, shard
 from .checkpoint import FILE as CHECKPOINT, checkpoint_epoch, load_checkpoint, save_checkpoint
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
-from .features import cached_features, image_batches, resolve_precision
+from .features import cached_features, device_of, image_batches, pick_device, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
 
 
@@ -83,7 +83,8 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
     """Everything besides the images that changes cached features."""
     return {"timm": spec.timm_name, "weights": spec.weights_id, "size": spec.image_size,
             "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
-            "pool": cfg.head.pool, "precision": resolve_precision(cfg.backbone.precision)}
+            "pool": cfg.head.pool,
+            "precision": resolve_precision(cfg.backbone.precision, pick_device(cfg.train.device).type)}
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
@@ -154,8 +155,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     # Re-seed after building: random init of the head must not depend on how the backbone was made.
     torch.manual_seed(cfg.train.seed)
     model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
-    if cfg.backbone.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    device = pick_device(cfg.train.device)
+    model = model.to(device, memory_format=torch.channels_last if cfg.backbone.channels_last
+                     else torch.preserve_format)
+    if device.type != "cpu":
+        log(f"device: {device} ({torch.cuda.get_device_name(device)})")
     t, ft = cfg.train, cfg.finetune
     done = checkpoint_epoch(run_dir) if resume else 0
     loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
@@ -183,7 +187,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
                                    state if done < t.epochs else None)
     if not distributed.is_main():  # rank 0 writes the model and the report
         return run_dir
-    save_model(model, spec, run_dir)
+    save_model(model.cpu(), spec, run_dir)
     from ..evaluation import finish_evaluation
     finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"])
     return run_dir
@@ -306,7 +310,8 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
         if shuffle and augment:
             augment.reseed(t.seed * 1000 + state.epoch)
         out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
-                            cfg.backbone.channels_last, augment=augment if shuffle else None)
+                            cfg.backbone.channels_last, augment=augment if shuffle else None,
+                            pin=device_of(model).type == "cuda")
         return (mix(x, y) for x, y in out) if shuffle and mix else out
     fit(Replicated(module), lambda: shard(batches(sets["train"], True, batch_size)),
         -(-len(sets["train"]) // batch_size),
