@@ -25,6 +25,8 @@ class DataConfig:
     max_per_class: int | None = None  # take a slice (quick experiments, tests)
     skip_bad: bool = False           # skip unreadable images and list them instead of failing
     workers: int = 2                 # decoding threads
+    grayscale: bool = False          # luminance only, copied to R, G and B (X-rays and other scans
+                                     # whose colour is noise); training, evaluate and predict alike
 
 
 @dataclass
@@ -69,6 +71,19 @@ class TrainConfig:
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
+    class_weights: str = "none"      # none | balanced: inverse class frequency in the cross-entropy
+    sampler: str = "none"            # none | balanced: draw training samples class-balanced (with
+                                     # replacement), so every class is seen equally often per epoch
+
+
+@dataclass
+class EvalConfig:
+    """Two-class problems: which class is "positive" and how the decision threshold is chosen."""
+    positive_class: str | None = None   # None: the second class in sorted order (e.g. PNEUMONIA
+                                        # after NORMAL); name it explicitly in a recipe
+    threshold: str = "youden"           # youden: maximise sensitivity + specificity - 1 on the
+                                        # validation split; sensitivity: reach target_sensitivity
+    target_sensitivity: float = 0.95
 
 
 @dataclass
@@ -80,6 +95,7 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -213,6 +229,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.val_fraction must be in [0, 1) and data.test_fraction in (0, 1)")
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
+    for key, value in {"train.class_weights": cfg.train.class_weights, "train.sampler": cfg.train.sampler}.items():
+        if value not in ("none", "balanced"):
+            raise ConfigError(f"{key}: {value!r} is not one of none, balanced")
+    if cfg.eval.threshold not in ("youden", "sensitivity"):
+        raise ConfigError(f"eval.threshold: {cfg.eval.threshold!r} is not one of youden, sensitivity")
+    if not 0 < cfg.eval.target_sensitivity <= 1:
+        raise ConfigError(f"eval.target_sensitivity: must be in (0, 1], got {cfg.eval.target_sensitivity}")
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:

@@ -26,6 +26,8 @@ from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, write_environment, write_history
+from ..binary import positive_index
+from .balance import class_weights, epoch_order
 from .callbacks import EarlyStopping, LRSchedule
 from .checkpoint import FILE as CHECKPOINT, load_checkpoint, save_checkpoint
 from .features import cached_features, image_batches, resolve_precision
@@ -48,13 +50,16 @@ def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
     total = sum(len(v) for v in splits.values())
     with bar(total, "decoding images") as advance:
         for name, samples in splits.items():
-            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance)
+            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance,
+                                     cfg.data.grayscale)
     if not len(sets["train"]):
         raise DataError(f"{source.location}: every training image was unreadable")
     missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
     if missing:
         raise DataError(f"{source.location}: no readable training images for class(es) "
                         f"{', '.join(source.classes[i] for i in missing)}")
+    if cfg.eval.positive_class is not None:  # a wrong name fails now, not after training
+        positive_index(source.classes, cfg.eval.positive_class)
     log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
         f"val {len(sets['val'])}  test {len(sets['test'])}")
     return source, sets
@@ -73,7 +78,8 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
     """Everything besides the images that changes cached features."""
     return {"timm": spec.timm_name, "weights": spec.weights_id, "size": spec.image_size,
             "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
-            "pool": cfg.head.pool, "precision": resolve_precision(cfg.backbone.precision)}
+            "pool": cfg.head.pool, "precision": resolve_precision(cfg.backbone.precision),
+            **({"grayscale": True} if cfg.data.grayscale else {})}  # absent when off: old keys hold
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
@@ -151,7 +157,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         model = model.to(memory_format=torch.channels_last)
     callbacks += [stopper] if stopper else []
     callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
-    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
+    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing,
+                      weight=class_weights(sets["train"].labels, len(spec.classes), t.class_weights))
 
     # Augmentation defeats a one-view cache: either K augmented views are cached (a random one drawn
     # per sample and epoch), or the backbone runs on every augmented batch.
@@ -161,8 +168,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
                          generator, stopper)
     save_model(model, spec, run_dir)
     write_history(run_dir, state.history)
-    from ..evaluation import finish_evaluation
-    finish_evaluation(run_dir, cfg, spec, state.history, logits, labels, sets["test"], sets["train"])
+    from ..evaluation import finish_evaluation, validation_logits
+    finish_evaluation(run_dir, cfg, spec, state.history, logits, labels, sets["test"], sets["train"],
+                      val=validation_logits(model, spec, cfg, sets["val"]))
     return run_dir
 
 
@@ -179,7 +187,7 @@ def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks
             train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
                                                            "train", flip=True)])
     val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-    fit(model.mlp, lambda: feature_batches(train_x, sets["train"].labels, t.batch_size, generator),
+    fit(model.mlp, lambda: feature_batches(train_x, sets["train"].labels, t.batch_size, generator, t.sampler),
         -(-len(sets["train"]) // t.batch_size),
         (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
         optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
@@ -207,7 +215,7 @@ def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, 
                                            t.cutmix and v2.CutMix(alpha=t.cutmix, num_classes=n)) if m])
 
     def batches(images, shuffle, bs):
-        order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
+        order = epoch_order(images.labels, generator, t.sampler) if shuffle else range(len(images))
         if shuffle and augment:
             augment.reseed(t.seed * 1000 + state.epoch)
         out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
