@@ -76,7 +76,8 @@ def choose_threshold(score: np.ndarray, positive: np.ndarray, rule: str = "youde
     fpr, tpr, thr = roc_curve(score, positive)
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # +inf calls nothing positive: never a useful choice
     if rule == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
+        j = tpr - fpr
+        return float(thr[int(np.argmax(j >= j.max() - 1e-12))])  # equal J up to rounding: a tie
     if rule == "sensitivity":
         return float(thr[int(np.argmax(tpr >= target - 1e-12))])  # the lowest threshold always reaches 1
     raise ConfigError(f"eval.threshold: {rule!r} is not one of {', '.join(RULES)}")
@@ -149,7 +150,7 @@ BINARY_HEADER = ["decision", "threshold", "sensitivity", "specificity", "precisi
 def binary_table(b: dict) -> Table:
     table = Table(title=f"positive class {escape(b['positive_class'])}: test ROC-AUC {_fmt(b['auc'])}"
                         + (f" (validation {_fmt(b['val_auc'])})" if "val_auc" in b else ""),
-                  caption=escape(f"threshold chosen on the {b['threshold']['chosen_on']}")
+                  caption=escape(f"threshold chosen on: {b['threshold']['chosen_on']}")
                   if "threshold" in b else None)
     for i, name in enumerate(BINARY_HEADER):
         table.add_column(name, justify="left" if i == 0 else "right")

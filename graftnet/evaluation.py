@@ -52,7 +52,7 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
         note = f"positive class {b['positive_class']}, test ROC-AUC " + \
             (f"{b['auc']:.4f}" if b["auc"] is not None else "undefined (one class only)")
         if "threshold" in b:
-            note += f"; threshold chosen on the {b['threshold']['chosen_on']}"
+            note += f"; threshold chosen on: {b['threshold']['chosen_on']}"
         tables.append(("Two-class metrics (test)", note, BINARY_HEADER, binary_rows(b)))
         extra = {"ROC-AUC": f"{b['auc']:.4f}" if b["auc"] is not None else "—", **extra}
     if history:

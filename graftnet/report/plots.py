@@ -104,9 +104,9 @@ def plot_roc(fpr, tpr, auc: float | None, path: str | Path, points: dict | None 
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     if val is not None:
-        ax.step(val[0], val[1], where="post", color="#999999", lw=1.2, label="validation")
+        ax.plot(val[0], val[1], color="#999999", lw=1.2, label="validation")
     label = "test" + (f" (AUC {auc:.3f})" if auc is not None else "")
-    ax.step(fpr, tpr, where="post", lw=2, label=label)
+    ax.plot(fpr, tpr, lw=2, label=label)
     for (name, (x, y)), marker in zip((points or {}).items(), "osD^v"):
         ax.plot([x], [y], marker, ms=8, label=f"{name}: sens {y:.3f}, spec {1 - x:.3f}")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
