@@ -70,17 +70,22 @@ def roc_curve(score: np.ndarray, positive: np.ndarray):
 
 def choose_threshold(score: np.ndarray, positive: np.ndarray, rule: str = "youden",
                      target: float = 0.95) -> float:
-    """The decision threshold on (validation) scores. youden: the threshold maximising
-    sensitivity + specificity - 1 (the highest one on ties); sensitivity: the highest threshold whose
-    sensitivity reaches `target`, i.e. the best specificity at that sensitivity."""
+    """The decision threshold on (validation) scores. youden: the cut maximising sensitivity +
+    specificity - 1 (the highest one on ties); sensitivity: the highest cut whose sensitivity reaches
+    `target`, i.e. the best specificity at that sensitivity. Every threshold between the chosen
+    score and the next lower one decides the validation images alike; the midpoint is returned, so
+    unseen scores just below the lowest accepted one are not all turned away."""
     fpr, tpr, thr = roc_curve(score, positive)
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # +inf calls nothing positive: never a useful choice
     if rule == "youden":
         j = tpr - fpr
-        return float(thr[int(np.argmax(j >= j.max() - 1e-12))])  # equal J up to rounding: a tie
-    if rule == "sensitivity":
-        return float(thr[int(np.argmax(tpr >= target - 1e-12))])  # the lowest threshold always reaches 1
-    raise ConfigError(f"eval.threshold: {rule!r} is not one of {', '.join(RULES)}")
+        k = int(np.argmax(j >= j.max() - 1e-12))  # equal J up to rounding: a tie
+    elif rule == "sensitivity":
+        k = int(np.argmax(tpr >= target - 1e-12))  # the lowest threshold always reaches 1
+    else:
+        raise ConfigError(f"eval.threshold: {rule!r} is not one of {', '.join(RULES)}")
+    below = thr[k + 1] if k + 1 < len(thr) else 0.0  # probabilities: nothing lies below 0
+    return float((thr[k] + below) / 2)
 
 
 def _div(a: int, b: int) -> float:

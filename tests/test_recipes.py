@@ -181,12 +181,20 @@ def test_auc_matches_hand_computation_with_ties():
 def test_threshold_choice_on_a_constructed_example():
     score = np.array([0.95, 0.9, 0.7, 0.6, 0.4, 0.35, 0.3, 0.2, 0.1, 0.05])
     positive = np.array([1, 1, 1, 0, 1, 0, 0, 1, 0, 0], bool)
-    # J at >= 0.7: 3/5 - 0 = 0.6; at >= 0.4: 4/5 - 1/5 = 0.6 (tie: the higher threshold wins);
-    # at >= 0.2: 1 - 3/5 = 0.4
-    assert choose_threshold(score, positive, "youden") == 0.7
-    # sensitivity >= 0.8 first reached at 0.4; 1.0 only at 0.2
-    assert choose_threshold(score, positive, "sensitivity", 0.8) == 0.4
-    assert choose_threshold(score, positive, "sensitivity", 0.95) == 0.2
+    # J at >= 0.7: 3/5 - 0 = 0.6; at >= 0.4: 4/5 - 1/5 = 0.6 (tie: the higher cut wins);
+    # at >= 0.2: 1 - 3/5 = 0.4. The threshold lies halfway to the next lower score (0.6).
+    assert choose_threshold(score, positive, "youden") == pytest.approx(0.65)
+    # sensitivity >= 0.8 first reached at 0.4 (next lower 0.35); 1.0 only at 0.2 (next 0.1)
+    assert choose_threshold(score, positive, "sensitivity", 0.8) == pytest.approx(0.375)
+    assert choose_threshold(score, positive, "sensitivity", 0.95) == pytest.approx(0.15)
+    # the lowest score's cut: halfway to 0
+    assert choose_threshold(np.array([0.8, 0.3]), np.array([0, 1], bool), "sensitivity", 1.0) == \
+        pytest.approx(0.15)
+    for rule, target in (("youden", 0), ("sensitivity", 0.8), ("sensitivity", 0.95)):
+        t = choose_threshold(score, positive, rule, target)
+        j = operating_point(score >= t, positive)
+        assert j["sensitivity"] >= target and (rule != "youden" or
+                                                j["sensitivity"] + j["specificity"] - 1 == pytest.approx(0.6))
     op = operating_point(score >= 0.4, positive)
     assert (op["tp"], op["fp"], op["tn"], op["fn"]) == (4, 1, 4, 1)
     assert op["sensitivity"] == op["specificity"] == op["accuracy"] == 0.8
