@@ -25,6 +25,8 @@ class DataConfig:
     max_per_class: int | None = None  # take a slice (quick experiments, tests)
     skip_bad: bool = False           # skip unreadable images and list them instead of failing
     workers: int = 2                 # decoding threads
+    grayscale: bool = False          # luminance only, copied to R, G and B (X-rays and other scans
+                                     # whose colour is noise); training, evaluate and predict alike
 
 
 @dataclass
@@ -72,6 +74,9 @@ class TrainConfig:
     device: str = "auto"             # auto (the GPU when there is one) | cpu | cuda
     compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
                                      # on-the-fly augmentation); off by default: see BENCHMARKS.md
+    class_weights: str = "none"      # none | balanced: inverse class frequency in the cross-entropy
+    sampler: str = "none"            # none | balanced: draw training samples class-balanced (with
+                                     # replacement), so every class is seen equally often per epoch
 
 
 @dataclass
@@ -93,6 +98,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Two-class problems: which class is "positive" and how the decision threshold is chosen."""
+    positive_class: str | None = None   # None: the second class in sorted order (e.g. PNEUMONIA
+                                        # after NORMAL); name it explicitly in a recipe
+    threshold: str = "youden"           # youden: maximise sensitivity + specificity - 1 on the
+                                        # validation split; sensitivity: reach target_sensitivity
+    target_sensitivity: float = 0.95
+
+
+@dataclass
 class RunConfig:
     name: str | None = None          # run folder name; default: <backbone>-<timestamp>
     out: str = "runs"
@@ -102,6 +117,7 @@ class RunConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -246,6 +262,13 @@ def validate(cfg: RunConfig) -> None:
     parse_unfreeze(ft.unfreeze)
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
+    for key, value in {"train.class_weights": cfg.train.class_weights, "train.sampler": cfg.train.sampler}.items():
+        if value not in ("none", "balanced"):
+            raise ConfigError(f"{key}: {value!r} is not one of none, balanced")
+    if cfg.eval.threshold not in ("youden", "sensitivity"):
+        raise ConfigError(f"eval.threshold: {cfg.eval.threshold!r} is not one of youden, sensitivity")
+    if not 0 < cfg.eval.target_sensitivity <= 1:
+        raise ConfigError(f"eval.target_sensitivity: must be in (0, 1], got {cfg.eval.target_sensitivity}")
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:

@@ -11,24 +11,50 @@ from .data.images import ImageSet, config_splits, decode, load_images, square_ui
 from .data.sources import IMAGE_EXTENSIONS, open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
+from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec, load_model
 from .progress import console, log
 from .report.html import write_report
-from .report.plots import plot_confusion, plot_curves, plot_samples
+from .report.plots import plot_confusion, plot_curves, plot_roc, plot_samples
 from .run import read_history
 from .train.features import compute_features
 
 
 def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: list[dict],
                       logits: torch.Tensor, labels: torch.Tensor, test: ImageSet,
-                      train: ImageSet | None, prefix: str = "") -> dict:
-    """Metrics tables in the terminal; JSON, plots and report.html in the run folder."""
+                      train: ImageSet | None, prefix: str = "",
+                      val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      threshold: float | None = None) -> dict:
+    """Metrics tables in the terminal; JSON, plots and report.html in the run folder. Two-class
+    runs add sensitivity, specificity, ROC-AUC and a ROC curve, and metrics at a decision threshold
+    chosen on the validation logits `val` (or the given `threshold`)."""
     m = classification_metrics(logits, labels, spec.classes)
+    if len(spec.classes) == 2:
+        m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
     atomic_write_json(run_dir / f"{prefix}test_metrics.json", m)
     console.print(metrics_table(m, spec.classes))
     console.print(confusion_table(m, spec.classes))
-    images = {}
+    images, tables, extra = {}, [], {}
+    if "binary" in m:
+        b = m["binary"]
+        console.print(binary_table(b))
+        points = {"argmax": (1 - b["argmax"]["specificity"], b["argmax"]["sensitivity"])}
+        if "threshold" in b:
+            t = b["threshold"]
+            points[f"threshold {t['value']:.3f}"] = (1 - t["specificity"], t["sensitivity"])
+            extra = {"sensitivity @ threshold": f"{t['sensitivity']:.4f}",
+                     "specificity @ threshold": f"{t['specificity']:.4f}"}
+        val_roc = (b["val_roc"]["fpr"], b["val_roc"]["tpr"]) if "val_roc" in b else None
+        plot_roc(b["roc"]["fpr"], b["roc"]["tpr"], b["auc"], run_dir / f"{prefix}roc.png", points,
+                 val_roc, b["positive_class"])
+        images["ROC curve (test)"] = run_dir / f"{prefix}roc.png"
+        note = f"positive class {b['positive_class']}, test ROC-AUC " + \
+            (f"{b['auc']:.4f}" if b["auc"] is not None else "undefined (one class only)")
+        if "threshold" in b:
+            note += f"; threshold chosen on: {b['threshold']['chosen_on']}"
+        tables.append(("Two-class metrics (test)", note, BINARY_HEADER, binary_rows(b)))
+        extra = {"ROC-AUC": f"{b['auc']:.4f}" if b["auc"] is not None else "—", **extra}
     if history:
         plot_curves(history, run_dir / "curves.png")
         images["Training curves"] = run_dir / "curves.png"
@@ -53,10 +79,10 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     summary = {"test accuracy": f"{m['accuracy']:.4f}", **{k: f"{v:.4f}" for k, v in m["top_k"].items()
                                                            if k != "top1"},
                "test images": m["n"], "backbone": spec.backbone, "input": f"{spec.image_size}px",
-               "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history)}
+               "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history), **extra}
     write_report(run_dir / f"{prefix}report.html", f"graftnet run {run_dir.name}", summary, to_dict(cfg),
                  history, m, images, spec.classes,
-                 json.loads(env_path.read_text()) if env_path.is_file() else None)
+                 json.loads(env_path.read_text()) if env_path.is_file() else None, tables)
     log(f"test accuracy {m['accuracy']:.4f}; report: {run_dir / (prefix + 'report.html')}")
     return m
 
@@ -71,6 +97,24 @@ def image_logits(model, spec: ModelSpec, cfg: RunConfig, images: ImageSet, batch
                                          flip=flip, description=description).float())
               for flip in views]
     return sum(logits) / len(logits)
+
+
+def validation_logits(model, spec: ModelSpec, cfg: RunConfig,
+                      val: ImageSet) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two-class runs: the validation split's logits, from which finish_evaluation chooses the
+    decision threshold. The current model runs on the images (one pass over the validation split),
+    so the logits are right whatever training changed, the backbone included; None otherwise."""
+    if len(spec.classes) != 2 or not len(val):
+        return None
+    return image_logits(model, spec, cfg, val, cfg.train.eval_batch_size, "validation"), val.labels
+
+
+def run_threshold(run_dir: Path) -> float | None:
+    """The decision threshold a two-class run chose on its validation split, if it has one."""
+    try:
+        return json.loads((Path(run_dir) / "test_metrics.json").read_text())["binary"]["threshold"]["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256) -> dict:
@@ -92,14 +136,16 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         samples = source.splits.get("test") or source.splits["val"]
     else:
         samples = source.splits["all"]
-    images = load_images(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers)
+    images = load_images(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
+                         gray=cfg.data.grayscale)
     logits = image_logits(model, spec, cfg, images, batch_size, "evaluate")
     out = run_dir / "evaluations" / Path(data).stem
     out.mkdir(parents=True, exist_ok=True)
     for f in ("config.yaml", "environment.json"):
         if (run_dir / f).is_file():
             (out / f).write_bytes((run_dir / f).read_bytes())
-    return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None)
+    return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None,
+                             threshold=run_threshold(run_dir))
 
 
 def list_images(target: str | Path) -> list[Path]:
@@ -123,12 +169,15 @@ def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: i
     tensors = []
     for p in paths:
         try:
-            tensors.append(square_uint8(decode(p.read_bytes(), str(p)), spec.image_size))
+            tensors.append(square_uint8(decode(p.read_bytes(), str(p), cfg.data.grayscale), spec.image_size))
         except OSError as e:
             raise GraftError(f"{p}: cannot read ({e})") from None
     images = ImageSet(tensors, torch.zeros(len(tensors), dtype=torch.long), [str(p) for p in paths],
                       spec.classes)
     probs = image_logits(model, spec, cfg, images, batch_size, "predict").softmax(1)
+    # two-class runs also decide at the threshold they chose on their validation split
+    threshold = run_threshold(Path(run_dir)) if len(spec.classes) == 2 else None
+    pos = positive_index(spec.classes, cfg.eval.positive_class) if threshold is not None else 0
     results = []
     for path, p in zip(paths, probs):
         values, idx = p.topk(min(top, len(spec.classes)))
@@ -136,4 +185,7 @@ def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: i
                         "probability": round(values[0].item(), 6),
                         "top": [{"class": spec.classes[i], "probability": round(v.item(), 6)}
                                 for v, i in zip(values, idx)]})
+        if threshold is not None:
+            results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[
+                pos if p[pos].item() >= threshold else 1 - pos]}
     return results

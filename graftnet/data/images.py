@@ -56,7 +56,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes | np.ndarray, where: str) -> Image.Image:
+def grayscale(img: Image.Image) -> Image.Image:
+    """Luminance (ITU-R 601-2, PIL's "L") copied to three channels: backbones expect RGB input."""
+    return img.convert("L").convert("RGB")
+
+
+def decode(data: bytes | np.ndarray, where: str, gray: bool = False) -> Image.Image:
+    """An RGB image from file bytes or an array; `gray`: R = G = B = the luminance."""
+    img = _decode(data, where)
+    return grayscale(img) if gray else img
+
+
+def _decode(data: bytes | np.ndarray, where: str) -> Image.Image:
     if isinstance(data, np.ndarray):
         return Image.fromarray(data)
     if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -85,12 +96,12 @@ def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
 
 
 def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool = False,
-                workers: int = 2, progress=None) -> ImageSet:
+                workers: int = 2, progress=None, gray: bool = False) -> ImageSet:
     def one(item):
         key, _ = item
         where = source.describe(key)
         try:
-            return square_uint8(decode(source.read(key), where), size), None
+            return square_uint8(decode(source.read(key), where, gray), size), None
         except DataError as e:
             if not skip_bad:
                 raise

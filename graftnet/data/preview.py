@@ -27,7 +27,7 @@ def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0, augment: str 
     aug = make_augment(augment, seed)
     count = -(-n // 3) if aug else n
     pick = random.Random(seed).sample(train, min(count, len(train)))
-    images = load_images(source, pick, SIZE, cfg.data.skip_bad, cfg.data.workers)
+    images = load_images(source, pick, SIZE, cfg.data.skip_bad, cfg.data.workers, gray=cfg.data.grayscale)
     labels = [source.classes[i] for i in images.labels.tolist()]
     if aug is None:
         plot_samples(images.images, labels, out)

@@ -95,3 +95,23 @@ def plot_samples(images: list[torch.Tensor], titles: list[str], path: str | Path
         ax.set_title(_fit(titles[k]), fontsize=7, color=colors[k] if colors else "black")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_roc(fpr, tpr, auc: float | None, path: str | Path, points: dict | None = None,
+             val: tuple | None = None, positive: str = "positive") -> Path:
+    """ROC curve of a two-class run; `points` marks operating points {label: (fpr, tpr)}; `val`
+    (fpr, tpr) adds the validation split's curve, on which the threshold was chosen."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    if val is not None:
+        ax.plot(val[0], val[1], color="#999999", lw=1.2, label="validation")
+    label = "test" + (f" (AUC {auc:.3f})" if auc is not None else "")
+    ax.plot(fpr, tpr, lw=2, label=label)
+    for (name, (x, y)), marker in zip((points or {}).items(), "osD^v"):
+        ax.plot([x], [y], marker, ms=8, label=f"{name}: sens {y:.3f}, spec {1 - x:.3f}")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
+           ylabel=f"sensitivity (true positive rate, {positive})", title="ROC curve")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import TrainingDiverged
 from ..progress import bar, log
+from .balance import epoch_order
 from .features import autocast, device_of
 
 
@@ -115,10 +116,12 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
     return state
 
 
-def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None):
-    """Mini-batches of cached features, shuffled when a generator is given. x is N x D, or V x N x D
-    for V cached views of each image (e.g. original and flipped): each sample draws one view."""
-    order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
+def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None,
+                    sampler: str = "none"):
+    """Mini-batches of cached features, shuffled when a generator is given (class-balanced draws with
+    sampler="balanced"). x is N x D, or V x N x D for V cached views of each image (e.g. original
+    and flipped): each sample draws one view."""
+    order = epoch_order(y, generator, sampler) if generator is not None else torch.arange(len(y))
     views = None
     if x.dim() == 3:
         views = torch.randint(x.shape[0], (len(y),), generator=generator) if generator is not None \

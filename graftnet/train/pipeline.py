@@ -26,6 +26,8 @@ from ..heads import make_mlp
 from ..model import ModelSpec, build_model, save_model, trainable_state
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, read_history, write_environment, write_history
+from ..binary import positive_index
+from .balance import class_weights, epoch_order
 from .callbacks import EarlyStopping, LRSchedule
 from . import distributed
 from .distributed import Replicated, barrier, is_main, shard
@@ -51,13 +53,16 @@ def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
     total = sum(len(v) for v in splits.values())
     with bar(total, "decoding images") as advance:
         for name, samples in splits.items():
-            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance)
+            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance,
+                                     cfg.data.grayscale)
     if not len(sets["train"]):
         raise DataError(f"{source.location}: every training image was unreadable")
     missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
     if missing:
         raise DataError(f"{source.location}: no readable training images for class(es) "
                         f"{', '.join(source.classes[i] for i in missing)}")
+    if cfg.eval.positive_class is not None:  # a wrong name fails now, not after training
+        positive_index(source.classes, cfg.eval.positive_class)
     log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
         f"val {len(sets['val'])}  test {len(sets['test'])}")
     return source, sets
@@ -84,7 +89,8 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
     return {"timm": spec.timm_name, "weights": spec.weights_id, "size": spec.image_size,
             "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
             "pool": cfg.head.pool,
-            "precision": resolve_precision(cfg.backbone.precision, pick_device(cfg.train.device).type)}
+            "precision": resolve_precision(cfg.backbone.precision, pick_device(cfg.train.device).type),
+            **({"grayscale": True} if cfg.data.grayscale else {})}  # absent when off: old keys hold
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
@@ -162,7 +168,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         log(f"device: {device} ({torch.cuda.get_device_name(device)})")
     t, ft = cfg.train, cfg.finetune
     done = checkpoint_epoch(run_dir) if resume else 0
-    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing)
+    weight = class_weights(sets["train"].labels, len(spec.classes), t.class_weights)
+    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing,
+                      weight=weight.to(device) if weight is not None else None)
     state = State()
     logits = labels = None
     if done < t.epochs or not ft.epochs:  # stage 1: the head on the frozen backbone
@@ -188,8 +196,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     if not distributed.is_main():  # rank 0 writes the model and the report
         return run_dir
     save_model(model.cpu(), spec, run_dir)
-    from ..evaluation import finish_evaluation
-    finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"])
+    from ..evaluation import finish_evaluation, validation_logits
+    finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"],
+                      val=validation_logits(model, spec, cfg, sets["val"]))
     return run_dir
 
 
@@ -266,7 +275,8 @@ def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks
             train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
                                                            "train", flip=True)])
     val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-    fit(Replicated(model.mlp), lambda: shard(feature_batches(train_x, sets["train"].labels, t.batch_size, generator)),
+    fit(Replicated(model.mlp), lambda: shard(feature_batches(train_x, sets["train"].labels, t.batch_size,
+                                                             generator, t.sampler)),
         -(-len(sets["train"]) // t.batch_size),
         (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
         optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
@@ -306,7 +316,7 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
         module = torch.compile(module)
 
     def batches(images, shuffle, bs):
-        order = torch.randperm(len(images), generator=generator) if shuffle else range(len(images))
+        order = epoch_order(images.labels, generator, t.sampler) if shuffle else range(len(images))
         if shuffle and augment:
             augment.reseed(t.seed * 1000 + state.epoch)
         out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
