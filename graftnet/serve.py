@@ -14,9 +14,8 @@ oversized upload never sits in memory whole. Decoding runs in worker threads in 
 runs one request at a time under a lock with a fixed number of torch threads, which on a small CPU
 is as fast as running several at once and keeps memory flat.
 """
-from __future__ import annotations
 
-import io
+import io  # no `from __future__ import annotations`: FastAPI reads the route annotations
 import threading
 from pathlib import Path
 
