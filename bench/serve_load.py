@@ -8,7 +8,8 @@ body), with images taken from the run's own data (its test split). It checks tha
 a 200 with a class from the run's class list, and that the server's resident memory (VmRSS in
 /proc/PID/status) grew by at most --max-rss-growth-mb between the end of the first block of
 requests (a third of them, at most 1000) and the end of the last. Prints requests/s and latency
-percentiles and, last, one JSON line with everything; exit status 1 when a check fails.
+percentiles, the ratio against a baseline measured first in the same run (--baseline
+N in-process predictions: decode + model, one at a time, no HTTP) and, last, one JSON line with everything; exit status 1 when a check fails.
 The client runs on the same machine as the server: on a small CPU it takes part of the cores.
 """
 from __future__ import annotations
@@ -59,6 +60,21 @@ def sample_images(run: Path, n: int) -> list[tuple[str, bytes, str]]:
     return out
 
 
+def in_process_rate(run: Path, images, n: int, threads: int | None) -> float:
+    """Baseline: images/s of decode + model in this process, one at a time, no HTTP."""
+    from graftnet import serve
+    from graftnet.data.images import square_uint8
+    from graftnet.predictor import load_predictor
+    serve.set_threads(threads or serve.default_threads())  # as the server sets them
+    predictor = load_predictor(run)
+    call = lambda data: predictor([square_uint8(serve.open_image(data), predictor.image_size)])  # noqa: E731
+    call(images[0][1])
+    t0 = time.perf_counter()
+    for i in range(n):
+        call(images[i % len(images)][1])
+    return n / (time.perf_counter() - t0)
+
+
 def start_server(run: Path, port: int, threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "graftnet.cli", "serve", str(run), "--port", str(port)]
@@ -103,8 +119,10 @@ async def fire(url: str, images, n: int, concurrency: int, classes: set[str], on
     return latencies, errors
 
 
-def run(run_dir: Path, requests: int, concurrency: int, max_growth_mb: float, threads: int | None) -> dict:
+def run(run_dir: Path, requests: int, concurrency: int, max_growth_mb: float, threads: int | None,
+        baseline: int) -> dict:
     images = sample_images(run_dir, 64)
+    base_rate = in_process_rate(run_dir, images, baseline, threads) if baseline else None
     port = free_port()
     proc = start_server(run_dir, port, threads)
     try:
@@ -131,6 +149,8 @@ def run(run_dir: Path, requests: int, concurrency: int, max_growth_mb: float, th
             "first_errors": errors[:5], "wall_s": round(wall, 2), "requests_per_s": round(requests / wall, 1),
             "latency_ms": {"p50": round(q[49] * 1000, 1), "p90": round(q[89] * 1000, 1),
                            "p99": round(q[98] * 1000, 1), "max": round(max(latencies) * 1000, 1)},
+            "in_process_per_s": base_rate and round(base_rate, 1),
+            "server_vs_in_process": base_rate and round(requests / wall / base_rate, 2),
             "rss_mb": {k: round(v, 1) for k, v in rss.items()}, "rss_growth_mb": round(growth, 1),
             "rss_block": block, "max_rss_growth_mb": max_growth_mb,
             "ok": not errors and growth <= max_growth_mb,
@@ -145,11 +165,14 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-rss-growth-mb", type=float, default=32.0)
     p.add_argument("--threads", type=int, help="the server's torch threads (default: its own choice)")
+    p.add_argument("--baseline", type=int, default=200,
+                   help="first time N in-process predictions (decode + model, no HTTP); 0: skip")
     args = p.parse_args()
-    r = run(args.run, args.requests, args.concurrency, args.max_rss_growth_mb, args.threads)
+    r = run(args.run, args.requests, args.concurrency, args.max_rss_growth_mb, args.threads, args.baseline)
     lat = r["latency_ms"]
     print(f"{r['requests']} requests, concurrency {r['concurrency']}: {r['requests_per_s']} req/s, "
           f"latency p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms; "
+          f"(in-process baseline {r['in_process_per_s']} img/s, ratio {r['server_vs_in_process']}); "
           f"errors {r['errors']}; server RSS {r['rss_mb']} MB (growth after the first {r['rss_block']} "
           f"requests: {r['rss_growth_mb']} MB, bound {r['max_rss_growth_mb']} MB)", file=sys.stderr)
     for e in r["first_errors"]:

@@ -211,7 +211,7 @@ def _print_table(members, weights, accs, ensemble_acc) -> None:
     for col in ("member", "backbone", "input", "weight", "test accuracy"):
         table.add_column(col, justify="right" if col in ("weight", "test accuracy") else "left")
     for m, w, a in zip(members, weights, accs):
-        table.add_row(str(m.run_dir), m.spec.backbone, f"{m.image_size}px", f"{float(w):.3f}", f"{a:.4f}")
+        table.add_row(Path(m.run_dir).name, m.spec.backbone, f"{m.image_size}px", f"{float(w):.3f}", f"{a:.4f}")
     table.add_row("[bold]ensemble[/]", "", "", "1.000", f"[bold]{ensemble_acc:.4f}[/]")
     console.print(table)
 
