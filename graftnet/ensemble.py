@@ -43,9 +43,6 @@ def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.T
 
 def fit_weights(member_logits: list[torch.Tensor], labels: torch.Tensor, steps: int = 100) -> torch.Tensor:
     """Simplex weights minimising the mixture's validation NLL (w = softmax(a), L-BFGS from equal)."""
-    if not len(labels):
-        raise DataError("--weighted needs a validation split, and this data's is empty "
-                        "(set data.val_fraction above 0 in the members' config)")
     logp = torch.stack([l.float().log_softmax(1) for l in member_logits]).detach()
     picked = logp[:, torch.arange(len(labels)), labels]          # members x images
     a = torch.zeros(len(member_logits), requires_grad=True)
@@ -177,13 +174,16 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
     splits = config_splits(source, cfg.data)
     size = max(m.image_size for m in members)
     load = lambda s: load_images(source, splits[s], size, cfg.data.skip_bad, cfg.data.workers)  # noqa: E731
-    test = load("test")
-    test_logits = [m.logits(test, batch_size, "test") for m in members]
-    if weighted:
+    if weighted:  # validation first: an empty split stops here, before the long test pass
+        if not splits["val"]:
+            raise DataError(f"{cfg.data.path}: --weighted needs a validation split, and this one is "
+                            "empty (data.val_fraction is 0 in the first member's config)")
         val = load("val")
         weights = fit_weights([m.logits(val, batch_size, "val") for m in members], val.labels)
     else:
         weights = torch.full((len(members),), 1 / len(members))
+    test = load("test")
+    test_logits = [m.logits(test, batch_size, "test") for m in members]
     ensemble = EnsemblePredictor(members, weights, None, cfg)
     logits = combine(test_logits, weights)
     accuracy = lambda l: (l.argmax(1) == test.labels).sum().item() / max(1, len(test))  # noqa: E731
