@@ -30,7 +30,7 @@ TRAIN_FLAGS = {
 
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve"]
 EXTRA_COMMANDS: dict = {}
 
 

@@ -13,12 +13,12 @@ from .errors import DataError, GraftError
 from .io import atomic_write_json
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
-from .model import ModelSpec, load_model
+from .model import ModelSpec
+from .predictor import RunPredictor, load_predictor
 from .progress import console, log
 from .report.html import write_report
 from .report.plots import plot_confusion, plot_curves, plot_roc, plot_samples
 from .run import read_history
-from .train.features import compute_features
 
 
 def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: list[dict],
@@ -87,18 +87,6 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     return m
 
 
-@torch.no_grad()
-def image_logits(model, spec: ModelSpec, cfg: RunConfig, images: ImageSet, batch_size: int,
-                 description: str) -> torch.Tensor:
-    """Logits the way the run was evaluated: the image, and its mirror averaged in with flip_views."""
-    views = [False, True] if cfg.train.flip_views else [False]
-    logits = [model.mlp(compute_features(model, images, spec.image_size, spec.mean, spec.std,
-                                         batch_size, cfg.backbone.precision, cfg.backbone.channels_last,
-                                         flip=flip, description=description).float())
-              for flip in views]
-    return sum(logits) / len(logits)
-
-
 def validation_logits(model, spec: ModelSpec, cfg: RunConfig,
                       val: ImageSet) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Two-class runs: the validation split's logits, from which finish_evaluation chooses the
@@ -106,7 +94,8 @@ def validation_logits(model, spec: ModelSpec, cfg: RunConfig,
     so the logits are right whatever training changed, the backbone included; None otherwise."""
     if len(spec.classes) != 2 or not len(val):
         return None
-    return image_logits(model, spec, cfg, val, cfg.train.eval_batch_size, "validation"), val.labels
+    predictor = RunPredictor(Path(cfg.name or "run"), model, spec, cfg)
+    return predictor.logits(val, cfg.train.eval_batch_size, "validation"), val.labels
 
 
 def run_threshold(run_dir: Path) -> float | None:
@@ -118,10 +107,11 @@ def run_threshold(run_dir: Path) -> float | None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256) -> dict:
-    """Evaluate a finished run on a data set's test split (or on all of it if it has no split)."""
+    """Evaluate a finished run or ensemble on a data set's test split (or on all of it if it has no
+    split)."""
     run_dir = Path(run_dir)
-    model, spec = load_model(run_dir)
-    cfg = resolve(run_dir / "config.yaml")
+    predictor = load_predictor(run_dir)
+    spec, cfg = predictor.spec, resolve(run_dir / "config.yaml")
     data = data or cfg.data.path
     source = open_source(data, cfg.cache_dir)
     if source.classes != spec.classes:
@@ -136,9 +126,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         samples = source.splits.get("test") or source.splits["val"]
     else:
         samples = source.splits["all"]
-    images = load_images(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
+    images = load_images(source, samples, predictor.image_size, cfg.data.skip_bad, cfg.data.workers,
                          gray=cfg.data.grayscale)
-    logits = image_logits(model, spec, cfg, images, batch_size, "evaluate")
+    logits = predictor.logits(images, batch_size, "evaluate")
     out = run_dir / "evaluations" / Path(data).stem
     out.mkdir(parents=True, exist_ok=True)
     for f in ("config.yaml", "environment.json"):
@@ -161,31 +151,34 @@ def list_images(target: str | Path) -> list[Path]:
     raise DataError(f"{path}: no such file or folder")
 
 
-@torch.no_grad()
 def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64) -> list[dict]:
-    model, spec = load_model(run_dir)
-    cfg = resolve(Path(run_dir) / "config.yaml")
+    predictor = load_predictor(run_dir)
+    spec, cfg = predictor.spec, resolve(Path(run_dir) / "config.yaml")
     paths = list_images(target)
     tensors = []
     for p in paths:
         try:
-            tensors.append(square_uint8(decode(p.read_bytes(), str(p), cfg.data.grayscale), spec.image_size))
+            tensors.append(square_uint8(decode(p.read_bytes(), str(p), cfg.data.grayscale),
+                                        predictor.image_size))
         except OSError as e:
             raise GraftError(f"{p}: cannot read ({e})") from None
     images = ImageSet(tensors, torch.zeros(len(tensors), dtype=torch.long), [str(p) for p in paths],
                       spec.classes)
-    probs = image_logits(model, spec, cfg, images, batch_size, "predict").softmax(1)
+    probs = predictor.logits(images, batch_size, "predict").softmax(1)
     # two-class runs also decide at the threshold they chose on their validation split
     threshold = run_threshold(Path(run_dir)) if len(spec.classes) == 2 else None
     pos = positive_index(spec.classes, cfg.eval.positive_class) if threshold is not None else 0
     results = []
     for path, p in zip(paths, probs):
-        values, idx = p.topk(min(top, len(spec.classes)))
-        results.append({"file": str(path), "class": spec.classes[idx[0]],
-                        "probability": round(values[0].item(), 6),
-                        "top": [{"class": spec.classes[i], "probability": round(v.item(), 6)}
-                                for v, i in zip(values, idx)]})
+        results.append({"file": str(path), **top_classes(p, spec.classes, top)})
         if threshold is not None:
             results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[
                 pos if p[pos].item() >= threshold else 1 - pos]}
     return results
+
+
+def top_classes(probs: torch.Tensor, classes: list[str], top: int = 3) -> dict:
+    """{class, probability, top: [{class, probability}, ...]} for one image's probabilities."""
+    values, idx = probs.topk(min(top, len(classes)))
+    return {"class": classes[idx[0]], "probability": round(values[0].item(), 6),
+            "top": [{"class": classes[i], "probability": round(v.item(), 6)} for v, i in zip(values, idx)]}

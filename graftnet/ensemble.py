@@ -1,0 +1,230 @@
+"""Ensembles of finished runs: average the members' class probabilities, optionally weighted.
+
+    graft ensemble runs/a runs/b runs/c --data DATA [--weighted] [--out runs] [--name ens]
+
+Each member preprocesses the raw images itself (own backbone, input size, mean and std), so members
+may differ in all of these; they must share the class list. The ensemble's logits are the log of the
+averaged probabilities, so softmax gives the average back and argmax is the ensemble's vote.
+
+Weights (--weighted) minimise the ensemble's negative log-likelihood on the validation split, over
+the probability simplex (w = softmax(a), fitted with L-BFGS). The mixture's NLL is convex in w, so
+this finds the best weights without a grid, and it needs only M - 1 free numbers: little room to
+overfit a validation split of a few hundred images. Without --weighted the weights are equal.
+
+The ensemble is saved as a run folder: ensemble.json (members, weights, their accuracies),
+config.yaml (the data section defines the splits; the rest is the first member's), test metrics
+and report.html, which `graft evaluate`, `graft predict` and `graft serve` accept like any run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, resolve, save_yaml
+from .data.images import ImageSet, config_splits, load_images
+from .data.sources import open_source
+from .errors import DataError, GraftError
+from .io import atomic_write_json
+from .model import ModelSpec
+from .progress import console, log
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """log(sum_i w_i softmax(logits_i)), computed in log space (no underflow for confident members)."""
+    logp = torch.stack([l.float().log_softmax(1) for l in member_logits])
+    return torch.logsumexp(logp + weights.float().log().view(-1, 1, 1), 0)
+
+
+def fit_weights(member_logits: list[torch.Tensor], labels: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """Simplex weights minimising the mixture's validation NLL (w = softmax(a), L-BFGS from equal)."""
+    logp = torch.stack([l.float().log_softmax(1) for l in member_logits]).detach()
+    picked = logp[:, torch.arange(len(labels)), labels]          # members x images
+    a = torch.zeros(len(member_logits), requires_grad=True)
+    opt = torch.optim.LBFGS([a], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -torch.logsumexp(picked + a.log_softmax(0).view(-1, 1), 0).mean()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return a.detach().softmax(0)
+
+
+class EnsemblePredictor:
+    """Members (RunPredictors, or ensembles) with weights; scores raw images like a RunPredictor."""
+
+    def __init__(self, members: list, weights: torch.Tensor, run_dir: Path | None = None,
+                 cfg: RunConfig | None = None):
+        check_classes(members)
+        if len(weights) != len(members) or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+            raise GraftError(f"ensemble weights {weights.tolist()}: need one non-negative weight per "
+                             "member, summing to 1")
+        self.members, self.weights, self.run_dir = members, weights.float(), run_dir
+        self.cfg = cfg or members[0].cfg
+        m0 = members[0].spec
+        self.spec = ModelSpec(  # what the report and /info show; no model.json is written for it
+            backbone="ensemble of " + " + ".join(f"{m.spec.backbone}@{m.image_size}" for m in members),
+            timm_name="ensemble", weights_id="", classes=list(m0.classes), image_size=self.image_size,
+            mean=m0.mean, std=m0.std, features="ensemble", multi_taps=0, feature_dim=len(members))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.spec.classes
+
+    @property
+    def image_size(self) -> int:
+        return max(m.image_size for m in self.members)  # each member shrinks to its own size
+
+    def info(self) -> dict:
+        return {"kind": "ensemble", "run": str(self.run_dir), "backbone": self.spec.backbone,
+                "image_size": self.image_size, "classes": self.classes,
+                "members": [{**m.info(), "weight": round(float(w), 6)}
+                            for m, w in zip(self.members, self.weights)]}
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return combine([m(images) for m in self.members], self.weights)
+
+    def logits(self, images: ImageSet, batch_size: int = 128, description: str = "predict") -> torch.Tensor:
+        return combine([m.logits(images, batch_size, description) for m in self.members], self.weights)
+
+
+def check_classes(members: list) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.classes != first.classes:
+            raise GraftError(f"{m.run_dir}: its classes {m.classes} differ from {first.run_dir}'s "
+                             f"{first.classes}; ensemble members must share one class list, in order")
+
+
+def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
+    from .predictor import load_predictor
+    run_dir = Path(run_dir)
+    try:
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        paths = [_member_path(run_dir, m) for m in spec["members"]]
+        weights = torch.tensor([float(m["weight"]) for m in spec["members"]])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise GraftError(f"{run_dir / ENSEMBLE_FILE}: not a valid ensemble file ({e})") from None
+    return EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
+                             resolve(run_dir / "config.yaml"))
+
+
+def _member_path(run_dir: Path, member: dict) -> Path:
+    """Relative to the ensemble folder (survives moving runs/ as a whole), else the absolute path."""
+    for p in (run_dir / member["path"], Path(member["absolute"])):
+        if p.is_dir():
+            return p
+    raise GraftError(f"{run_dir / ENSEMBLE_FILE}: member run {member['path']} not found "
+                     f"(nor {member['absolute']})")
+
+
+def ensemble_logits(ensemble: str | Path | list[str | Path], images: ImageSet,
+                    batch_size: int = 128) -> torch.Tensor:
+    """The ensemble's logits (log of the weighted average of the members' probabilities) for an
+    ImageSet: an ensemble folder, or a list of run folders averaged with equal weights. The
+    ImageSet's images should be kept at least at the largest member's input size."""
+    from .predictor import RunPredictor, load_predictor
+    if isinstance(ensemble, (list, tuple)):
+        members = [load_predictor(p) for p in ensemble]
+        predictor = EnsemblePredictor(members, torch.full((len(members),), 1 / len(members)))
+    else:
+        predictor = load_predictor(ensemble)
+        if isinstance(predictor, RunPredictor):
+            raise GraftError(f"{ensemble}: a single run, not an ensemble folder ({ENSEMBLE_FILE} missing)")
+    return predictor.logits(images, batch_size, "ensemble")
+
+
+def _check_data_configs(members: list) -> None:
+    """Members split the data differently: one member's training images may be another's test."""
+    keys = ("val_fraction", "test_fraction", "split_seed", "max_per_class")
+    first = {k: getattr(members[0].cfg.data, k) for k in keys}
+    for m in members[1:]:
+        other = {k: getattr(m.cfg.data, k) for k in keys}
+        if other != first:
+            log(f"[yellow]warning: {m.run_dir} split its data with {other}, {members[0].run_dir} with "
+                f"{first}; the ensemble uses the latter, so test or validation images of one may have "
+                "trained another[/]")
+
+
+def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bool = False,
+                   out: str | Path = "runs", name: str | None = None, batch_size: int = 128) -> Path:
+    """Score every member on the data's validation and test splits, weight, report, save a run folder."""
+    from .evaluation import finish_evaluation
+    from .predictor import load_predictor
+    from .run import new_run_dir, write_environment
+    if len(runs) < 2:
+        raise GraftError("an ensemble needs at least two runs")
+    members = [load_predictor(r) for r in runs]
+    check_classes(members)
+    _check_data_configs(members)
+    cfg = copy.deepcopy(members[0].cfg)
+    cfg.data.path = str(data or cfg.data.path)
+    source = open_source(cfg.data.path, cfg.cache_dir)
+    if source.classes != members[0].classes:
+        raise DataError(f"{cfg.data.path}: classes {source.classes} differ from the members' "
+                        f"{members[0].classes}")
+    splits = config_splits(source, cfg.data)
+    size = max(m.image_size for m in members)
+    load = lambda s: load_images(source, splits[s], size, cfg.data.skip_bad, cfg.data.workers)  # noqa: E731
+    if weighted:  # validation first: an empty split stops here, before the long test pass
+        if not splits["val"]:
+            raise DataError(f"{cfg.data.path}: --weighted needs a validation split, and this one is "
+                            "empty (data.val_fraction is 0 in the first member's config)")
+        val = load("val")
+        weights = fit_weights([m.logits(val, batch_size, "val") for m in members], val.labels)
+    else:
+        weights = torch.full((len(members),), 1 / len(members))
+    test = load("test")
+    test_logits = [m.logits(test, batch_size, "test") for m in members]
+    ensemble = EnsemblePredictor(members, weights, None, cfg)
+    logits = combine(test_logits, weights)
+    accuracy = lambda l: (l.argmax(1) == test.labels).sum().item() / max(1, len(test))  # noqa: E731
+    accs = [accuracy(l) for l in test_logits]
+    _print_table(members, weights, accs, accuracy(logits))
+
+    run_dir = new_run_dir(str(out), name, "ensemble")
+    ensemble.run_dir = run_dir
+    save_yaml(cfg, run_dir / "config.yaml")
+    write_environment(run_dir, cfg.train.seed)
+    atomic_write_json(run_dir / ENSEMBLE_FILE, {
+        "method": "weights minimise validation NLL" if weighted else "equal weights",
+        "data": cfg.data.path, "classes": ensemble.classes,
+        "members": [{"path": os.path.relpath(Path(m.run_dir).resolve(), run_dir.resolve()),
+                     "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
+                     "backbone": m.spec.backbone, "image_size": m.image_size, "test_accuracy": a}
+                    for m, w, a in zip(members, weights, accs)]})
+    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None)
+    return run_dir
+
+
+def _print_table(members, weights, accs, ensemble_acc) -> None:
+    from rich.table import Table
+    table = Table(title="ensemble: test accuracy")
+    for col in ("member", "backbone", "input", "weight", "test accuracy"):
+        table.add_column(col, justify="right" if col in ("weight", "test accuracy") else "left")
+    for m, w, a in zip(members, weights, accs):
+        table.add_row(Path(m.run_dir).name, m.spec.backbone, f"{m.image_size}px", f"{float(w):.3f}", f"{a:.4f}")
+    table.add_row("[bold]ensemble[/]", "", "", "1.000", f"[bold]{ensemble_acc:.4f}[/]")
+    console.print(table)
+
+
+def add_commands(sub) -> dict:
+    p = sub.add_parser("ensemble", help="average finished runs' probabilities; save as a run folder")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--data", help="data to weight and test on (default: the first member's)")
+    p.add_argument("--weighted", action="store_true",
+                   help="fit weights minimising validation NLL (default: equal weights)")
+    p.add_argument("--out", default="runs", help="parent folder of the ensemble's run folder")
+    p.add_argument("--name", help="run folder name (default ensemble-<time>)")
+
+    def cmd_ensemble(args) -> None:
+        print(build_ensemble(args.runs, args.data, args.weighted, args.out, args.name))
+    return {"ensemble": cmd_ensemble}

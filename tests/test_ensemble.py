@@ -1,0 +1,117 @@
+"""Ensembles: weights, the averaged-probability vote checked by hand, the saved ensemble as a run
+for evaluate / predict, and a clear error for members with different classes."""
+import json
+
+import pytest
+import torch
+
+from graftnet import config
+from graftnet.cli import main
+from graftnet.data.images import config_splits, load_images
+from graftnet.data.sources import open_source
+from graftnet.ensemble import build_ensemble, combine, ensemble_logits, fit_weights
+from graftnet.errors import GraftError
+from graftnet.evaluation import evaluate_run, predict
+from graftnet.predictor import load_predictor
+from graftnet.train.pipeline import train
+
+from .conftest import make_folder, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two tiny runs on one folder that differ in input size, seed and head."""
+    tmp = tmp_path_factory.mktemp("ens")
+    data = make_folder(tmp / "data", n=20)
+    a = train(config.resolve(None, tiny_overrides(data, tmp, name="a")))
+    b = train(config.resolve(None, tiny_overrides(data, tmp, name="b", **{
+        "backbone.image_size": 48, "train.seed": 1, "head.hidden": [16], "train.epochs": 2})))
+    return tmp, data, a, b
+
+
+def test_fit_weights_prefers_the_better_member():
+    labels = torch.arange(4).repeat(25)
+    good = torch.nn.functional.one_hot(labels, 4).float() * 4       # right, confident
+    noise = torch.randn(100, 4, generator=torch.Generator().manual_seed(0)) * 3
+    w = fit_weights([noise, good], labels)
+    assert w.sum().item() == pytest.approx(1, abs=1e-5) and (w >= 0).all()
+    assert w[1] > 0.8
+    nll = lambda w: -combine([noise, good], w)[torch.arange(100), labels].mean()  # noqa: E731
+    assert nll(w) < nll(torch.tensor([0.5, 0.5]))
+
+
+def test_ensemble_accuracy_matches_hand_computation(members, capsys):
+    tmp, data, a, b = members
+    ens = build_ensemble([a, b], str(data), out=tmp / "runs", name="ens")
+    spec = json.loads((ens / "ensemble.json").read_text())
+    weights = [m["weight"] for m in spec["members"]]
+    assert weights == pytest.approx([0.5, 0.5]) and sum(weights) == pytest.approx(1)
+    assert [m["image_size"] for m in spec["members"]] == [32, 48]
+    # by hand: each member's probabilities on the test split, averaged, argmax against the labels
+    cfg = config.resolve(a / "config.yaml")
+    source = open_source(str(data))
+    test = load_images(source, config_splits(source, cfg.data)["test"], 48)
+    probs = [load_predictor(r).logits(test).softmax(1) for r in (a, b)]
+    expected = ((probs[0] + probs[1]) / 2).argmax(1).eq(test.labels).sum().item() / len(test)
+    metrics = json.loads((ens / "test_metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert metrics["n"] == len(test)
+    # members score here as they did at the end of their own training (images are 24 px: no resize)
+    for m, run in zip(spec["members"], (a, b)):
+        own = json.loads((run / "test_metrics.json").read_text())["accuracy"]
+        assert m["test_accuracy"] == pytest.approx(own, abs=1e-9)
+    assert (ens / "report.html").is_file() and (ens / "config.yaml").is_file()
+    assert "ensemble: test accuracy" in capsys.readouterr().err
+    # the function a distillation teacher uses gives the same log of averaged probabilities
+    logits = ensemble_logits(ens, test)
+    assert torch.allclose(logits.exp(), (probs[0] + probs[1]) / 2, atol=1e-5)
+    assert torch.allclose(ensemble_logits([a, b], test), logits, atol=1e-6)
+
+
+def test_saved_ensemble_works_with_evaluate_and_predict(members, capsys):
+    tmp, data, a, b = members
+    ens = build_ensemble([a, b], str(data), weighted=True, out=tmp / "runs", name="weighted")
+    weights = [m["weight"] for m in json.loads((ens / "ensemble.json").read_text())["members"]]
+    assert sum(weights) == pytest.approx(1, abs=1e-5) and min(weights) >= 0
+    saved = json.loads((ens / "test_metrics.json").read_text())["accuracy"]
+    assert evaluate_run(ens)["accuracy"] == pytest.approx(saved, abs=1e-9)
+    assert (ens / "evaluations" / "data" / "report.html").is_file()
+
+    image = data / "dog" / "003.png"
+    [result] = predict(ens, image, top=3)
+    pa, pb = (predict(r, image, top=3)[0] for r in (a, b))
+    by_hand = {c: 0.0 for c in ("cat", "dog", "fox")}
+    for w, r in zip(weights, (pa, pb)):
+        for t in r["top"]:
+            by_hand[t["class"]] += w * t["probability"]
+    assert result["class"] == max(by_hand, key=by_hand.get)
+    assert result["probability"] == pytest.approx(max(by_hand.values()), abs=1e-4)
+    assert sum(t["probability"] for t in result["top"]) == pytest.approx(1, abs=1e-4)
+
+    # through the CLI: ensemble, then predict on the saved ensemble
+    assert main(["ensemble", str(a), str(b), "--data", str(data), "--out", str(tmp / "runs"),
+                 "--name", "cli"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(tmp / "runs" / "cli")
+    assert main(["predict", out, str(image), "--json"]) == 0
+    [cli] = json.loads(capsys.readouterr().out)
+    equal = {c: 0.0 for c in by_hand}
+    for r in (pa, pb):
+        for t in r["top"]:
+            equal[t["class"]] += t["probability"] / 2
+    assert cli["class"] == max(equal, key=equal.get)
+    assert cli["probability"] == pytest.approx(max(equal.values()), abs=1e-4)
+
+
+def test_members_with_other_classes_are_refused(members, tmp_path, capsys):
+    tmp, data, a, _ = members
+    other_data = make_folder(tmp_path / "other", classes=("cat", "dog", "owl"), n=8)
+    other = train(config.resolve(None, tiny_overrides(other_data, tmp_path, name="other",
+                                                      **{"train.epochs": 1})))
+    with pytest.raises(GraftError, match="share one class list"):
+        build_ensemble([a, other], str(data), out=tmp_path / "runs")
+    assert main(["ensemble", str(a), str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "owl" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing saved for a refused ensemble
+    with pytest.raises(GraftError, match="at least two"):
+        build_ensemble([a], str(data))
