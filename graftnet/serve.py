@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data.images import square_uint8, to_rgb
+from .data.images import grayscale, square_uint8, to_rgb
 from .errors import GraftError
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -36,8 +36,9 @@ class UploadError(Exception):
         self.status, self.message = status, message
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode uploaded bytes to RGB, or raise UploadError saying what is wrong with them."""
+def open_image(data: bytes, gray: bool = False) -> Image.Image:
+    """Decode uploaded bytes to RGB (luminance in all three channels for `gray` runs, as they were
+    trained), or raise UploadError saying what is wrong with them."""
     if not data:
         raise UploadError(400, "empty upload: no image bytes received")
     try:
@@ -49,7 +50,7 @@ def open_image(data: bytes) -> Image.Image:
         raise UploadError(413, f"image is {w}x{h} pixels; at most {MAX_PIXELS:,} pixels are accepted")
     try:
         img.load()
-        return to_rgb(img)
+        return grayscale(img) if gray else to_rgb(img)
     except Exception as e:  # truncated or corrupt data after a valid header
         raise UploadError(400, f"corrupt or truncated {img.format} image ({type(e).__name__}: {e})") from None
 
@@ -112,7 +113,7 @@ def create_app(run_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, predicto
     lock = threading.Lock()
 
     def classify(data: bytes, top: int) -> dict:
-        x = square_uint8(open_image(data), predictor.image_size)  # decoding runs outside the lock
+        x = square_uint8(open_image(data, predictor.cfg.data.grayscale), predictor.image_size)  # decoding runs outside the lock
         with lock, torch.inference_mode():
             probs = predictor([x]).softmax(1)[0]
         return top_classes(probs, predictor.classes, top)

@@ -95,17 +95,17 @@ def test_grayscale_gives_equal_channels_in_training_and_predict(tmp_path):
     run = train(cfg)
     assert config.resolve(run / "config.yaml").data.grayscale
     seen = []
-    import graftnet.evaluation as ev
-    original = ev.image_logits
+    from graftnet.predictor import RunPredictor
+    original = RunPredictor.logits
 
-    def spy(model, spec, cfg, images, *args):
+    def spy(self, images, *args, **kwargs):
         seen.extend(images.images)
-        return original(model, spec, cfg, images, *args)
-    ev.image_logits = spy
+        return original(self, images, *args, **kwargs)
+    RunPredictor.logits = spy
     try:
         results = predict(run, img)
     finally:
-        ev.image_logits = original
+        RunPredictor.logits = original
     assert len(results) == 1 and seen and all(torch.equal(x[0], x[2]) for x in seen)
     assert "at_threshold" in results[0]  # a two-class run decides at its validation threshold too
 
