@@ -8,7 +8,8 @@ import torch
 
 from .config import RunConfig, resolve, to_dict
 from .data.images import ImageSet, config_splits, decode, load_images, square_uint8
-from .data.sources import IMAGE_EXTENSIONS, open_source
+from .data.pixels import list_images
+from .data.sources import open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
 from .metrics import classification_metrics, confusion_table, metrics_table
@@ -100,19 +101,6 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         if (run_dir / f).is_file():
             (out / f).write_bytes((run_dir / f).read_bytes())
     return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None)
-
-
-def list_images(target: str | Path) -> list[Path]:
-    path = Path(target)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
-        if not found:
-            raise DataError(f"{path}: no image files found")
-        return found
-    raise DataError(f"{path}: no such file or folder")
 
 
 @torch.no_grad()
