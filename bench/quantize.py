@@ -25,8 +25,13 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import config  # noqa: E402
 from graftnet.export.exporter import export_run  # noqa: E402
-from graftnet.export.quantize import quantize_run  # noqa: E402
-from graftnet.export.runtime import evaluate_onnx, measure_latency  # noqa: E402
+from graftnet.export.quantize import calibration_images, quantize_onnx, quantize_run  # noqa: E402
+from graftnet.export.runtime import evaluate_onnx, measure_latency, read_preprocess, to_input  # noqa: E402
+from graftnet.model import load_model  # noqa: E402
+
+# --explore: the alternatives to the default (u8s8, 7-bit weights), to show why it is the default
+VARIANTS = {"int8 static, 8-bit weights (u8s8)": dict(reduce_range=False),
+            "int8 static, u8u8": dict(reduce_range=False, weight_type="uint8")}
 from graftnet.train.pipeline import load_data, train  # noqa: E402
 
 
@@ -40,6 +45,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--explore", action="store_true", help="also time u8s8 8-bit and u8u8 variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = ap.parse_args()
     run = Path(args.run) if args.run else train(config.resolve(None, {
@@ -57,6 +63,13 @@ def main() -> None:
         quantized[method] = {**quantize_run(run, method, args.calibration, out),
                              "seconds": time.perf_counter() - t0}
         models[f"int8 {method}"] = out
+    if args.explore:
+        _, spec = load_model(run)
+        calib = to_input([im.numpy() for im in calibration_images(cfg, spec, args.calibration).images],
+                         read_preprocess(models["fp32"]))
+        for i, (name, kw) in enumerate(VARIANTS.items()):
+            models[name] = quantize_onnx(models["fp32"], run / "export" / f"variant{i}.onnx", "static",
+                                         calib, **kw)
     _, sets = load_data(cfg)
     rows = {name: {"accuracy": evaluate_onnx(path, sets["test"])["accuracy"],
                    "size_mb": path.stat().st_size / 1e6} for name, path in models.items()}

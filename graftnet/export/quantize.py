@@ -1,16 +1,22 @@
 """Post-training int8 quantization of an exported model with ONNX Runtime's tools.
 
-static (default): weights and activations in int8, the whole model (backbone + head). Activation
+static (default): weights and activations in int8 through the backbone (its first convolution and
+the head stay fp32, see below). Activation
 ranges come from calibration: a few hundred of the run's own training images, preprocessed exactly
 as at inference, pass through the fp32 model. QDQ format, per-channel weights.
 
-Choices for THIS kind of CPU (AVX2 + FMA, no VNNI), measured with bench/quantize.py:
-- u8s8 (uint8 activations, int8 weights) is ORT's fast path on x86 (MLAS's AVX2 kernel multiplies
-  u8 x s8 with vpmaddubsw); u8u8 takes a slower widening kernel.
-- vpmaddubsw sums pairs of u8 x s8 products into int16 and can saturate without VNNI; 7-bit weights
-  (reduce_range=True) rule that out at no speed cost, so they are the default.
-- QDQ over QOperator: ORT fuses QDQ pairs into the same QLinearConv kernels, and a QDQ graph is still
-  a standard ONNX graph that other runtimes (TensorRT, OpenVINO) read.
+Choices for THIS kind of CPU (AVX2 + FMA, no VNNI), measured with `bench/quantize.py --explore`
+on EfficientNet-Lite0 at 128 px (BENCHMARKS.md, section 4; fp32: 73.9% test accuracy):
+- u8s8 (uint8 activations, int8 weights) is ORT's fast x86 path (MLAS multiplies u8 x s8 with
+  vpmaddubsw): 1.8x fp32's speed at batch 64. u8u8 kept accuracy (74.7%) but ran 4x SLOWER than
+  fp32: MLAS has no fast u8u8 kernel for it on AVX2.
+- Without VNNI, vpmaddubsw adds pairs of u8 x s8 products into int16 and saturates: u8s8 with full
+  8-bit weights lost 7 points (66.9%). 7-bit weights (reduce_range=True) avoid the overflow at the
+  same speed (72.6%).
+- The first convolution and the head stay fp32 (fp32_ends): they are a small part of the work,
+  and keeping them recovers about half of the remaining loss.
+- QDQ rather than QOperator: about the same speed in a trial (ORT fuses QDQ pairs into QLinearConv), and a QDQ
+  graph stays a standard ONNX graph that other runtimes (TensorRT, OpenVINO) read.
 
 dynamic: int8 weights of the linear layers only (the head), activations quantized on the fly; the
 backbone stays fp32. No calibration, and little speed-up: the head is a small part of the work.
@@ -85,9 +91,10 @@ def _gemm_to_matmul(model) -> None:
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, method: str = "static",
                   calibration: np.ndarray | None = None, batch_size: int = 32,
                   reduce_range: bool = True, quant_format: str = "qdq",
-                  weight_type: str = "int8") -> Path:
+                  weight_type: str = "int8", fp32_ends: bool = True) -> Path:
     """Write an int8 copy of an fp32 ONNX model. static needs `calibration`: a normalised float32
-    NCHW array (preprocessed training images)."""
+    NCHW array (preprocessed training images). fp32_ends keeps the first convolution (3 input
+    channels: little work, and every later layer inherits its error) and the head's Gemms in fp32."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -104,9 +111,13 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, method: str = "st
             if calibration is None or not len(calibration):
                 raise GraftError("static quantization needs calibration images")
             name = session(prepared).get_inputs()[0].name
+            nodes = onnx.load(str(prepared)).graph.node
+            convs = [n.name for n in nodes if n.op_type == "Conv"]
+            exclude = (convs[:1] + [n.name for n in nodes if n.op_type == "Gemm"]) if fp32_ends else []
             batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
             atomic_write(out_path, lambda t: quantize_static(
                 str(prepared), t, _reader(batches, name), per_channel=True, reduce_range=reduce_range,
+                nodes_to_exclude=exclude,
                 quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
