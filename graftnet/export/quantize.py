@@ -8,7 +8,7 @@ as at inference, pass through the fp32 model. QDQ format, per-channel weights.
 Choices for THIS kind of CPU (AVX2 + FMA, no VNNI), measured with `bench/quantize.py --explore`
 on EfficientNet-Lite0 at 128 px (BENCHMARKS.md, section 4; fp32: 73.9% test accuracy):
 - u8s8 (uint8 activations, int8 weights) is ORT's fast x86 path (MLAS multiplies u8 x s8 with
-  vpmaddubsw): 1.8x fp32's speed at batch 64. u8u8 kept accuracy (74.7%) but ran 4x SLOWER than
+  vpmaddubsw): 1.8x fp32's speed at batch 64. u8u8 kept accuracy (74.7%) but ran 4-5.5x SLOWER than
   fp32: MLAS has no fast u8u8 kernel for it on AVX2.
 - Without VNNI, vpmaddubsw adds pairs of u8 x s8 products into int16 and saturates: u8s8 with full
   8-bit weights lost 7 points (66.9%). 7-bit weights (reduce_range=True) avoid the overflow at the
