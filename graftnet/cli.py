@@ -30,7 +30,7 @@ TRAIN_FLAGS = {
 
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
-COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve"]
+COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve", "graftnet.export.commands"]
 EXTRA_COMMANDS: dict = {}
 
 
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="image file or folder")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--onnx", action="store_true",
+                   help="run RUN/export/model.onnx with ONNX Runtime (implied when RUN is an .onnx file)")
     p = sub.add_parser("preview", help="write a PNG grid of random training images with labels")
     p.add_argument("--data", default=None)
     p.add_argument("--config")
@@ -189,8 +191,12 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     from rich.console import Console
     from rich.table import Table
-    from .evaluation import predict
-    results = predict(args.run, args.target, args.top)
+    if args.onnx or args.run.endswith(".onnx"):
+        from .export.runtime import predict_onnx
+        results = predict_onnx(args.run, args.target, args.top)
+    else:
+        from .evaluation import predict
+        results = predict(args.run, args.target, args.top)
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -8,7 +8,8 @@ import torch
 
 from .config import RunConfig, resolve, to_dict
 from .data.images import ImageSet, config_splits, decode, load_images, square_uint8
-from .data.sources import IMAGE_EXTENSIONS, open_source
+from .data.pixels import list_images
+from .data.sources import open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
@@ -138,19 +139,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
                              threshold=run_threshold(run_dir))
 
 
-def list_images(target: str | Path) -> list[Path]:
-    path = Path(target)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
-        if not found:
-            raise DataError(f"{path}: no image files found")
-        return found
-    raise DataError(f"{path}: no such file or folder")
-
-
+@torch.no_grad()
 def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64) -> list[dict]:
     predictor = load_predictor(run_dir)
     spec, cfg = predictor.spec, resolve(Path(run_dir) / "config.yaml")

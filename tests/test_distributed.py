@@ -3,10 +3,8 @@ writes, and a run killed on 2 processes resumes on 1."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -14,7 +12,7 @@ from graftnet.cli import main
 from graftnet.model import load_model
 
 from .conftest import ROOT, TINY
-from .test_train import _epoch_of
+from .test_train import kill_after_epoch
 
 
 def _args(data, tmp_path, name):
@@ -55,13 +53,8 @@ def test_two_processes_match_one_and_resume_on_one(image_folder, tmp_path):
 
     # killed on 2 processes during fine-tuning, resumed on 1: ends where the 1-process run ended
     killed = runs / "killed"
-    proc = _torchrun(_args(image_folder, tmp_path, "killed"))
-    deadline = time.time() + 300
-    while _epoch_of(killed) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 3 <= _epoch_of(killed) < 5, "the 2-process run was not killed during fine-tuning"
+    done = kill_after_epoch(_torchrun(_args(image_folder, tmp_path, "killed")), killed, 3, group=True)
+    assert 3 <= done < 5, "the 2-process run was not killed during fine-tuning"
     assert main(["finetune", "--resume", str(killed)]) == 0
     _assert_same(runs / "one", killed, atol=2e-4)
 

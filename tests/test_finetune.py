@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from graftnet.train.loop import make_optimizer
 from graftnet.train.pipeline import train
 
 from .conftest import TINY, tiny_overrides
-from .test_train import _epoch_of, _graft
+from .test_train import _graft, kill_after_epoch
 
 
 def _grafted(body: nn.Module, size: int = 32) -> GraftedModel:
@@ -139,13 +137,7 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
     env = {**os.environ, "GRAFTNET_QUIET": "1"}
     assert main([*args, "--name", "ref"]) == 0  # the reference, in this process
     killed = tmp_path / "runs" / "killed"
-    proc = _graft(*args, "--name", "killed", env=env)
-    deadline = time.time() + 240
-    while _epoch_of(killed) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = _epoch_of(killed)
+    done = kill_after_epoch(_graft(*args, "--name", "killed", env=env), killed, 3)
     assert 3 <= done < 5, "the run was not killed during fine-tuning"
     with safe_open(str(killed / "checkpoint" / "last.safetensors"), "pt") as f:
         groups = json.loads(f.metadata()["graftnet"])["param_groups"]

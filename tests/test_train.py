@@ -112,6 +112,20 @@ def _epoch_of(run: Path) -> int:
         return 0
 
 
+def kill_after_epoch(proc, run: Path, epoch: int, group: bool = False) -> int:
+    """SIGKILL `proc` (its whole process group with `group`) once `run` has checkpointed `epoch`;
+    returns the epoch the run had completed when it died."""
+    deadline = time.time() + 300
+    while _epoch_of(run) < epoch and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return _epoch_of(run)
+
+
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(image_folder, tmp_path):
     """A run killed (SIGKILL) mid-training resumes from its last completed epoch with the same
     optimizer and RNG state, and finishes with the same weights as a run that was never stopped."""
@@ -123,13 +137,7 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(image_folder, 
     ref = _graft(*args, "--name", "ref", env=env)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     killed = tmp_path / "runs" / "killed"
-    proc = _graft(*args, "--name", "killed", env=env)
-    deadline = time.time() + 240
-    while _epoch_of(killed) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = _epoch_of(killed)
+    done = kill_after_epoch(_graft(*args, "--name", "killed", env=env), killed, 2)
     assert 2 <= done < 6, "the run was not killed mid-training"
     assert not (killed / "model.safetensors").exists()
     resumed = _graft("train", "--resume", str(killed), env=env)

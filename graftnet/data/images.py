@@ -6,21 +6,16 @@ resized to the backbone's input size batch by batch, so 60k images cost 180 MB, 
 """
 from __future__ import annotations
 
-import io
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image
 
 from ..errors import DataError
-from .sources import IMAGE_EXTENSIONS, Source
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
+from .pixels import decode, grayscale, square_array, to_rgb  # noqa: F401 (re-exported)
+from .sources import Source
 
 
 @dataclass
@@ -40,59 +35,9 @@ class ImageSet:
                         self.classes)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: grayscale X-rays, 16-bit scans, palettes and alpha (over white)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-def grayscale(img: Image.Image) -> Image.Image:
-    """Luminance (ITU-R 601-2, PIL's "L") copied to three channels: backbones expect RGB input."""
-    return img.convert("L").convert("RGB")
-
-
-def decode(data: bytes | np.ndarray, where: str, gray: bool = False) -> Image.Image:
-    """An RGB image from file bytes or an array; `gray`: R = G = B = the luminance."""
-    img = _decode(data, where)
-    return grayscale(img) if gray else img
-
-
-def _decode(data: bytes | np.ndarray, where: str) -> Image.Image:
-    if isinstance(data, np.ndarray):
-        return Image.fromarray(data)
-    if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataError(f"{where}: not an image file (extension {Path(where).suffix or 'none'}); "
-                        "remove it or pass --skip-bad")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img)
-    except Exception as e:  # PIL raises many types for bad files
-        reason = "truncated" if "truncated" in str(e) else f"cannot decode ({type(e).__name__}: {e})"
-        raise DataError(f"{where}: corrupt or unreadable image: {reason}; "
-                        "remove it or pass --skip-bad") from None
-
-
 def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
     """Centre square crop, shrunk to max_size when larger; never enlarged here."""
-    w, h = img.size
-    s = min(w, h)
-    if (w, h) != (s, s):
-        left, top = (w - s) // 2, (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-    if s > max_size:
-        img = img.resize((max_size, max_size), Image.BICUBIC, reducing_gap=2.0)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return torch.from_numpy(square_array(img, max_size))
 
 
 def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool = False,

@@ -1,0 +1,170 @@
+"""Post-training int8 quantization of an exported model with ONNX Runtime's tools.
+
+static (default): weights and activations in int8 through the backbone (its first convolution and
+the head stay fp32, see below). Activation
+ranges come from calibration: a few hundred of the run's own training images, preprocessed exactly
+as at inference, pass through the fp32 model. QDQ format, per-channel weights.
+
+Choices for THIS kind of CPU (AVX2 + FMA, no VNNI), measured with `bench/quantize.py --explore`
+on EfficientNet-Lite0 at 128 px (BENCHMARKS.md, section 4; fp32: 73.9% test accuracy):
+- u8s8 (uint8 activations, int8 weights) is ORT's fast x86 path (MLAS multiplies u8 x s8 with
+  vpmaddubsw): 1.8x fp32's speed at batch 64. u8u8 kept accuracy (74.7%) but ran 4-5.5x SLOWER than
+  fp32: MLAS has no fast u8u8 kernel for it on AVX2.
+- Without VNNI, vpmaddubsw adds pairs of u8 x s8 products into int16 and saturates: u8s8 with full
+  8-bit weights lost 7 points (66.9%). 7-bit weights (reduce_range=True) avoid the overflow at the
+  same speed (72.6%).
+- The first convolution and the head stay fp32 (fp32_ends): they are a small part of the work,
+  and keeping them recovers about half of the remaining loss.
+- QDQ rather than QOperator: about the same speed in a trial (ORT fuses QDQ pairs into QLinearConv), and a QDQ
+  graph stays a standard ONNX graph that other runtimes (TensorRT, OpenVINO) read.
+
+dynamic: int8 weights of the linear layers only (the head), activations quantized on the fly; the
+backbone stays fp32. No calibration, and little speed-up: the head is a small part of the work.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GraftError
+from ..io import atomic_write
+from ..progress import log
+from .runtime import PREPROCESS_FILE, read_preprocess, session, to_input
+
+METHODS = ("static", "dynamic")
+
+
+def calibration_images(cfg, spec, n: int, seed: int = 0):
+    """n images of the run's training split, spread over its classes (an ImageSet)."""
+    from ..data.images import config_splits, load_images
+    from ..data.sources import open_source
+    source = open_source(cfg.data.path, cfg.cache_dir)
+    train = config_splits(source, cfg.data)["train"]
+    pick = np.random.default_rng(seed).permutation(len(train))[:n]
+    return load_images(source, [train[i] for i in sorted(pick)], spec.image_size, skip_bad=True,
+                       workers=cfg.data.workers)
+
+
+def _reader(batches: list[np.ndarray], input_name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(batches)
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {input_name: x}
+
+        def rewind(self):
+            self.items = iter(batches)
+    return Reader()
+
+
+def _gemm_to_matmul(model) -> None:
+    """Gemm(A, B, C) with constant B -> MatMul(A, B') + C: quantize_dynamic handles MatMul, not Gemm."""
+    from onnx import helper, numpy_helper
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        name = node.input[1] + "_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(w.T.copy() if attrs.get("transB") else w,
+                                                               name))
+        product = node.output[0] + "_matmul"
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product if len(node.input) > 2
+                                                                         else node.output[0]]))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def quantize_onnx(fp32_path: str | Path, out_path: str | Path, method: str = "static",
+                  calibration: np.ndarray | None = None, batch_size: int = 32,
+                  reduce_range: bool = True, quant_format: str = "qdq",
+                  weight_type: str = "int8", fp32_ends: bool = True) -> Path:
+    """Write an int8 copy of an fp32 ONNX model. static needs `calibration`: a normalised float32
+    NCHW array (preprocessed training images). fp32_ends keeps the first convolution (3 input
+    channels: little work, and every later layer inherits its error) and the head's Gemms in fp32."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    if method not in METHODS:
+        raise GraftError(f"unknown quantization method {method!r}: choose from {', '.join(METHODS)}")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # ORT's recommended preparation: graph optimisation (fusions) + shape inference, so that
+        # every Conv/Gemm and its activation get quantization parameters
+        quant_pre_process(str(fp32_path), str(prepared))
+        if method == "static":
+            if calibration is None or not len(calibration):
+                raise GraftError("static quantization needs calibration images")
+            name = session(prepared).get_inputs()[0].name
+            nodes = onnx.load(str(prepared)).graph.node
+            convs = [n.name for n in nodes if n.op_type == "Conv"]
+            exclude = (convs[:1] + [n.name for n in nodes if n.op_type == "Gemm"]) if fp32_ends else []
+            batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+            atomic_write(out_path, lambda t: quantize_static(
+                str(prepared), t, _reader(batches, name), per_channel=True, reduce_range=reduce_range,
+                nodes_to_exclude=exclude,
+                quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.MinMax))
+        else:
+            model = onnx.load(str(prepared))
+            _gemm_to_matmul(model)
+            onnx.save(model, str(prepared))
+            atomic_write(out_path, lambda t: quantize_dynamic(
+                str(prepared), t, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                per_channel=True, reduce_range=reduce_range))
+    return out_path
+
+
+def quantize_run(run_dir: str | Path, method: str = "static", calibration: int = 256,
+                 out: str | Path | None = None, seed: int = 0) -> dict:
+    """int8 model of a run: RUN/export/model.int8.onnx (exported to model.onnx first if needed),
+    preprocess.json beside it. Returns {"path", "method", "calibration_images", "size_bytes",
+    "fp32_size_bytes", "agreement"} (agreement: top-1 equal to fp32's on held-out test images)."""
+    from .exporter import check_images, export_run, load_run
+    if method not in METHODS:
+        raise GraftError(f"unknown quantization method {method!r}: choose from {', '.join(METHODS)}")
+    if calibration < 1:
+        raise GraftError(f"--calibration {calibration}: need at least one image")
+    run_dir = Path(run_dir)
+    _, spec, cfg = load_run(run_dir)
+    fp32 = run_dir / "export" / "model.onnx"
+    if not fp32.is_file() or not (fp32.parent / PREPROCESS_FILE).is_file():
+        export_run(run_dir, "onnx", fp32)
+    pre = read_preprocess(fp32)
+    out = Path(out) if out else fp32.with_name("model.int8.onnx")
+    calib = None
+    if method == "static":
+        images = calibration_images(cfg, spec, calibration, seed)
+        calib = to_input([im.numpy() for im in images.images], pre)
+        log(f"calibrating on {len(images)} training images")
+    quantize_onnx(fp32, out, method, calib)
+    if out.parent != fp32.parent:
+        shutil.copyfile(fp32.parent / PREPROCESS_FILE, out.parent / PREPROCESS_FILE)
+    check, _ = check_images(spec, cfg, 64)
+    x = to_input([im.numpy() for im in check.images], pre)
+    agree = float((session(out).run(None, {pre["input_name"]: x})[0].argmax(1)
+                   == session(fp32).run(None, {pre["input_name"]: x})[0].argmax(1)).mean())
+    result = {"path": str(out), "method": method, "calibration_images": 0 if calib is None else len(calib),
+              "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size,
+              "agreement": agree}
+    log(f"int8 ({method}) model {out}: {result['size_bytes'] / 1e6:.1f} MB "
+        f"(fp32 {result['fp32_size_bytes'] / 1e6:.1f} MB); top-1 agrees with fp32 on "
+        f"{agree:.1%} of {len(x)} test images")
+    return result

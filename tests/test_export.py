@@ -1,0 +1,196 @@
+"""Export (ONNX, TorchScript), the ONNX Runtime predictor and int8 quantization, on a tiny run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from graftnet import config
+from graftnet.cli import main
+from graftnet.data.images import square_uint8, to_batch
+from graftnet.data.pixels import decode, square_array
+from graftnet.errors import GraftError
+from graftnet.evaluation import predict
+from graftnet.export import exporter, runtime
+from graftnet.export.quantize import quantize_run
+from graftnet.model import load_model
+from graftnet.train.pipeline import load_data, train
+
+from .conftest import ROOT, make_folder, make_image, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained tiny run, exported once to ONNX (RUN/export/model.onnx)."""
+    tmp = tmp_path_factory.mktemp("export")
+    data = make_folder(tmp / "data", splits={"train": 16, "test": 8})
+    run_dir = train(config.resolve(None, tiny_overrides(data, tmp)))
+    exporter.export_run(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def mixed_images(tmp_path_factory):
+    """Images of several sizes and shapes: enlarged (24 px), shrunk (50x40 JPEG), grayscale."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        make_image(i % 3, rng).save(folder / f"small{i}.png")
+        make_image(i % 3, rng, size=50).crop((0, 5, 50, 45)).save(folder / f"big{i}.jpg", quality=90)
+    make_image(1, rng, size=40).convert("L").save(folder / "gray.png")
+    return folder
+
+
+def test_export_onnx_matches_torch_with_dynamic_batch(run):
+    onnx_file = run / "export" / "model.onnx"
+    assert onnx_file.is_file()
+    model, spec = load_model(run)
+    sess = runtime.session(onnx_file)
+    for n in (1, 5):  # traced with 2: other batch sizes must run too
+        x = torch.randn(n, 3, spec.image_size, spec.image_size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = sess.run(None, {"input": x.numpy()})[0]
+        assert got.shape == (n, len(spec.classes))
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_preprocess_json_holds_everything_to_run_the_model(run):
+    pre = json.loads((run / "export" / "preprocess.json").read_text())
+    _, spec = load_model(run)
+    assert pre["classes"] == spec.classes == ["cat", "dog", "fox"]
+    assert pre["image_size"] == 32 and pre["mean"] == spec.mean and pre["std"] == spec.std
+    assert pre["input_layout"] == "NCHW" and pre["input_name"] == "input" and pre["color"] == "RGB"
+    assert pre["flip_average"] is False
+
+
+def test_runtime_imports_no_torch():
+    code = "import sys, graftnet.export.runtime; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_numpy_preprocessing_matches_training(mixed_images):
+    pre = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    paths = sorted(mixed_images.iterdir())
+    torch_images = [square_uint8(decode(p.read_bytes(), str(p)), 32) for p in paths]
+    np_images = [square_array(decode(p.read_bytes(), str(p)), 32) for p in paths]
+    assert {im.shape[-1] for im in np_images} == {24, 32}  # both the enlarge and the shrink path
+    for t, a in zip(torch_images, np_images):
+        assert np.array_equal(t.numpy(), a)
+    expected = to_batch(torch_images, 32, pre["mean"], pre["std"]).numpy()
+    np.testing.assert_allclose(runtime.to_input(np_images, pre), expected, atol=1e-4)
+
+
+def test_onnx_predict_matches_torch_predict(run, mixed_images, capsys):
+    torch_results = predict(run, mixed_images, top=3)
+    onnx_results = runtime.predict_onnx(run / "export" / "model.onnx", mixed_images, top=3)
+    assert [r["file"] for r in onnx_results] == [r["file"] for r in torch_results]
+    for t, o in zip(torch_results, onnx_results):
+        assert o["class"] == t["class"]
+        assert [c["class"] for c in o["top"]] == [c["class"] for c in t["top"]]
+        np.testing.assert_allclose([c["probability"] for c in o["top"]],
+                                   [c["probability"] for c in t["top"]], atol=1e-4)
+    # the CLI: an .onnx file, or a run folder with --onnx, goes through ONNX Runtime
+    for argv in ([str(run / "export" / "model.onnx")], [str(run), "--onnx"]):
+        assert main(["predict", *argv, str(mixed_images), "--json"]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        assert [r["class"] for r in cli] == [r["class"] for r in torch_results]
+
+
+def test_evaluate_onnx_and_latency(run):
+    cfg = config.resolve(run / "config.yaml")
+    _, sets = load_data(cfg)
+    model, spec = load_model(run)
+    with torch.no_grad():
+        torch_preds = model(to_batch(sets["test"].images, 32, spec.mean, spec.std)).argmax(1)
+    result = runtime.evaluate_onnx(run / "export" / "model.onnx", sets["test"])
+    assert result["n"] == len(sets["test"]) == 24
+    assert result["predictions"] == torch_preds.tolist()
+    assert result["accuracy"] == pytest.approx((torch_preds == sets["test"].labels).float().mean().item())
+    lat = runtime.measure_latency(run / "export" / "model.onnx", batch_size=4, repeats=5, warmup=1)
+    assert lat["batch_size"] == 4 and 0 < lat["min_ms"] <= lat["median_ms"] <= lat["max_ms"]
+
+
+def test_quantize_static_and_dynamic(run):
+    cfg = config.resolve(run / "config.yaml")
+    _, sets = load_data(cfg)
+    fp32 = run / "export" / "model.onnx"
+    result = quantize_run(run, "static", calibration=24)
+    int8 = run / "export" / "model.int8.onnx"
+    assert result["path"] == str(int8) and result["calibration_images"] == 24
+    assert int8.stat().st_size < fp32.stat().st_size
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "Gemm" in ops  # the head stays fp32
+    a = runtime.evaluate_onnx(fp32, sets["test"])["predictions"]
+    b = runtime.evaluate_onnx(int8, sets["test"])["predictions"]
+    assert np.mean(np.equal(a, b)) >= 0.8
+
+    dyn = run / "export" / "model.dyn.onnx"
+    quantize_run(run, "dynamic", out=dyn)
+    ops = {n.op_type for n in onnx.load(str(dyn)).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    assert "Conv" in ops  # the backbone stays fp32
+    c = runtime.evaluate_onnx(dyn, sets["test"])["predictions"]
+    assert np.mean(np.equal(a, c)) >= 0.9
+
+
+def test_torchscript_export(run, tmp_path):
+    out = tmp_path / "ts" / "model.pt"
+    result = exporter.export_run(run, "torchscript", out)
+    assert out.is_file() and (out.parent / "preprocess.json").is_file()
+    assert result["max_abs_diff"] < 1e-4
+
+
+def test_export_that_does_not_match_is_refused(run, tmp_path, monkeypatch):
+    class Wrong:
+        def __init__(self, path):
+            self.inner = runtime.session(path)
+
+        def run(self, names, feed):
+            return [self.inner.run(names, feed)[0] + 1.0]
+    exported = (run / "export" / "model.onnx").read_bytes()  # exporting again would be slow
+
+    def export(model, x, path):
+        open(path, "wb").write(exported)
+        return "copy"
+    monkeypatch.setattr(exporter, "_export_onnx", export)
+    monkeypatch.setattr(exporter, "session", Wrong)
+    out = tmp_path / "bad" / "model.onnx"
+    with pytest.raises(GraftError, match="differ from PyTorch"):
+        exporter.export_run(run, "onnx", out)
+    assert not out.exists()
+
+
+def test_clear_errors(run, tmp_path, capsys):
+    with pytest.raises(GraftError, match="no such run folder"):
+        exporter.export_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GraftError, match="not a graftnet run folder"):
+        exporter.export_run(tmp_path / "empty")
+    with pytest.raises(GraftError, match="unknown export format 'tflite'"):
+        exporter.export_run(run, "tflite")
+    assert main(["export", str(tmp_path / "empty")]) == 2
+    assert "not a graftnet run folder" in capsys.readouterr().err
+    with pytest.raises(GraftError, match="unknown quantization method"):
+        quantize_run(run, "fp8")
+    # --onnx on a run that was never exported; an .onnx without its preprocess.json
+    (tmp_path / "unexported").mkdir()
+    with pytest.raises(GraftError, match="graft export"):
+        runtime.predict_onnx(tmp_path / "unexported", tmp_path)
+    lonely = tmp_path / "lonely" / "model.onnx"
+    lonely.parent.mkdir()
+    lonely.write_bytes((run / "export" / "model.onnx").read_bytes())
+    with pytest.raises(GraftError, match="preprocess.json"):
+        runtime.predict_onnx(lonely, tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    (tmp_path / "preprocess.json").write_text((run / "export" / "preprocess.json").read_text())
+    with pytest.raises(GraftError, match="junk.onnx: ONNX Runtime cannot load it"):
+        runtime.predict_onnx(tmp_path / "junk.onnx", tmp_path / "x.png")
