@@ -28,7 +28,7 @@ TRAIN_FLAGS = {
 
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["graftnet.compress.cli"]
 EXTRA_COMMANDS: dict = {}
 
 
