@@ -61,7 +61,7 @@ def test_magnitude_prune_per_layer_and_growing():
 def test_structured_removes_channels_and_reloads_exactly(trained):
     run, tmp = trained
     before, _ = load_model(run)
-    out = prune_run(run, PruneSettings("structured", 0.5, steps=2, finetune_epochs=1),
+    out = prune_run(run, PruneSettings("structured", 0.5, steps=2, finetune_epochs=1, distill=0.5),
                     out=str(tmp / "pruned"), name="structured")
     model, spec = load_model(out)
     n_before = sum(p.numel() for p in before.parameters())

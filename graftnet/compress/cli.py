@@ -17,6 +17,8 @@ def add_commands(sub) -> dict:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the recovery fine-tune")
     p.add_argument("--batch-size", type=int, help="default: the run's")
     p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
     p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
@@ -42,7 +44,8 @@ def add_commands(sub) -> dict:
 def cmd_prune(args) -> None:
     from .prune import PruneSettings, prune_run
     settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
-                             args.lr, args.batch_size, args.round_to, args.seed)
+                             args.lr, args.batch_size, args.round_to, args.distill,
+                             seed=args.seed)
     print(prune_run(args.run, settings, args.out, args.name))
 
 

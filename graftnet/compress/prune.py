@@ -47,6 +47,9 @@ class PruneSettings:
     lr: float = 1e-4               # whole-network fine-tune: a small rate keeps the pretrained features
     batch_size: int | None = None  # None: the run's train.batch_size
     round_to: int | None = None    # structured: keep channel counts multiples of this (SIMD-friendly)
+    distill: float = 0.0           # recovery loss: this weight on distillation from the unpruned
+                                   # model's logits (cached per training image), the rest on labels
+    temperature: float = 4.0
     seed: int = 0
 
     def check(self) -> None:
@@ -56,6 +59,8 @@ class PruneSettings:
             raise ConfigError(f"prune amount {self.amount}: must be a fraction in (0, 1), e.g. 0.3")
         if self.steps < 1 or self.finetune_epochs < 0 or self.lr <= 0:
             raise ConfigError("prune: steps must be >= 1, finetune_epochs >= 0 and lr > 0")
+        if not 0 <= self.distill <= 1 or self.temperature <= 0:
+            raise ConfigError("prune: distill must be in [0, 1] and temperature > 0")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError("prune: round_to must be a positive channel count")
 
@@ -135,26 +140,41 @@ class Run:
         labels = self.sets[split].labels
         return (self.logits(model, split).argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
 
-    def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None):
+    def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None,
+                targets: torch.Tensor | None = None, current: dict | None = None):
+        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image),
+        current["targets"] holds the rows of the batch being yielded, for the loss."""
         images = self.sets[split]
-        order = torch.randperm(len(images), generator=generator) if generator is not None else range(len(images))
-        return image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
-                             self.cfg.backbone.channels_last, augment=augment)
+        order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+        out = image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
+                            self.cfg.backbone.channels_last, augment=augment)
+        for i, batch in zip(range(0, len(order), batch_size), out):
+            if targets is not None:
+                current["targets"] = targets[order[i:i + batch_size]]
+            yield batch
 
 
 def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
-             callbacks: list[Callback], generator: torch.Generator) -> None:
-    """Train every parameter of `model` (BatchNorm statistics too) on the run's training images."""
+             callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
+             alpha: float = 0.0, temperature: float = 4.0) -> None:
+    """Train every parameter of `model` (BatchNorm statistics too) on the run's training images;
+    with `teacher` (logits of the unpruned model per training image) the loss is distillation."""
     if epochs <= 0:
         return
+    from .distill import kd_loss
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = make_optimizer(list(model.parameters()), run.cfg.train.optimizer, lr, run.cfg.train.weight_decay)
     augment = make_augment(run.cfg.train.augment)
     n = len(run.sets["train"])
+    current: dict = {}
+
+    def loss_fn(logits, y):
+        return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(model, lambda: run.batches("train", batch_size, generator, augment), -(-n // batch_size), val,
-        optimizer, state.epoch + epochs, state, callbacks, run.cfg.backbone.precision)
+    fit(model, lambda: run.batches("train", batch_size, generator, augment, teacher, current),
+        -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
+        run.cfg.backbone.precision, loss_fn)
     model.eval()
 
 
@@ -180,6 +200,12 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
         torch.manual_seed(s.seed)
         state, steps = State(), []
         batch_size = s.batch_size or run.cfg.train.batch_size
+        teacher = None
+        if s.distill and s.finetune_epochs:
+            if run.cfg.train.augment != "none":
+                raise ConfigError("prune: recovery by distillation caches the unpruned model's logits "
+                                  "per image, which needs a run trained without augmentation")
+            teacher = run.logits(model, "train")
         if s.method == "structured":
             import torch_pruning as tp
             model.eval()
@@ -196,7 +222,7 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
                 masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
             pruned_acc = run.accuracy(model, "val") if len(run.sets["val"]) else float("nan")
             finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
-                     [MaskKeeper(masks)] if masks else [], generator)
+                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature)
             macs, params = count(model, spec.image_size)
             steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
                           "val_acc_pruned": pruned_acc,
