@@ -58,7 +58,8 @@ def bench_prune(a, out: Path) -> dict:
     for amount in a.amounts:
         pruned[amount] = prune_run(base, PruneSettings("structured", amount, steps=a.steps,
                                                        finetune_epochs=a.finetune_epochs, lr=a.lr,
-                                                       batch_size=a.batch_size, round_to=8),
+                                                       batch_size=a.batch_size, round_to=8,
+                                                       distill=a.recovery_distill),
                                    out=str(out), name=f"pruned{round(amount * 100)}")
     # the same recovery budget on the unpruned network: what fine-tuning alone gives
     run = Run(base)
@@ -112,6 +113,8 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4, help="recovery fine-tune learning rate (Adam)")
     p.add_argument("--batch-size", type=int, default=32, help="recovery fine-tune batch size")
+    p.add_argument("--recovery-distill", type=float, default=0.0, metavar="ALPHA",
+                   help="recover with distillation from the unpruned model (prune --distill)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--teacher", default="efficientnet_lite0")
     p.add_argument("--teacher-size", type=int, default=128)
