@@ -30,7 +30,8 @@ TRAIN_FLAGS = {
 
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
-COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve", "graftnet.export.commands"]
+COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve", "graftnet.export.commands",
+                              "graftnet.compress.cli"]
 EXTRA_COMMANDS: dict = {}
 
 

@@ -33,22 +33,14 @@ class FeatureExtractor(nn.Module):
             if info and info[-1]["num_chs"] == model.num_features:
                 info = info[:-1]
             self.tap_names = [i["module"] for i in info[-taps:]]
-        self._taps: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         for name in self.tap_names:
-            modules[name].register_forward_hook(self._keep(name))
-
-    def _keep(self, name):
-        def hook(_module, _inputs, output):
-            self._taps[name] = output
-        return hook
+            modules[name].register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._taps.clear()
         final = self.model.forward_features(x)
-        maps = [final] + [self._taps[n] for n in self.tap_names]
-        self._taps.clear()
-        return maps
+        modules = dict(self.model.named_modules()) if self.tap_names else {}
+        return [final] + [modules[n].__dict__.pop("_graft_tap") for n in self.tap_names]
 
     @torch.no_grad()
     def channels(self, image_size: int) -> list[tuple[int, int, int]]:
@@ -57,6 +49,12 @@ class FeatureExtractor(nn.Module):
         shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size))]
         self.train(was_training)
         return shapes
+
+
+def _keep_output(module, _inputs, output):
+    # Kept on the tapped module itself, not in a dict the hook closes over: a deep copy of the model
+    # (MAC counters, pruning, ensembles) then taps its own modules instead of the original's.
+    module.__dict__["_graft_tap"] = output
 
 
 class Pool(nn.Module):

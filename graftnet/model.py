@@ -31,6 +31,7 @@ class ModelSpec:
     multi_taps: int
     head: dict = field(default_factory=dict)
     feature_dim: int = 0
+    pruned: dict = field(default_factory=dict)  # structured pruning: module -> changed sizes (compress/shapes.py)
 
     @property
     def num_classes(self) -> int:
@@ -42,7 +43,12 @@ def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
     head_cfg = HeadConfig(**spec.head)
     pool = Pool(head_cfg.pool)
     spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
-    return GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
+    model = GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
+    if spec.pruned:  # channel-pruned: shrink the stock layers to the saved sizes before loading
+        from .compress.shapes import apply_shapes
+        apply_shapes(model, spec.pruned)
+        spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
+    return model
 
 
 def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, ModelSpec]:

@@ -1,0 +1,1 @@
+"""Compression: magnitude and channel pruning (prune.py), knowledge distillation (distill.py)."""

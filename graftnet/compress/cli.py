@@ -1,0 +1,69 @@
+"""`graft prune` and `graft distill`: thin wrappers over prune_run and distill."""
+from __future__ import annotations
+
+
+def add_commands(sub) -> dict:
+    p = sub.add_parser("prune", help="prune a finished run (weights or channels), recover, save a new run")
+    p.add_argument("run", help="run folder to prune")
+    p.add_argument("--method", choices=["unstructured", "structured"], default="structured",
+                   help="unstructured: zero small weights (smaller zip, same dense speed); "
+                        "structured: remove channels (smaller and faster)")
+    p.add_argument("--amount", type=float, default=0.3,
+                   help="fraction of weights (unstructured) or channels per layer (structured)")
+    p.add_argument("--global", dest="global_pruning", action="store_true",
+                   help="rank weights/channels across all layers instead of within each layer")
+    p.add_argument("--steps", type=int, default=1, help="prune-then-recover rounds to reach --amount")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="recovery epochs after each step")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the recovery fine-tune")
+    p.add_argument("--batch-size", type=int, help="default: the run's")
+    p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
+    p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
+
+    import argparse
+    from ..cli import _train_parser
+    scratch = argparse.ArgumentParser().add_subparsers()
+    _train_parser(scratch)  # every `graft train` flag, for the student's own run
+    d = sub.add_parser("distill", parents=[scratch.choices["train"]], conflict_handler="resolve",
+                       help="train a student run taught by a teacher run (knowledge distillation)",
+                       description="Knowledge distillation: the student trains on hard labels and on "
+                                   "the teacher's softened predictions. Takes every `graft train` flag.")
+    d.add_argument("--teacher", metavar="RUN", help="finished run whose predictions teach the student")
+    d.add_argument("--no-teacher", action="store_true",
+                   help="baseline: the same student and budget, hard labels only (alpha 0)")
+    d.add_argument("--student", metavar="BACKBONE", help="student backbone (same as --backbone)")
+    d.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
+    d.add_argument("--alpha", type=float, default=0.7,
+                   help="weight of the teacher term; 1-alpha goes to hard-label cross-entropy")
+    return {"prune": cmd_prune, "distill": cmd_distill}
+
+
+def cmd_prune(args) -> None:
+    from .prune import PruneSettings, prune_run
+    settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
+                             args.lr, args.batch_size, args.round_to, args.distill,
+                             seed=args.seed)
+    print(prune_run(args.run, settings, args.out, args.name))
+
+
+def cmd_distill(args) -> None:
+    from .. import config
+    from ..cli import train_overrides
+    from ..errors import GraftError
+    from .distill import DistillSettings, distill
+    if args.resume:
+        raise GraftError("distill runs cannot be resumed yet: start the run again")
+    if args.student:
+        if args.backbone and args.backbone != args.student:
+            raise GraftError("--student and --backbone name different backbones: give one")
+        args.backbone = args.student
+    if not args.teacher and not args.no_teacher:
+        raise GraftError("distill needs --teacher RUN (or --no-teacher for the hard-label baseline)")
+    if args.teacher and args.no_teacher:
+        raise GraftError("--teacher and --no-teacher exclude each other")
+    settings = DistillSettings(args.teacher, args.temperature, 0.0 if args.no_teacher else args.alpha)
+    cfg = config.resolve(args.config, train_overrides(args))
+    print(distill(cfg, settings))

@@ -1,0 +1,213 @@
+"""Knowledge distillation (Hinton et al. 2015): a student run trained on a teacher's soft predictions.
+
+    loss = alpha * T² * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels)
+
+T² keeps the soft term's gradients on the scale of the hard term's as T grows. With the student's
+backbone frozen and no augmentation, both sides are fixed per image: the student's pooled features
+come from the usual feature cache and the teacher's logits are computed once and cached too, so the
+student's head trains in seconds. alpha = 0 (`--no-teacher`) is plain cross-entropy with the same
+budget: the baseline a distilled student has to beat.
+
+A teacher is anything with `identity`, `image_size`, `classes` and `__call__(ImageSet) -> logits`
+(RunTeacher: a finished run folder); an ensemble of runs can plug in the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .. import config as config_mod
+from ..config import RunConfig
+from ..data.images import ImageSet
+from ..errors import ConfigError, DataError, GraftError
+from ..evaluation import finish_evaluation, image_logits
+from ..heads import make_mlp
+from ..io import atomic_write_json, atomic_write_text, cache_root, save_tensors
+from ..model import build_model, load_model, save_model
+from ..progress import log, set_log_file
+from ..run import new_run_dir, write_environment, write_history
+from ..train.callbacks import EarlyStopping, LRSchedule
+from ..train.features import cache_key
+from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
+
+
+@dataclass
+class DistillSettings:
+    teacher: str | None = None     # teacher run folder (None with alpha 0: the no-teacher baseline)
+    temperature: float = 4.0
+    alpha: float = 0.7             # weight of the soft (teacher) term
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"distill temperature {self.temperature}: must be positive")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill alpha {self.alpha}: must be in [0, 1]")
+        if self.alpha > 0 and not self.teacher:
+            raise ConfigError("distill: alpha > 0 needs a teacher run (or alpha 0 / --no-teacher)")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
+            alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    if alpha == 0 or teacher is None:
+        return hard
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean")
+    return alpha * t * t * soft + (1 - alpha) * hard
+
+
+class Teacher(Protocol):
+    identity: str       # changes whenever the teacher's logits could change (weights, preprocessing)
+    image_size: int     # the input size it wants its images decoded at
+    classes: list[str]
+
+    def __call__(self, images: ImageSet) -> torch.Tensor: ...
+
+
+class RunTeacher:
+    """A finished run as teacher: its logits the way `graft evaluate` computes them."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        if not self.dir.is_dir():
+            raise GraftError(f"{self.dir}: teacher run folder not found")
+        self.model, self.spec = load_model(self.dir)
+        self.cfg = config_mod.resolve(self.dir / "config.yaml")
+        self.image_size, self.classes = self.spec.image_size, self.spec.classes
+        h = hashlib.sha256((self.dir / "model.json").read_bytes())
+        h.update((self.dir / "model.safetensors").read_bytes())
+        h.update(repr(self.cfg.train.flip_views).encode())
+        self.identity = h.hexdigest()[:24]
+
+    def __call__(self, images: ImageSet) -> torch.Tensor:
+        return image_logits(self.model, self.spec, self.cfg, images, self.cfg.train.eval_batch_size, "teacher")
+
+
+def teacher_logits(teacher: Teacher, images: ImageSet, fingerprint: str, cache_dir: Path | None
+                   ) -> tuple[torch.Tensor, bool]:
+    """The teacher's logits for these images, from the cache when present. Returns (logits, hit)."""
+    if cache_dir is None:
+        return teacher(images), False
+    path = Path(cache_dir) / "teacher_logits" / f"{cache_key({'teacher': teacher.identity}, images, fingerprint)}.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+        try:
+            logits = load_file(str(path))["logits"]
+            if logits.shape == (len(images), len(teacher.classes)):
+                return logits, True
+        except Exception:  # a damaged entry is recomputed, never trusted
+            pass
+    logits = teacher(images).float()
+    try:
+        save_tensors(path, {"logits": logits})
+    except OSError as e:
+        log(f"[yellow]teacher logits not cached ({e}); distillation goes on[/]")
+    return logits, False
+
+
+def _check(cfg: RunConfig) -> None:
+    t = cfg.train
+    if not t.cache_features or t.augment != "none" or t.cache_views or t.mixup or t.cutmix or t.flip_views:
+        raise ConfigError("distill trains the student's head on cached features and cached teacher "
+                          "logits: use it without augmentation, MixUp/CutMix or flip_views, with "
+                          "train.cache_features=true")
+
+
+def _sets_at(cfg: RunConfig, size: int, sets: dict[str, ImageSet]) -> dict[str, ImageSet]:
+    """The same splits decoded at another input size (a teacher that sees larger images)."""
+    from ..backbones import get_spec
+    from ..train.pipeline import load_data
+    if size <= (cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size):
+        return sets  # images are kept at most at the student's size: the teacher resizes them itself
+    other = load_data(replace(cfg, backbone=replace(cfg.backbone, image_size=size)))[1]
+    if any(other[k].keys != sets[k].keys for k in sets):
+        raise DataError("teacher and student decoded different images (unreadable files?): use --skip-bad consistently")
+    return other
+
+
+def distill(cfg: RunConfig, settings: DistillSettings, teacher: Teacher | None = None) -> Path:
+    """Train a student run from `cfg`, taught by `teacher` (or settings.teacher); returns its folder."""
+    settings.check()
+    _check(cfg)
+    if teacher is None and settings.alpha > 0:
+        teacher = RunTeacher(settings.teacher)
+    run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
+    config_mod.save_yaml(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "distill.yaml", yaml.safe_dump({"distill": asdict(settings)}, sort_keys=False))
+    set_log_file(run_dir / "log.txt")
+    try:
+        return _distill(cfg, settings, teacher, run_dir)
+    except BaseException:
+        set_log_file(None)
+        if not (run_dir / "model.safetensors").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        set_log_file(None)
+
+
+def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_dir: Path) -> Path:
+    from ..train.pipeline import load_data, seed_everything, split_features
+    log(f"run folder: {run_dir} (distillation: teacher {s.teacher or 'none'}, T {s.temperature}, alpha {s.alpha})")
+    write_environment(run_dir, cfg.train.seed)
+    generator = seed_everything(cfg.train.seed)
+    source, sets = load_data(cfg)
+    t = cfg.train
+    teach, teacher_acc = None, None
+    if teacher is not None:
+        if list(teacher.classes) != list(source.classes):
+            raise DataError(f"the teacher's classes {teacher.classes} differ from the data's {source.classes}")
+        cache = cache_root(cfg.cache_dir) if t.cache_features else None
+        t_sets = _sets_at(cfg, teacher.image_size, sets)
+        teach, hit = teacher_logits(teacher, t_sets["train"], source.fingerprint, cache)
+        log(f"teacher logits train: {tuple(teach.shape)} {'from cache' if hit else 'computed'}")
+        test_t, _ = teacher_logits(teacher, t_sets["test"], source.fingerprint, cache)
+        teacher_acc = (test_t.argmax(1) == sets["test"].labels).float().mean().item() if len(sets["test"]) else None
+    model, spec = build_model(cfg, source.classes)
+    torch.manual_seed(t.seed)  # as in train(): the head's init does not depend on the backbone's build
+    model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
+    optimizer = make_optimizer(list(model.mlp.parameters()), t.optimizer, t.lr, t.weight_decay)
+    n_batches = -(-len(sets["train"]) // t.batch_size)
+    callbacks = []
+    if t.schedule != "constant" or t.warmup_epochs:
+        callbacks.append(LRSchedule(optimizer, t.schedule, t.epochs * n_batches, int(t.warmup_epochs * n_batches)))
+    stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    callbacks += [stopper] if stopper else []
+
+    train_x = split_features(model, spec, cfg, source, sets["train"], "train")
+    labels = sets["train"].labels
+    current: dict[str, torch.Tensor | None] = {"teacher": None}  # the batch's teacher logits, for the loss
+
+    def train_batches():
+        order = torch.randperm(len(labels), generator=generator)
+        for i in range(0, len(order), t.batch_size):
+            idx = order[i:i + t.batch_size]
+            current["teacher"] = teach[idx] if teach is not None else None
+            yield train_x[idx].float(), labels[idx]
+
+    def loss_fn(logits, y):
+        return kd_loss(logits, current["teacher"], y, s.temperature, s.alpha, t.label_smoothing)
+
+    val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
+    state = State()
+    fit(model.mlp, train_batches, n_batches,
+        (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
+        optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
+    if stopper:
+        stopper.restore(state)
+    test_x = split_features(model, spec, cfg, source, sets["test"], "test")
+    logits, test_labels = predict_logits(model.mlp, feature_batches(test_x, sets["test"].labels, t.eval_batch_size, None))
+    save_model(model, spec, run_dir)
+    write_history(run_dir, state.history)
+    m = finish_evaluation(run_dir, cfg, spec, state.history, logits, test_labels, sets["test"], sets["train"])
+    atomic_write_json(run_dir / "distill.json", {**asdict(s), "teacher_test_acc": teacher_acc,
+                                                 "student_test_acc": m["accuracy"]})
+    return run_dir

@@ -1,0 +1,273 @@
+"""Prune a finished run: magnitude (unstructured) or channel (structured) pruning, with recovery.
+
+    unstructured  torch.nn.utils.prune zeroes the smallest weights of every conv and linear layer
+                  (per layer, or ranked across the whole network with global=True). The tensors stay
+                  dense: the zipped model shrinks, dense latency does not.
+    structured    torch-pruning removes whole channels, following the dependency graph (depthwise
+                  convs, residual adds, BatchNorm, the head's input), so the network really gets
+                  smaller and faster. The classifier's outputs are never touched.
+
+Both run an iterative schedule: prune to amount*k/K, fine-tune the whole network on the run's
+training images for a few epochs, repeat for k = 1..K. The result is a new run folder (same config,
+model.safetensors + model.json, report) that `load_model`, `graft evaluate` and `graft predict` use
+like any other; prune.json records the settings and the before/after numbers.
+"""
+from __future__ import annotations
+
+import shutil
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import resolve, save_yaml
+from ..data.augment import make_augment
+from ..errors import ConfigError, GraftError
+from ..evaluation import finish_evaluation, image_logits
+from ..io import atomic_write_json
+from ..model import load_model, save_model
+from ..progress import log, set_log_file
+from ..run import new_run_dir, write_environment, write_history
+from ..train.features import image_batches
+from ..train.loop import Callback, State, fit, make_optimizer
+from .shapes import module_shapes, shape_changes
+
+METHODS = ("unstructured", "structured")
+
+
+@dataclass
+class PruneSettings:
+    method: str = "structured"
+    amount: float = 0.3            # unstructured: fraction of weights zeroed; structured: of channels
+    global_pruning: bool = False   # rank weights/channels across layers instead of within each layer
+    steps: int = 1                 # iterative schedule: K prune-then-recover rounds to reach `amount`
+    finetune_epochs: int = 1       # recovery epochs after each step (0: prune only)
+    lr: float = 1e-4               # whole-network fine-tune: a small rate keeps the pretrained features
+    batch_size: int | None = None  # None: the run's train.batch_size
+    round_to: int | None = None    # structured: keep channel counts multiples of this (SIMD-friendly)
+    distill: float = 0.0           # recovery loss: this weight on distillation from the unpruned
+                                   # model's logits (cached per training image), the rest on labels
+    temperature: float = 4.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"prune method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 0 < self.amount < 1:
+            raise ConfigError(f"prune amount {self.amount}: must be a fraction in (0, 1), e.g. 0.3")
+        if self.steps < 1 or self.finetune_epochs < 0 or self.lr <= 0:
+            raise ConfigError("prune: steps must be >= 1, finetune_epochs >= 0 and lr > 0")
+        if not 0 <= self.distill <= 1 or self.temperature <= 0:
+            raise ConfigError("prune: distill must be in [0, 1] and temperature > 0")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError("prune: round_to must be a positive channel count")
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zero weights over the conv and linear layers (the ones magnitude pruning touches)."""
+    weights = [m.weight for m, _ in prunable(model)]
+    return sum((w == 0).sum().item() for w in weights) / max(1, sum(w.numel() for w in weights))
+
+
+def magnitude_prune(model: nn.Module, amount: float, global_pruning: bool) -> dict[nn.Parameter, torch.Tensor]:
+    """Zero the smallest-magnitude weights to a total sparsity of `amount` and make it permanent.
+    Already-zero weights rank first, so calling this again with a larger amount extends the masks.
+    Returns {weight: mask} for MaskKeeper."""
+    from torch.nn.utils import prune
+    params = prunable(model)
+    if global_pruning:
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    else:
+        for module, name in params:
+            prune.l1_unstructured(module, name, amount=amount)
+    masks = {}
+    for module, name in params:
+        mask = getattr(module, f"{name}_mask").detach().clone()
+        prune.remove(module, name)  # weight = weight_orig * mask, as a plain parameter again
+        masks[getattr(module, name)] = mask
+    return masks
+
+
+class MaskKeeper(Callback):
+    """Re-zero pruned weights after every optimizer step: the gradient (and Adam's momentum) would
+    otherwise grow them back during the recovery fine-tune."""
+
+    def __init__(self, masks: dict[nn.Parameter, torch.Tensor]):
+        self.masks = masks
+
+    @torch.no_grad()
+    def after_step(self, state: State) -> None:
+        for weight, mask in self.masks.items():
+            weight.mul_(mask.to(weight.dtype))
+
+
+def count(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """(MACs of one image, parameters), by torch-pruning's counter on a copy of the model."""
+    import torch_pruning as tp
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size))
+    return int(macs), int(params)
+
+
+def file_sizes(path: Path) -> dict:
+    """Bytes on disk and after deflate (what a zip of the file holds): zeros compress, dense floats don't."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "deflate_bytes": len(zlib.compress(data, 6))}
+
+
+class Run:
+    """A finished run, loaded for compression: model, spec, config, data."""
+
+    def __init__(self, run_dir: str | Path):
+        from ..train.pipeline import load_data
+        self.dir = Path(run_dir)
+        if not (self.dir / "config.yaml").is_file():
+            raise GraftError(f"{self.dir}: not a graftnet run folder (no config.yaml)")
+        self.model, self.spec = load_model(self.dir)
+        self.cfg = resolve(self.dir / "config.yaml")
+        self.source, self.sets = load_data(self.cfg)
+
+    def logits(self, model: nn.Module, split: str = "test") -> torch.Tensor:
+        return image_logits(model, self.spec, self.cfg, self.sets[split], self.cfg.train.eval_batch_size,
+                            f"evaluate {split}")
+
+    def accuracy(self, model: nn.Module, split: str = "test") -> float:
+        labels = self.sets[split].labels
+        return (self.logits(model, split).argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None,
+                targets: torch.Tensor | None = None, current: dict | None = None):
+        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image),
+        current["targets"] holds the rows of the batch being yielded, for the loss."""
+        images = self.sets[split]
+        order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+        out = image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
+                            self.cfg.backbone.channels_last, augment=augment)
+        for i, batch in zip(range(0, len(order), batch_size), out):
+            if targets is not None:
+                current["targets"] = targets[order[i:i + batch_size]]
+            yield batch
+
+
+def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
+             callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
+             alpha: float = 0.0, temperature: float = 4.0) -> None:
+    """Train every parameter of `model` (BatchNorm statistics too) on the run's training images;
+    with `teacher` (logits of the unpruned model per training image) the loss is distillation."""
+    if epochs <= 0:
+        return
+    from .distill import kd_loss
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = make_optimizer(list(model.parameters()), run.cfg.train.optimizer, lr, run.cfg.train.weight_decay)
+    augment = make_augment(run.cfg.train.augment)
+    n = len(run.sets["train"])
+    current: dict = {}
+
+    def loss_fn(logits, y):
+        return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
+    val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
+    fit(model, lambda: run.batches("train", batch_size, generator, augment, teacher, current),
+        -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
+        run.cfg.backbone.precision, loss_fn)
+    model.eval()
+
+
+def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = None,
+              name: str | None = None) -> Path:
+    """Prune the run in `run_dir` into a new run folder; returns its path."""
+    settings.check()
+    run = Run(run_dir)
+    model, spec, s = run.model, run.spec, settings
+    before_acc = run.accuracy(model)
+    before_macs, before_params = count(model, spec.image_size)
+    before_sparsity = sparsity(model)
+    shapes_before = module_shapes(model)
+    tag = f"{s.method}{round(s.amount * 100)}"
+    new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-pruned-{tag}", spec.backbone)
+    set_log_file(new_dir / "log.txt")
+    try:
+        save_yaml(run.cfg, new_dir / "config.yaml")
+        write_environment(new_dir, s.seed)
+        log(f"pruning {run.dir} ({s.method}, {s.amount:.0%} in {s.steps} step(s), "
+            f"{s.finetune_epochs} recovery epoch(s) each): test accuracy before {before_acc:.4f}")
+        generator = torch.Generator().manual_seed(s.seed)
+        torch.manual_seed(s.seed)
+        state, steps = State(), []
+        batch_size = s.batch_size or run.cfg.train.batch_size
+        teacher = None
+        if s.distill and s.finetune_epochs:
+            if run.cfg.train.augment != "none":
+                raise ConfigError("prune: recovery by distillation caches the unpruned model's logits "
+                                  "per image, which needs a run trained without augmentation")
+            teacher = run.logits(model, "train")
+        if s.method == "structured":
+            import torch_pruning as tp
+            model.eval()
+            pruner = tp.pruner.MetaPruner(
+                model, torch.zeros(1, 3, spec.image_size, spec.image_size),
+                importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=s.global_pruning,
+                pruning_ratio=s.amount, iterative_steps=s.steps, ignored_layers=[model.mlp[-1]],
+                round_to=s.round_to, max_pruning_ratio=0.9)
+        masks: dict = {}
+        for k in range(1, s.steps + 1):
+            if s.method == "structured":
+                pruner.step()
+            else:
+                masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
+            pruned_acc = run.accuracy(model, "val") if len(run.sets["val"]) else float("nan")
+            finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
+                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature)
+            macs, params = count(model, spec.image_size)
+            steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
+                          "val_acc_pruned": pruned_acc,
+                          "val_acc_recovered": state.history[-1]["val_acc"] if state.history else pruned_acc})
+            log(f"step {k}/{s.steps}: params {params:,}  MACs {macs:,}  sparsity {steps[-1]['sparsity']:.3f}  "
+                f"val acc {pruned_acc:.4f} pruned -> {steps[-1]['val_acc_recovered']:.4f} recovered")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        new_spec = replace(spec, pruned=shape_changes(shapes_before, module_shapes(model)))
+        new_spec.feature_dim = model.mlp[0].in_features
+        save_model(model, new_spec, new_dir)
+        _check_reload(model, new_dir, spec.image_size)
+        logits = run.logits(model)
+        write_history(new_dir, state.history)
+        m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
+                              run.sets["test"], run.sets["train"])
+        macs, params = count(model, spec.image_size)
+        report = {"source_run": str(run.dir), "settings": asdict(s), "steps": steps,
+                  "before": {"test_acc": before_acc, "params": before_params, "macs": before_macs,
+                             "sparsity": before_sparsity,
+                             **file_sizes(run.dir / "model.safetensors")},
+                  "after": {"test_acc": m["accuracy"], "params": params, "macs": macs,
+                            "sparsity": sparsity(model), **file_sizes(new_dir / "model.safetensors")}}
+        atomic_write_json(new_dir / "prune.json", report)
+        b, a = report["before"], report["after"]
+        log(f"pruned: test acc {b['test_acc']:.4f} -> {a['test_acc']:.4f}; params {b['params']:,} -> "
+            f"{a['params']:,}; MACs {b['macs']:,} -> {a['macs']:,}; sparsity {a['sparsity']:.3f}; zipped "
+            f"{b['deflate_bytes'] / 1e6:.2f} -> {a['deflate_bytes'] / 1e6:.2f} MB; {new_dir}")
+        return new_dir
+    except BaseException:
+        set_log_file(None)
+        if not (new_dir / "model.safetensors").exists():
+            shutil.rmtree(new_dir, ignore_errors=True)
+        raise
+    finally:
+        set_log_file(None)
+
+
+@torch.no_grad()
+def _check_reload(model: nn.Module, run_dir: Path, image_size: int) -> None:
+    """The saved folder must rebuild the pruned network exactly: compare logits on a random batch."""
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reloaded, _ = load_model(run_dir)
+    if not torch.allclose(model(x), reloaded(x), atol=1e-4, rtol=1e-4):
+        raise GraftError(f"{run_dir}: the saved pruned model does not reproduce the pruned network's "
+                         "outputs (please report this)")
+    log(f"saved and reloaded {run_dir / 'model.safetensors'}: same logits")

@@ -1,0 +1,155 @@
+"""Pruning and distillation on the tiny backbone: sparsity and masks, real channel removal and a
+faithful reload, the KD loss against a hand computation, a distilled run, the teacher-logit cache."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graftnet import config
+from graftnet.compress.distill import DistillSettings, RunTeacher, distill, kd_loss, teacher_logits
+from graftnet.compress.prune import PruneSettings, magnitude_prune, prunable, prune_run, sparsity
+from graftnet.errors import ConfigError, GraftError
+from graftnet.evaluation import evaluate_run
+from graftnet.model import load_model
+from graftnet.train.pipeline import train
+
+from .conftest import make_folder, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained run shared by the tests (a few seconds)."""
+    tmp = tmp_path_factory.mktemp("compress")
+    data = make_folder(tmp / "data", n=14)
+    run = train(config.resolve(None, tiny_overrides(data, tmp, **{"train.epochs": 4})))
+    return run, tmp
+
+
+def test_unstructured_reaches_sparsity_and_masks_survive_finetune(trained):
+    run, tmp = trained
+    out = prune_run(run, PruneSettings("unstructured", 0.6, global_pruning=True, steps=2,
+                                       finetune_epochs=1, lr=1e-2), out=str(tmp / "pruned"))
+    model, _ = load_model(out)
+    weights = [m.weight for m, _ in prunable(model)]
+    zeros = sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
+    assert zeros >= 0.6 - 1e-3  # a large lr fine-tune would regrow pruned weights without MaskKeeper
+    report = json.loads((out / "prune.json").read_text())
+    assert report["after"]["sparsity"] == pytest.approx(zeros)
+    assert report["before"]["sparsity"] < 0.01
+    assert [s["step"] for s in report["steps"]] == [1, 2] and report["steps"][0]["sparsity"] < 0.45
+    assert report["after"]["deflate_bytes"] < report["before"]["deflate_bytes"]
+    assert report["after"]["params"] == report["before"]["params"]  # dense: same shapes
+    assert len(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])) and (out / "report.html").is_file()
+
+
+def test_magnitude_prune_per_layer_and_growing():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4))
+    magnitude_prune(net, 0.3, global_pruning=False)
+    assert all(abs((m.weight == 0).float().mean().item() - 0.3) < 0.02 for m, _ in prunable(net))
+    small = net[0].weight.abs()[net[0].weight != 0].min()
+    masks = magnitude_prune(net, 0.5, global_pruning=False)  # a second step extends the first's zeros
+    assert sparsity(net) == pytest.approx(0.5, abs=0.02)
+    assert all(((w == 0) == (m == 0)).all() for w, m in masks.items())
+    assert net[0].weight.abs().max() > small
+
+
+def test_structured_removes_channels_and_reloads_exactly(trained):
+    run, tmp = trained
+    before, _ = load_model(run)
+    out = prune_run(run, PruneSettings("structured", 0.5, steps=2, finetune_epochs=1, distill=0.5),
+                    out=str(tmp / "pruned"), name="structured")
+    model, spec = load_model(out)
+    n_before = sum(p.numel() for p in before.parameters())
+    n_after = sum(p.numel() for p in model.parameters())
+    assert n_after < 0.6 * n_before
+    assert spec.pruned and model.mlp[-1].out_features == 3  # classes kept
+    report = json.loads((out / "prune.json").read_text())
+    assert report["after"]["params"] == n_after and report["after"]["macs"] < report["before"]["macs"]
+    # the saved spec rebuilds the pruned network: same logits as the network that was saved
+    x = torch.randn(4, 3, spec.image_size, spec.image_size)
+    again, _ = load_model(out)
+    torch.testing.assert_close(model(x), again(x))
+    m = evaluate_run(out)
+    assert m["accuracy"] == pytest.approx(report["after"]["test_acc"], abs=1e-6)
+    # a model.json cannot make the loader set anything but size attributes
+    spec = json.loads((out / "model.json").read_text())
+    spec["pruned"][next(iter(spec["pruned"]))]["attrs"] = {"forward": 1}
+    (out / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(GraftError, match="not a size attribute"):
+        load_model(out)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"amount": 0}, "amount"), ({"amount": 1.5}, "amount"),
+                                           ({"method": "random"}, "method"), ({"steps": 0}, "steps")])
+def test_prune_bad_settings(trained, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        prune_run(trained[0], PruneSettings(**kwargs))
+
+
+def test_prune_missing_run(tmp_path):
+    with pytest.raises(GraftError, match="not a graftnet run"):
+        prune_run(tmp_path / "nope", PruneSettings())
+
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 2.0]])
+    y = torch.tensor([1, 2])
+    T, a = 2.0, 0.6
+    kl = 0.0
+    for si, ti in zip(s.tolist(), t.tolist()):
+        ps = [math.exp(v / T) / sum(math.exp(u / T) for u in si) for v in si]
+        pt = [math.exp(v / T) / sum(math.exp(u / T) for u in ti) for v in ti]
+        kl += sum(q * math.log(q / p) for p, q in zip(ps, pt))
+    ce = sum(-math.log(math.exp(si[yi]) / sum(math.exp(u) for u in si)) for si, yi in zip(s.tolist(), y.tolist()))
+    expected = a * T * T * kl / 2 + (1 - a) * ce / 2
+    assert kd_loss(s, t, y, T, a).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(s, t, y, T, 0.0).item() == pytest.approx(F.cross_entropy(s, y).item())
+    assert kd_loss(s, s, y, T, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_run_evaluates_and_caches_teacher_logits(trained):
+    run, tmp = trained
+    data = config.resolve(run / "config.yaml").data.path
+    over = tiny_overrides(data, tmp, **{"name": "student", "head.hidden": [16]})
+    student = distill(config.resolve(None, over), DistillSettings(str(run), temperature=3.0, alpha=0.8))
+    assert (student / "distill.yaml").is_file() and (student / "report.html").is_file()
+    info = json.loads((student / "distill.json").read_text())
+    assert info["alpha"] == 0.8 and info["teacher_test_acc"] is not None
+    m = evaluate_run(student)
+    assert m["accuracy"] == pytest.approx(info["student_test_acc"], abs=1e-6)
+    # the second use of the same teacher on the same images reads its logits from the cache
+    teacher = RunTeacher(run)
+    cfg = config.resolve(None, over)
+    from graftnet.train.pipeline import load_data
+    source, sets = load_data(cfg)
+    cached, hit = teacher_logits(teacher, sets["train"], source.fingerprint, tmp / "cache")
+    assert hit
+    torch.testing.assert_close(cached, teacher(sets["train"]), atol=1e-4, rtol=1e-4)
+
+
+def test_distill_clear_errors(trained, tmp_path):
+    run, tmp = trained
+    over = tiny_overrides(config.resolve(run / "config.yaml").data.path, tmp_path)
+    with pytest.raises(GraftError, match="teacher run folder not found"):
+        distill(config.resolve(None, over), DistillSettings(str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="alpha"):
+        distill(config.resolve(None, over), DistillSettings(str(run), alpha=1.5))
+    with pytest.raises(ConfigError, match="augmentation"):
+        distill(config.resolve(None, {**over, "train.augment": "flip"}), DistillSettings(str(run)))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_errors(tmp_path, capsys):
+    from graftnet.cli import main
+    assert main(["distill", "--data", str(tmp_path)]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "nope"), "--amount", "0.5"]) == 2
+    assert "not a graftnet run" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "nope"), "--amount", "2"]) == 2
+    assert "amount" in capsys.readouterr().err
