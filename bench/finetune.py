@@ -145,7 +145,12 @@ def main() -> None:
             print(f"| {k} | {100 * v['accuracy']:.2f}% | {v['wall_s']:.0f} s |")
     out = ROOT / "bench" / "results" / "finetune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    previous = json.loads(out.read_text()) if out.is_file() else {}  # parts run separately add up
+    for part in ("throughput", "finetune", "augment"):
+        if part in results:
+            previous[part] = {**{k: results[k] for k in ("command", "date", "machine", "cpus", "torch")},
+                              "result": results[part]}
+    out.write_text(json.dumps(previous, indent=2))
     print(f"\nwrote {out}")
 
 
