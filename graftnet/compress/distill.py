@@ -27,10 +27,11 @@ from .. import config as config_mod
 from ..config import RunConfig
 from ..data.images import ImageSet
 from ..errors import ConfigError, DataError, GraftError
-from ..evaluation import finish_evaluation, image_logits
+from ..evaluation import finish_evaluation
+from ..predictor import load_predictor
 from ..heads import make_mlp
 from ..io import atomic_write_json, atomic_write_text, cache_root, save_tensors
-from ..model import build_model, load_model, save_model
+from ..model import build_model, save_model
 from ..progress import log, set_log_file
 from ..run import new_run_dir, write_environment, write_history
 from ..train.callbacks import EarlyStopping, LRSchedule
@@ -73,22 +74,35 @@ class Teacher(Protocol):
 
 
 class RunTeacher:
-    """A finished run as teacher: its logits the way `graft evaluate` computes them."""
+    """A finished run, or an ensemble folder (`graft ensemble`), as teacher: its logits the way
+    `graft evaluate` computes them."""
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         if not self.dir.is_dir():
             raise GraftError(f"{self.dir}: teacher run folder not found")
-        self.model, self.spec = load_model(self.dir)
-        self.cfg = config_mod.resolve(self.dir / "config.yaml")
-        self.image_size, self.classes = self.spec.image_size, self.spec.classes
-        h = hashlib.sha256((self.dir / "model.json").read_bytes())
-        h.update((self.dir / "model.safetensors").read_bytes())
-        h.update(repr(self.cfg.train.flip_views).encode())
-        self.identity = h.hexdigest()[:24]
+        self.predictor = load_predictor(self.dir)
+        self.spec, self.cfg = self.predictor.spec, self.predictor.cfg
+        self.image_size, self.classes = self.predictor.image_size, self.predictor.classes
+        self.identity = _identity(self.predictor)
 
     def __call__(self, images: ImageSet) -> torch.Tensor:
-        return image_logits(self.model, self.spec, self.cfg, images, self.cfg.train.eval_batch_size, "teacher")
+        return self.predictor.logits(images, self.cfg.train.eval_batch_size, "teacher")
+
+
+def _identity(predictor) -> str:
+    """A hash of everything that makes the teacher's logits: each member's weights and spec, the
+    ensemble weights, flip averaging."""
+    h = hashlib.sha256()
+    for m, w in zip(getattr(predictor, "members", [predictor]), getattr(predictor, "weights", [1.0])):
+        if not hasattr(m, "run_dir") or hasattr(m, "members"):
+            h.update(_identity(m).encode())
+        else:
+            h.update((m.run_dir / "model.json").read_bytes())
+            h.update((m.run_dir / "model.safetensors").read_bytes())
+            h.update(repr(m.cfg.train.flip_views).encode())
+        h.update(repr(float(w)).encode())
+    return h.hexdigest()[:24]
 
 
 def teacher_logits(teacher: Teacher, images: ImageSet, fingerprint: str, cache_dir: Path | None

@@ -25,7 +25,8 @@ from torch import nn
 from ..config import resolve, save_yaml
 from ..data.augment import make_augment
 from ..errors import ConfigError, GraftError
-from ..evaluation import finish_evaluation, image_logits
+from ..evaluation import finish_evaluation
+from ..predictor import RunPredictor
 from ..io import atomic_write_json
 from ..model import load_model, save_model
 from ..progress import log, set_log_file
@@ -133,8 +134,8 @@ class Run:
         self.source, self.sets = load_data(self.cfg)
 
     def logits(self, model: nn.Module, split: str = "test") -> torch.Tensor:
-        return image_logits(model, self.spec, self.cfg, self.sets[split], self.cfg.train.eval_batch_size,
-                            f"evaluate {split}")
+        return RunPredictor(self.dir, model, self.spec, self.cfg).logits(
+            self.sets[split], self.cfg.train.eval_batch_size, f"evaluate {split}")
 
     def accuracy(self, model: nn.Module, split: str = "test") -> float:
         labels = self.sets[split].labels

@@ -218,7 +218,6 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     earlier groups at smaller rates. `state`: the loop state after stage 1, or None to resume."""
     t, ft = cfg.train, cfg.finetune
     groups = all_groups(model)
-    n_backbone = len(groups) - 1
     optimizer = make_optimizer(optimizer_groups(model, groups, ft.lr, ft.lr_decay, ft.weight_decay),
                                ft.optimizer, ft.lr, ft.weight_decay)
     if state is None:
