@@ -115,3 +115,19 @@ def test_members_with_other_classes_are_refused(members, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # nothing saved for a refused ensemble
     with pytest.raises(GraftError, match="at least two"):
         build_ensemble([a], str(data))
+
+
+def test_an_ensemble_folder_teaches_a_distilled_student(members):
+    """`graft distill --teacher ENSEMBLE`: the teacher's logits are the ensemble's, and its cache
+    identity differs from each member's (other weights, other logits)."""
+    from graftnet.compress.distill import DistillSettings, RunTeacher, distill
+    from graftnet.train.pipeline import load_data
+    tmp, data, a, b = members
+    ens = build_ensemble([a, b], str(data), out=str(tmp / "runs"), name="teacher-ens")
+    teacher = RunTeacher(ens)
+    over = tiny_overrides(data, tmp, name="student-of-ens", **{"head.hidden": [16]})
+    _, sets = load_data(config.resolve(None, over))
+    torch.testing.assert_close(teacher(sets["test"]), ensemble_logits(ens, sets["test"]), atol=1e-5, rtol=1e-5)
+    assert teacher.identity not in {RunTeacher(a).identity, RunTeacher(b).identity}
+    student = distill(config.resolve(None, over), DistillSettings(str(ens), temperature=2.0, alpha=0.5))
+    assert json.loads((student / "distill.json").read_text())["teacher_test_acc"] is not None
