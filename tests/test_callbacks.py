@@ -55,6 +55,24 @@ def test_early_stopping_stops_and_restores_best(tmp_path):
     assert torch.equal(module.weight, weights[2])
 
 
+def test_early_stopping_of_a_second_stage_ignores_the_first(tmp_path):
+    """Fine-tuning's stopper judges its own epochs: a better stage-1 epoch (another module's
+    weights) neither stops it at once nor gets restored into the fine-tuned model."""
+    module = torch.nn.Linear(2, 2)
+    stopper = EarlyStopping(module, tmp_path, patience=1, first_epoch=2, name="best-finetune")
+    state = State(epoch=2, history=[{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.95}])
+    for epoch, acc in ((3, 0.8), (4, 0.7)):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        state.epoch = epoch
+        row = {"epoch": epoch, "val_acc": acc}
+        state.history.append(row)
+        stopper.after_epoch(state, row)
+        assert state.stop == (epoch == 4)
+    stopper.restore(state)
+    assert (module.weight == 3).all() and (tmp_path / "checkpoint" / "best-finetune.safetensors").is_file()
+
+
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="train.schedule"):
         config.resolve(None, {"train.schedule": "linear"})

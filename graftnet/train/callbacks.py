@@ -55,12 +55,16 @@ class EarlyStopping(Callback):
     """Stop when `monitor` has not improved for `patience` epochs; keep the best weights on disk
     and put them back when training ends (`restore`)."""
 
-    def __init__(self, module: torch.nn.Module, run_dir: Path, patience: int, monitor: str = "val_acc"):
-        self.module, self.path, self.patience, self.monitor = module, run_dir / "checkpoint" / "best.safetensors", patience, monitor
+    def __init__(self, module: torch.nn.Module, run_dir: Path, patience: int, monitor: str = "val_acc",
+                 first_epoch: int = 0, name: str = "best"):
+        """`first_epoch`: epochs before it belong to an earlier stage (another module, its own best)."""
+        self.module, self.path = module, run_dir / "checkpoint" / f"{name}.safetensors"
+        self.patience, self.monitor, self.first = patience, monitor, first_epoch
         self.sign = -1 if "loss" in monitor else 1
 
     def _best(self, history: list[dict]) -> dict | None:
-        rows = [r for r in history if r.get(self.monitor) == r.get(self.monitor)]  # drop NaN
+        rows = [r for r in history if r.get(self.monitor) == r.get(self.monitor)  # drop NaN
+                and r["epoch"] > self.first]
         return max(rows, key=lambda r: self.sign * r[self.monitor]) if rows else None
 
     def after_epoch(self, state: State, row: dict) -> None:

@@ -230,7 +230,8 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     for row in describe(model, groups, optimizer):
         log(f"  group {row['group']:<24} {row['params']:>9,} params  "
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
-    stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
+                            name="best-finetune") if t.early_stopping else None
     callbacks = list(extra) + _schedule(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
                                         len(sets["train"]), ft.batch_size or t.batch_size, state)
     callbacks += [unfreezer] + ([stopper] if stopper else [])
