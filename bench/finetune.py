@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--ft-bn", nargs="+", default=["eval", "frozen"], help="finetune.bn variants")
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32, help="throughput batch")
     ap.add_argument("--reps", type=int, default=5)
@@ -120,16 +121,19 @@ def main() -> None:
         sl = {**common, "data.max_per_class": args.per_class}
         print("frozen only", flush=True)
         frozen = run({**sl, "name": "frozen"})
-        print("frozen head + fine-tuning", flush=True)
-        tuned = run({**sl, "name": "finetuned", "finetune.epochs": args.ft_epochs,
-                     "finetune.lr": args.ft_lr})
-        results["finetune"] = {"frozen": frozen, "finetuned": tuned}
+        tuned = {}
+        for bn in args.ft_bn:
+            print(f"frozen head + fine-tuning, BatchNorm {bn}", flush=True)
+            tuned[bn] = run({**sl, "name": f"finetuned-bn-{bn}", "finetune.epochs": args.ft_epochs,
+                             "finetune.lr": args.ft_lr, "finetune.bn": bn})
+        results["finetune"] = {"frozen": frozen, **{f"finetuned, bn {k}": v for k, v in tuned.items()}}
         print(f"\n| {args.per_class}/class, {args.size}px | test accuracy | wall time |")
         print("|---|---:|---:|")
         print(f"| frozen backbone, head 10 epochs | {100 * frozen['accuracy']:.2f}% | {frozen['wall_s']:.0f} s |")
-        ft_s = sum(tuned["epoch_seconds"][-args.ft_epochs:])
-        print(f"| + fine-tuning {args.ft_epochs} epochs (all groups) | {100 * tuned['accuracy']:.2f}% "
-              f"| {tuned['wall_s']:.0f} s (fine-tuning epochs {ft_s:.0f} s; features from the cache) |")
+        for bn, r in tuned.items():
+            ft_s = sum(r["epoch_seconds"][-args.ft_epochs:])
+            print(f"| + fine-tuning {args.ft_epochs} epochs (all groups, --bn {bn}) | {100 * r['accuracy']:.2f}% "
+                  f"| {r['wall_s']:.0f} s (fine-tuning epochs {ft_s:.0f} s; features from the cache) |")
     if "augment" not in args.skip:
         sl = {**common, "data.max_per_class": args.aug_per_class, "train.flip_views": False}
         aug = {}

@@ -91,8 +91,10 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    bn: str = "frozen"               # frozen: BatchNorm of frozen groups keeps its statistics; train:
-                                     # all update them; eval: none does, trained groups included
+    bn: str = "eval"                 # eval: every BatchNorm keeps its ImageNet statistics, trained
+                                     # groups included (batch statistics would shift the features the
+                                     # head was trained on; BENCHMARKS.md section 7); frozen: only
+                                     # frozen groups keep them; train: all update them
     augment: str = "flip"            # images pass through the backbone anyway: augmentation is cheap
     batch_size: int = 0              # 0: train.batch_size
 

@@ -9,12 +9,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -82,3 +84,20 @@ def read_history(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def run_scope(run_dir: Path, keep_if: str = "model.safetensors"):
+    """Log into run_dir/log.txt while the block runs. If it fails before `keep_if` exists, the folder
+    holds nothing worth keeping and is removed, so a failed command leaves no half-made run behind."""
+    from .progress import set_log_file
+    set_log_file(run_dir / "log.txt")
+    try:
+        yield run_dir
+    except BaseException:
+        set_log_file(None)
+        if not (run_dir / keep_if).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        set_log_file(None)

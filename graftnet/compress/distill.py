@@ -14,7 +14,6 @@ A teacher is anything with `identity`, `image_size`, `classes` and `__call__(Ima
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -32,8 +31,8 @@ from ..predictor import load_predictor
 from ..heads import make_mlp
 from ..io import atomic_write_json, atomic_write_text, cache_root, save_tensors
 from ..model import build_model, save_model
-from ..progress import log, set_log_file
-from ..run import new_run_dir, write_environment, write_history
+from ..progress import log
+from ..run import new_run_dir, run_scope, write_environment, write_history
 from ..train.callbacks import EarlyStopping, LRSchedule
 from ..train.features import cache_key
 from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
@@ -156,16 +155,8 @@ def distill(cfg: RunConfig, settings: DistillSettings, teacher: Teacher | None =
     run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
     config_mod.save_yaml(cfg, run_dir / "config.yaml")
     atomic_write_text(run_dir / "distill.yaml", yaml.safe_dump({"distill": asdict(settings)}, sort_keys=False))
-    set_log_file(run_dir / "log.txt")
-    try:
+    with run_scope(run_dir):
         return _distill(cfg, settings, teacher, run_dir)
-    except BaseException:
-        set_log_file(None)
-        if not (run_dir / "model.safetensors").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        set_log_file(None)
 
 
 def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_dir: Path) -> Path:

@@ -14,7 +14,6 @@ like any other; prune.json records the settings and the before/after numbers.
 """
 from __future__ import annotations
 
-import shutil
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,8 +28,8 @@ from ..evaluation import finish_evaluation
 from ..predictor import RunPredictor
 from ..io import atomic_write_json
 from ..model import load_model, save_model
-from ..progress import log, set_log_file
-from ..run import new_run_dir, write_environment, write_history
+from ..progress import log
+from ..run import new_run_dir, run_scope, write_environment, write_history
 from ..train.features import image_batches
 from ..train.loop import Callback, State, fit, make_optimizer
 from .shapes import module_shapes, shape_changes
@@ -191,8 +190,7 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
     shapes_before = module_shapes(model)
     tag = f"{s.method}{round(s.amount * 100)}"
     new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-pruned-{tag}", spec.backbone)
-    set_log_file(new_dir / "log.txt")
-    try:
+    with run_scope(new_dir):
         save_yaml(run.cfg, new_dir / "config.yaml")
         write_environment(new_dir, s.seed)
         log(f"pruning {run.dir} ({s.method}, {s.amount:.0%} in {s.steps} step(s), "
@@ -253,13 +251,6 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
             f"{a['params']:,}; MACs {b['macs']:,} -> {a['macs']:,}; sparsity {a['sparsity']:.3f}; zipped "
             f"{b['deflate_bytes'] / 1e6:.2f} -> {a['deflate_bytes'] / 1e6:.2f} MB; {new_dir}")
         return new_dir
-    except BaseException:
-        set_log_file(None)
-        if not (new_dir / "model.safetensors").exists():
-            shutil.rmtree(new_dir, ignore_errors=True)
-        raise
-    finally:
-        set_log_file(None)
 
 
 @torch.no_grad()

@@ -103,12 +103,14 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 
 class FineTuneMode(nn.Module):
-    """Wraps the grafted model so `train()` leaves frozen parts in eval mode. bn='frozen' (default):
-    frozen groups run in eval mode (fixed BatchNorm statistics, no dropout/drop-path); 'train': their
-    BatchNorm layers update running statistics all the same; 'eval': every backbone BatchNorm keeps
-    its statistics, trained groups included (the usual advice for small batches)."""
+    """Wraps the grafted model so `train()` leaves frozen parts in eval mode: frozen groups run without
+    dropout/drop-path and with fixed BatchNorm statistics. bn='eval' (fine-tuning's default) keeps
+    every backbone BatchNorm on its running statistics, trained groups included: in train mode
+    BatchNorm normalises with batch statistics, which moves the features the head was trained on
+    (Keras gives the same advice). 'frozen': trained groups' BatchNorm uses batch statistics;
+    'train': frozen groups' BatchNorm layers update their statistics too."""
 
-    def __init__(self, model: nn.Module, bn: str = "frozen"):
+    def __init__(self, model: nn.Module, bn: str = "frozen"):  # stage 1 passes nothing: all frozen
         super().__init__()
         if bn not in BN_MODES:
             raise ConfigError(f"finetune.bn: {bn!r} is not one of {', '.join(BN_MODES)}")
