@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--aug-per-class", type=int, default=300, help="training slice per class (augment)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--ft-epochs", type=int, default=2)
-    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--ft-lr", type=float, default=3e-4, help="finetune.lr (its default)")
     ap.add_argument("--ft-bn", nargs="+", default=["eval", "frozen"], help="finetune.bn variants")
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32, help="throughput batch")

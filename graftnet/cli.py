@@ -79,11 +79,12 @@ def _train_parser(sub, name: str = "train",
                    "finetune: default 3)")
     g.add_argument("--unfreeze", metavar="all|top:N|gradual:E",
                    help="which backbone groups train: all, the top N, or one more every E epochs")
-    g.add_argument("--finetune-lr", type=float, help="the head's rate in stage 2 (default 1e-4)")
+    g.add_argument("--finetune-lr", type=float, help="the head's rate in stage 2 (default 3e-4)")
     g.add_argument("--lr-decay", type=float,
                    help="each earlier group's rate = the next one's x this (discriminative rates)")
     g.add_argument("--bn", choices=["frozen", "train", "eval"],
-                   help="BatchNorm: frozen groups keep statistics (frozen), all update (train), none (eval)")
+                   help="BatchNorm statistics: all kept (eval, default), kept in frozen groups only "
+                        "(frozen), all updated (train)")
     g.add_argument("--finetune-augment", choices=list(PRESETS), help="augmentation in stage 2 (default flip)")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")

@@ -85,7 +85,7 @@ class FinetuneConfig:
     epochs: int = 0                  # 0: no fine-tuning stage
     unfreeze: str = "all"            # all | top:N (top N backbone groups) | gradual:E (one more
                                      # group every E epochs, from the top)
-    lr: float = 1e-4                 # the head's rate; the k-th group below it gets lr * lr_decay**k
+    lr: float = 3e-4                 # the head's rate; the k-th group below it gets lr * lr_decay**k
     lr_decay: float = 0.5            # discriminative rates (1: one rate for all)
     optimizer: str = "adamw"
     weight_decay: float = 0.01
