@@ -1,0 +1,106 @@
+"""Issue 4's table in one run: a fine-tuned EfficientNet-Lite0 and what compression makes of it.
+
+    python bench/compression.py [--per-class 200] [--size 128] [--ft-epochs 1]
+
+On a CIFAR-10 slice, in one process: the base model (recipe head on the frozen backbone, then
+`graft finetune`), static int8 of it, structured pruning of 30% and 50% of its channels (2 steps,
+one recovery epoch each, distilling from the unpruned model, channel counts rounded to multiples
+of 8), a MobileNetV2 student at 96 px distilled from it against the same student without a
+teacher, and a two-member ensemble (the base + a frozen Lite0 at 96 px). Every row is exported to ONNX and scored by ONNX Runtime on the same test
+images; latency is the median ORT time of batch 1 and batch 64 with ORT's default threads, rows
+timed one after another. An ensemble's latency is its members' sum (they run in turn).
+Writes bench/results/compression.json and prints the markdown table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRAFTNET_QUIET", "1")
+
+from graftnet import config  # noqa: E402
+from graftnet.compress.distill import DistillSettings, distill  # noqa: E402
+from graftnet.compress.prune import PruneSettings, prune_run  # noqa: E402
+from graftnet.export.exporter import export_run  # noqa: E402
+from graftnet.export.quantize import quantize_run  # noqa: E402
+from graftnet.export.runtime import OnnxClassifier, measure_latency, softmax  # noqa: E402
+from graftnet.train.pipeline import load_data, train  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
+
+
+def score(path: Path, test) -> dict:
+    clf = OnnxClassifier(path)
+    logits = clf.logits([im.numpy() for im in test.images], 64)
+    b1, b64 = measure_latency(path, 1, repeats=30), measure_latency(path, 64, repeats=5)
+    return {"logits": logits, "accuracy": float((logits.argmax(1) == test.labels.numpy()).mean()),
+            "size_mb": path.stat().st_size / 1e6, "b1_ms": b1["median_ms"], "b64_ms": b64["median_ms"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"))
+    ap.add_argument("--per-class", type=int, default=200)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    args = ap.parse_args()
+    work = ROOT / "bench" / ".work" / "compression"
+    shutil.rmtree(work, ignore_errors=True)
+    common = {"data.path": args.data, "data.max_per_class": args.per_class, "out": str(work / "runs"),
+              "cache_dir": str(work / "cache")}
+    t0 = time.time()
+    base = train(config.resolve(RECIPE, {**common, "backbone.image_size": args.size, "name": "base",
+                                         "finetune.epochs": args.ft_epochs}))
+    second = train(config.resolve(RECIPE, {**common, "backbone.image_size": 96, "name": "lite0-96"}))
+    students = {}
+    for label, teacher in (("MobileNetV2 96 px, distilled", str(base)), ("MobileNetV2 96 px, no teacher", None)):
+        cfg = config.resolve(RECIPE, {**common, "backbone.name": "mobilenetv2", "backbone.image_size": 96,
+                                      "backbone.features": "last", "name": label.split(",")[1].strip().replace(" ", "-")})
+        students[label] = distill(cfg, DistillSettings(teacher, 4.0, 0.7 if teacher else 0.0))
+    pruned = {f"structured {round(a * 100)}% channels": prune_run(
+        base, PruneSettings(amount=a, steps=2, finetune_epochs=1, distill=0.7, round_to=8), out=str(work / "runs"),
+        name=f"pruned{round(a * 100)}") for a in (0.3, 0.5)}
+    print(f"models trained in {time.time() - t0:.0f} s; exporting and timing", flush=True)
+
+    files = {"fp32 (fine-tuned Lite0)": Path(export_run(base)["path"]),
+             "int8 static (ORT, QDQ)": Path(quantize_run(base)["path"])}
+    files.update({k: Path(export_run(v)["path"]) for k, v in pruned.items()})
+    files.update({k: Path(export_run(v)["path"]) for k, v in students.items()})
+    member2 = Path(export_run(second)["path"])
+    _, sets = load_data(config.resolve(base / "config.yaml"))
+    test = sets["test"]
+    rows = {k: score(p, test) for k, p in files.items()}
+    m2 = score(member2, test)
+    ens = (softmax(rows["fp32 (fine-tuned Lite0)"]["logits"]) + softmax(m2["logits"])) / 2
+    rows["ensemble: fp32 base + Lite0 96 px (equal weights)"] = {
+        "accuracy": float((ens.argmax(1) == test.labels.numpy()).mean()),
+        "size_mb": rows["fp32 (fine-tuned Lite0)"]["size_mb"] + m2["size_mb"],
+        "b1_ms": rows["fp32 (fine-tuned Lite0)"]["b1_ms"] + m2["b1_ms"],
+        "b64_ms": rows["fp32 (fine-tuned Lite0)"]["b64_ms"] + m2["b64_ms"]}
+    base_row = rows["fp32 (fine-tuned Lite0)"]
+    out = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "args": vars(args), "n_test": len(test), "second_member_accuracy": m2["accuracy"],
+           "rows": {k: {kk: vv for kk, vv in v.items() if kk != "logits"} for k, v in rows.items()}}
+    dest = ROOT / "bench" / "results" / "compression.json"
+    dest.write_text(json.dumps(out, indent=2))
+    print(f"\n{len(test)} test images, {args.per_class}/class slice, base at {args.size} px\n")
+    print("| model | test accuracy | ONNX size | batch 1 | batch 64 | speed-up b1 / b64 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k, r in rows.items():
+        print(f"| {k} | {100 * r['accuracy']:.2f}% | {r['size_mb']:.1f} MB | {r['b1_ms']:.1f} ms | "
+              f"{r['b64_ms']:.0f} ms | {base_row['b1_ms'] / r['b1_ms']:.2f}x / {base_row['b64_ms'] / r['b64_ms']:.2f}x |")
+    print(f"\nwrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
