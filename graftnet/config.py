@@ -14,6 +14,7 @@ import yaml
 
 from .data.augment import PRESETS
 from .errors import ConfigError
+from .train.finetune import BN_MODES, parse_unfreeze
 
 
 @dataclass
@@ -227,7 +228,7 @@ def validate(cfg: RunConfig) -> None:
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "finetune.optimizer": (cfg.finetune.optimizer, ("adam", "adamw", "sgd")),
         "finetune.schedule": (cfg.finetune.schedule, ("constant", "cosine", "onecycle")),
-        "finetune.bn": (cfg.finetune.bn, ("frozen", "train", "eval")),
+        "finetune.bn": (cfg.finetune.bn, BN_MODES),
         "finetune.augment": (cfg.finetune.augment, PRESETS),
     }
     for key, (value, allowed) in choices.items():
@@ -260,7 +261,6 @@ def validate(cfg: RunConfig) -> None:
     if ft.epochs < 0 or ft.lr <= 0 or not 0 < ft.lr_decay <= 1 or ft.batch_size < 0 or ft.warmup_epochs < 0:
         raise ConfigError("finetune: epochs and batch_size must be >= 0, lr > 0, lr_decay in (0, 1], "
                           "warmup_epochs >= 0")
-    from .train.finetune import parse_unfreeze
     parse_unfreeze(ft.unfreeze)
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
