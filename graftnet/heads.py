@@ -34,13 +34,15 @@ class FeatureExtractor(nn.Module):
                 info = info[:-1]
             self.tap_names = [i["module"] for i in info[-taps:]]
         modules = dict(model.named_modules())
-        for name in self.tap_names:
-            modules[name].register_forward_hook(_keep_output)
+        # A plain list, not registered submodules: a deep copy maps it onto the copy's own modules,
+        # and forward need not walk the module tree on every batch.
+        self._tapped = [modules[name] for name in self.tap_names]
+        for module in self._tapped:
+            module.register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         final = self.model.forward_features(x)
-        modules = dict(self.model.named_modules()) if self.tap_names else {}
-        return [final] + [modules[n].__dict__.pop("_graft_tap") for n in self.tap_names]
+        return [final] + [m.__dict__.pop("_graft_tap") for m in self._tapped]
 
     @torch.no_grad()
     def channels(self, image_size: int) -> list[tuple[int, int, int]]:

@@ -33,7 +33,7 @@ from ..io import atomic_write_json, atomic_write_text, cache_root, save_tensors
 from ..model import build_model, save_model
 from ..progress import log
 from ..run import new_run_dir, run_scope, write_environment, write_history
-from ..train.callbacks import EarlyStopping, LRSchedule
+from ..train.callbacks import EarlyStopping
 from ..train.features import cache_key
 from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
 
@@ -160,7 +160,7 @@ def distill(cfg: RunConfig, settings: DistillSettings, teacher: Teacher | None =
 
 
 def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_dir: Path) -> Path:
-    from ..train.pipeline import load_data, seed_everything, split_features
+    from ..train.pipeline import load_data, schedule_callbacks, seed_everything, split_features
     log(f"run folder: {run_dir} (distillation: teacher {s.teacher or 'none'}, T {s.temperature}, alpha {s.alpha})")
     write_environment(run_dir, cfg.train.seed)
     generator = seed_everything(cfg.train.seed)
@@ -181,9 +181,9 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
     optimizer = make_optimizer(list(model.mlp.parameters()), t.optimizer, t.lr, t.weight_decay)
     n_batches = -(-len(sets["train"]) // t.batch_size)
-    callbacks = []
-    if t.schedule != "constant" or t.warmup_epochs:
-        callbacks.append(LRSchedule(optimizer, t.schedule, t.epochs * n_batches, int(t.warmup_epochs * n_batches)))
+    state = State()
+    callbacks = schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0, len(sets["train"]),
+                                   t.batch_size, state)
     stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
     callbacks += [stopper] if stopper else []
 
@@ -202,7 +202,6 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
         return kd_loss(logits, current["teacher"], y, s.temperature, s.alpha, t.label_smoothing)
 
     val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-    state = State()
     fit(model.mlp, train_batches, n_batches,
         (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
         optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)

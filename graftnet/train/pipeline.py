@@ -180,7 +180,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
             state = load_checkpoint(run_dir, model, optimizer, generator)
             log(f"resuming after epoch {state.epoch}")
         stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
-        callbacks = list(extra) + _schedule(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
+        callbacks = list(extra) + schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
                                             len(sets["train"]), t.batch_size, state)
         callbacks += [stopper] if stopper else []
         callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
@@ -202,7 +202,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     return run_dir
 
 
-def _schedule(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n: int,
+def schedule_callbacks(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n: int,
               batch_size: int, state: State) -> list[Callback]:
     """The stage's LR schedule over its own steps. Its first step is derived from the state it
     starts or resumes from (checkpoints fall on epoch ends), whatever steps an earlier stage took."""
@@ -232,7 +232,7 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
     stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
                             name="best-finetune") if t.early_stopping else None
-    callbacks = list(extra) + _schedule(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
+    callbacks = list(extra) + schedule_callbacks(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
                                         len(sets["train"]), ft.batch_size or t.batch_size, state)
     callbacks += [unfreezer] + ([stopper] if stopper else [])
     callbacks.append(_Checkpointer(run_dir, model, optimizer, generator, full=True))
