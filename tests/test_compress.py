@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from graftnet import config
 from graftnet.compress.distill import DistillSettings, RunTeacher, distill, kd_loss, teacher_logits
-from graftnet.compress.prune import PruneSettings, magnitude_prune, prunable, prune_run, sparsity
+from graftnet.compress.prune import (PruneSettings, magnitude_prune, prunable, prune_run, recalibrate_bn,
+                                     sparsity)
 from graftnet.errors import ConfigError, GraftError
 from graftnet.evaluation import evaluate_run
 from graftnet.model import load_model
@@ -82,6 +83,38 @@ def test_structured_removes_channels_and_reloads_exactly(trained):
     (out / "model.json").write_text(json.dumps(spec))
     with pytest.raises(GraftError, match="not a size attribute"):
         load_model(out)
+
+
+def test_recalibrate_bn_measures_the_data_and_leaves_the_rest():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    bn = net[1]
+    bn.running_mean.fill_(7.0)  # stale statistics, as after a pruning step
+    bn.running_var.fill_(0.01)
+    weight = net[0].weight.clone()
+    xs = [torch.randn(8, 3, 5, 5) * 3 + 1 for _ in range(4)]
+    net.train()
+    seen = recalibrate_bn(net, ((x, None) for x in xs), limit=24)  # stops after 3 batches
+    assert seen == 24 and net.training and bn.momentum == 0.1  # mode and momentum restored
+    with torch.no_grad():  # an equal-weight average over the batches seen, not a moving one
+        ys = [net[0](x) for x in xs[:3]]
+    torch.testing.assert_close(bn.running_mean, torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([y.var((0, 2, 3)) for y in ys]).mean(0))
+    assert torch.equal(net[0].weight, weight)  # no gradient step, only statistics
+
+
+def test_structured_recovery_keeps_recalibrated_statistics(trained):
+    """bn="eval": recovery trains the weights but not the BatchNorm statistics recalibration set."""
+    run, tmp = trained
+    out = prune_run(run, PruneSettings("structured", 0.3, finetune_epochs=1, calibrate=10_000, lr=1e-2),
+                    out=str(tmp / "pruned"), name="calibrated")
+    step = json.loads((out / "prune.json").read_text())["steps"][0]
+    assert {"val_acc_pruned", "val_acc_recalibrated", "val_acc_recovered"} <= set(step)
+    model, _ = load_model(out)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) < 5 for m in norms)  # cumulative calibration only
+    with pytest.raises(ConfigError, match="bn"):
+        prune_run(run, PruneSettings(bn="batch"))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"amount": 0}, "amount"), ({"amount": 1.5}, "amount"),

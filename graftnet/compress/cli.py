@@ -19,6 +19,10 @@ def add_commands(sub) -> dict:
     p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
                    help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
+    p.add_argument("--calibrate", type=int, default=2000, metavar="N",
+                   help="training images that re-estimate BatchNorm statistics after each step (0: off)")
+    p.add_argument("--bn", choices=["eval", "train"], default="eval",
+                   help="BatchNorm in recovery: eval keeps the recalibrated statistics, train uses batch ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
     p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
@@ -45,7 +49,7 @@ def cmd_prune(args) -> None:
     from .prune import PruneSettings, prune_run
     settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
                              args.lr, args.batch_size, args.round_to, args.distill,
-                             seed=args.seed)
+                             seed=args.seed, calibrate=args.calibrate, bn=args.bn)
     print(prune_run(args.run, settings, args.out, args.name))
 
 

@@ -7,8 +7,9 @@
                   convs, residual adds, BatchNorm, the head's input), so the network really gets
                   smaller and faster. The classifier's outputs are never touched.
 
-Both run an iterative schedule: prune to amount*k/K, fine-tune the whole network on the run's
-training images for a few epochs, repeat for k = 1..K. The result is a new run folder (same config,
+Both run an iterative schedule: prune to amount*k/K, re-estimate BatchNorm statistics on training
+images (recalibrate_bn), fine-tune the whole network on the run's training images for a few epochs
+with those statistics fixed, recalibrate again, repeat for k = 1..K. The result is a new run folder (same config,
 model.safetensors + model.json, report) that `load_model`, `graft evaluate` and `graft predict` use
 like any other; prune.json records the settings and the before/after numbers.
 """
@@ -51,6 +52,10 @@ class PruneSettings:
                                    # model's logits (cached per training image), the rest on labels
     temperature: float = 4.0
     seed: int = 0
+    calibrate: int = 2000          # training images that re-estimate BatchNorm statistics after each
+                                   # pruning step and after recovery (0: keep the stale ones)
+    bn: str = "eval"               # BatchNorm during recovery: "eval" keeps the recalibrated statistics
+                                   # (as graft finetune does), "train" normalises with batch statistics
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +68,8 @@ class PruneSettings:
             raise ConfigError("prune: distill must be in [0, 1] and temperature > 0")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError("prune: round_to must be a positive channel count")
+        if self.calibrate < 0 or self.bn not in ("eval", "train"):
+            raise ConfigError("prune: calibrate must be >= 0 images and bn one of eval, train")
 
 
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -105,6 +112,35 @@ class MaskKeeper(Callback):
     def after_step(self, state: State) -> None:
         for weight, mask in self.masks.items():
             weight.mul_(mask.to(weight.dtype))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, limit: int) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on up to `limit` training images, with
+    no gradient step. Removing channels changes the sums that feed every later layer, so the old
+    statistics no longer fit; stale statistics, more than the lost weights, are what costs most of
+    the accuracy right after a pruning step (the "adaptive BN" observation of EagleEye, Li et al.
+    2020). Returns the number of images seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or limit <= 0:
+        return 0
+    momentum = {m: m.momentum for m in norms}
+    was_training = model.training
+    model.eval()  # dropout off; only the norms see batches in training mode
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every calibration batch
+        m.train()
+    seen = 0
+    for x, _ in batches:
+        model(x)
+        seen += len(x)
+        if seen >= limit:
+            break
+    for m in norms:
+        m.momentum = momentum[m]
+    model.train(was_training)
+    return seen
 
 
 def count(model: nn.Module, image_size: int) -> tuple[int, int]:
@@ -156,11 +192,13 @@ class Run:
 
 def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
              callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
-             alpha: float = 0.0, temperature: float = 4.0) -> None:
-    """Train every parameter of `model` (BatchNorm statistics too) on the run's training images;
-    with `teacher` (logits of the unpruned model per training image) the loss is distillation."""
+             alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval") -> None:
+    """Train every parameter of `model` on the run's training images, BatchNorm in mode `bn` (see
+    PruneSettings); with `teacher` (logits of the unpruned model per training image) the loss is
+    distillation."""
     if epochs <= 0:
         return
+    from ..train.finetune import FineTuneMode
     from .distill import kd_loss
     for p in model.parameters():
         p.requires_grad_(True)
@@ -172,10 +210,18 @@ def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int
     def loss_fn(logits, y):
         return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(model, lambda: run.batches("train", batch_size, generator, augment, teacher, current),
+    fit(FineTuneMode(model, bn), lambda: run.batches("train", batch_size, generator, augment, teacher, current),
         -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
         run.cfg.backbone.precision, loss_fn)
     model.eval()
+
+
+def calibrate(run: Run, model: nn.Module, images: int, seed: int) -> None:
+    """recalibrate_bn on `images` shuffled, unaugmented training images of the run."""
+    if images:
+        batches = run.batches("train", run.cfg.train.eval_batch_size, torch.Generator().manual_seed(seed))
+        recalibrate_bn(model, batches, images)
+        model.eval()
 
 
 def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = None,
@@ -219,15 +265,21 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
                 pruner.step()
             else:
                 masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
-            pruned_acc = run.accuracy(model, "val") if len(run.sets["val"]) else float("nan")
+            val_acc = (lambda: run.accuracy(model, "val")) if len(run.sets["val"]) else (lambda: float("nan"))
+            pruned_acc = val_acc()
+            calibrate(run, model, s.calibrate, s.seed + k)
+            calibrated_acc = val_acc() if s.calibrate else pruned_acc
             finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
-                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature)
+                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn)
+            if s.finetune_epochs and s.calibrate:  # the recovered weights deserve their own statistics
+                calibrate(run, model, s.calibrate, s.seed + k)
             macs, params = count(model, spec.image_size)
             steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
-                          "val_acc_pruned": pruned_acc,
-                          "val_acc_recovered": state.history[-1]["val_acc"] if state.history else pruned_acc})
+                          "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
+                          "val_acc_recovered": val_acc() if s.finetune_epochs else calibrated_acc})
             log(f"step {k}/{s.steps}: params {params:,}  MACs {macs:,}  sparsity {steps[-1]['sparsity']:.3f}  "
-                f"val acc {pruned_acc:.4f} pruned -> {steps[-1]['val_acc_recovered']:.4f} recovered")
+                f"val acc {pruned_acc:.4f} pruned -> {calibrated_acc:.4f} BatchNorm recalibrated -> "
+                f"{steps[-1]['val_acc_recovered']:.4f} recovered")
         for p in model.parameters():
             p.requires_grad_(False)
         new_spec = replace(spec, pruned=shape_changes(shapes_before, module_shapes(model)))
