@@ -16,6 +16,10 @@ def add_commands(sub) -> dict:
     p.add_argument("--calibration", type=int, default=256, metavar="N",
                    help="training images for static calibration (default 256)")
     p.add_argument("--out", help="output file (default RUN/export/model.int8.onnx)")
+    p.add_argument("--qat-epochs", type=int, default=0, metavar="N",
+                   help="quantization-aware training first: N epochs simulating int8, saved as a new "
+                        "run RUN-qat holding export/model.int8.onnx (when post-training loses too much)")
+    p.add_argument("--qat-lr", type=float, default=5e-5, help="learning rate of quantization-aware training")
     return {"export": cmd_export, "quantize": cmd_quantize}
 
 
@@ -26,4 +30,12 @@ def cmd_export(args) -> None:
 
 def cmd_quantize(args) -> None:
     from .quantize import quantize_run
+    if args.qat_epochs:
+        from ..compress.qat import QatSettings, qat_run
+        from ..errors import GraftError
+        if args.method != "static" or args.out:
+            raise GraftError("--qat-epochs makes a static int8 model inside the new run RUN-qat: "
+                             "drop --method dynamic / --out")
+        print(qat_run(args.run, QatSettings(args.qat_epochs, args.qat_lr, calibration=args.calibration)))
+        return
     print(json.dumps(quantize_run(args.run, args.method, args.calibration, args.out), indent=2))
