@@ -166,6 +166,32 @@ def test_distill_run_evaluates_and_caches_teacher_logits(trained):
     torch.testing.assert_close(cached, teacher(sets["train"]), atol=1e-4, rtol=1e-4)
 
 
+def test_kd_loss_unlabeled_rows_count_in_the_soft_term_only():
+    s, t = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4, 3)
+    y = torch.tensor([2, -1, 0, -1])
+    soft = kd_loss(s, t, torch.full((4,), -1), 2.0, 1.0)
+    assert kd_loss(s, t, torch.full((4,), -1), 2.0, 0.5).item() == pytest.approx(0.5 * soft.item())
+    hard = F.cross_entropy(s[[0, 2]], y[[0, 2]])
+    assert kd_loss(s, t, y, 2.0, 0.3).item() == pytest.approx(0.3 * soft.item() + 0.7 * hard.item(), rel=1e-5)
+
+
+def test_distill_transfer_set_leaves_out_the_runs_own_images(trained, tmp_path):
+    run, tmp = trained
+    data = make_folder(tmp_path / "data", n=14, seed=3)
+    over = tiny_overrides(data, tmp_path, **{"data.max_per_class": 6})
+    student = distill(config.resolve(None, over), DistillSettings(str(run), alpha=0.8, transfer=str(data)))
+    info = json.loads((student / "distill.json").read_text())
+    assert info["labeled_images"] < 18 and info["transfer_images"] == 3 * 14 - 3 * 6  # not val/test either
+    flat = tmp_path / "flat"  # loose images, no class folders: the teacher labels them
+    flat.mkdir()
+    for i, p in enumerate(sorted((data / "cat").iterdir())[:5]):
+        (flat / f"{i}.png").write_bytes(p.read_bytes())
+    student = distill(config.resolve(None, over), DistillSettings(str(run), transfer=str(flat), transfer_max=4))
+    assert json.loads((student / "distill.json").read_text())["transfer_images"] == 4
+    with pytest.raises(ConfigError, match="transfer"):
+        distill(config.resolve(None, over), DistillSettings(str(run), alpha=0.0, transfer=str(flat)))
+
+
 def test_distill_clear_errors(trained, tmp_path):
     run, tmp = trained
     over = tiny_overrides(config.resolve(run / "config.yaml").data.path, tmp_path)

@@ -42,6 +42,10 @@ def add_commands(sub) -> dict:
     d.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
     d.add_argument("--alpha", type=float, default=0.7,
                    help="weight of the teacher term; 1-alpha goes to hard-label cross-entropy")
+    d.add_argument("--transfer", metavar="PATH",
+                   help="unlabeled images (any folder, or a data set: its training images) that the "
+                        "teacher labels for the student; the run's own train/val/test images are left out")
+    d.add_argument("--transfer-max", type=int, metavar="N", help="use at most N transfer images")
     return {"prune": cmd_prune, "distill": cmd_distill}
 
 
@@ -68,6 +72,7 @@ def cmd_distill(args) -> None:
         raise GraftError("distill needs --teacher RUN (or --no-teacher for the hard-label baseline)")
     if args.teacher and args.no_teacher:
         raise GraftError("--teacher and --no-teacher exclude each other")
-    settings = DistillSettings(args.teacher, args.temperature, 0.0 if args.no_teacher else args.alpha)
+    settings = DistillSettings(args.teacher, args.temperature, 0.0 if args.no_teacher else args.alpha,
+                               args.transfer, args.transfer_max)
     cfg = config.resolve(args.config, train_overrides(args))
     print(distill(cfg, settings))

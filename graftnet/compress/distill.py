@@ -6,7 +6,9 @@ T² keeps the soft term's gradients on the scale of the hard term's as T grows. 
 backbone frozen and no augmentation, both sides are fixed per image: the student's pooled features
 come from the usual feature cache and the teacher's logits are computed once and cached too, so the
 student's head trains in seconds. alpha = 0 (`--no-teacher`) is plain cross-entropy with the same
-budget: the baseline a distilled student has to beat.
+budget: the baseline a distilled student has to beat. A transfer set (`--transfer`: unlabeled
+images, or the rest of a data set the run only sliced) adds images the teacher labels: they count
+in the soft term only, and are where a teacher helps most (Hinton et al. distilled on such sets).
 
 A teacher is anything with `identity`, `image_size`, `classes` and `__call__(ImageSet) -> logits`
 (RunTeacher: a finished run folder); an ensemble of runs can plug in the same way.
@@ -43,6 +45,9 @@ class DistillSettings:
     teacher: str | None = None     # teacher run folder (None with alpha 0: the no-teacher baseline)
     temperature: float = 4.0
     alpha: float = 0.7             # weight of the soft (teacher) term
+    transfer: str | None = None    # unlabeled images (folder or zip; labels ignored) that the teacher
+                                   # labels for the student: the soft term only (Hinton's transfer set)
+    transfer_max: int | None = None  # at most this many of them (a seeded random choice)
 
     def check(self) -> None:
         if self.temperature <= 0:
@@ -51,11 +56,21 @@ class DistillSettings:
             raise ConfigError(f"distill alpha {self.alpha}: must be in [0, 1]")
         if self.alpha > 0 and not self.teacher:
             raise ConfigError("distill: alpha > 0 needs a teacher run (or alpha 0 / --no-teacher)")
+        if self.transfer and self.alpha == 0:
+            raise ConfigError("distill: a transfer set is labeled by the teacher; it needs alpha > 0")
+        if self.transfer_max is not None and self.transfer_max < 1:
+            raise ConfigError(f"distill transfer_max {self.transfer_max}: must be at least 1")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
             alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    """Rows labeled -1 (unlabeled transfer images) count in the soft term only."""
+    known = labels >= 0
+    if known.all():
+        hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    else:
+        hard = (F.cross_entropy(student[known], labels[known], label_smoothing=label_smoothing)
+                if known.any() else student.sum() * 0)
     if alpha == 0 or teacher is None:
         return hard
     t = temperature
@@ -146,6 +161,45 @@ def _sets_at(cfg: RunConfig, size: int, sets: dict[str, ImageSet]) -> dict[str, 
     return other
 
 
+def transfer_images(cfg: RunConfig, s: DistillSettings, source, sets: dict[str, ImageSet], size: int):
+    """(source, ImageSet) of the transfer set, labels -1, decoded at `size`. A data set graftnet can
+    read contributes its training images (never its test split); any other folder, every image
+    under it. When it is the run's own data set, the run's train, val and test images are left out:
+    the labeled ones are used already and the others must stay unseen."""
+    from pathlib import Path as _Path
+
+    from ..data.images import load_images
+    from ..data.pixels import list_images
+    from ..data.sources import Source, _hash, open_source
+    try:
+        other = open_source(s.transfer, cfg.cache_dir)
+        keys = [k for split in ("train", "all") for k, _ in other.splits.get(split, [])]
+    except DataError:
+        root = _Path(s.transfer)
+        if not root.is_dir():
+            raise
+        files = list_images(root)  # any layout: the teacher supplies the labels
+        keys = [p.relative_to(root).as_posix() for p in files]
+        other = Source(str(root), list(source.classes), {"all": [(k, -1) for k in keys]},
+                       _hash([(k, p.stat().st_size, p.stat().st_mtime_ns) for k, p in zip(keys, files)]))
+    excluded = 0
+    if other.fingerprint == source.fingerprint:
+        used = {k for split in sets.values() for k in split.keys}
+        excluded = sum(k in used for k in keys)
+        keys = [k for k in keys if k not in used]
+    if s.transfer_max is not None and len(keys) > s.transfer_max:
+        pick = torch.randperm(len(keys), generator=torch.Generator().manual_seed(cfg.train.seed))
+        keys = [keys[i] for i in sorted(pick[:s.transfer_max].tolist())]
+    if not keys:
+        raise DataError(f"{s.transfer}: no transfer images left"
+                        + (f" ({excluded} are this run's own train/val/test images)" if excluded else ""))
+    images = load_images(other, [(k, -1) for k in keys], size, cfg.data.skip_bad, cfg.data.workers,
+                         gray=cfg.data.grayscale)
+    log(f"transfer set: {len(images)} unlabeled images from {other.location}"
+        + (f" ({excluded} of the run's own images left out)" if excluded else ""))
+    return other, images
+
+
 def distill(cfg: RunConfig, settings: DistillSettings, teacher: Teacher | None = None) -> Path:
     """Train a student run from `cfg`, taught by `teacher` (or settings.teacher); returns its folder."""
     settings.check()
@@ -189,6 +243,15 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
 
     train_x = split_features(model, spec, cfg, source, sets["train"], "train")
     labels = sets["train"].labels
+    n_transfer = 0
+    if s.transfer:  # unlabeled images: the teacher's logits are their only targets
+        t_source, t_images = transfer_images(cfg, s, source, sets, max(teacher.image_size, spec.image_size))
+        t_logits, _ = teacher_logits(teacher, t_images, t_source.fingerprint, cache)
+        t_x = split_features(model, spec, cfg, t_source, t_images, "transfer")
+        n_transfer = len(t_images)
+        train_x, labels = torch.cat([train_x, t_x]), torch.cat([labels, t_images.labels])
+        teach = torch.cat([teach, t_logits])
+        n_batches = -(-len(labels) // t.batch_size)
     current: dict[str, torch.Tensor | None] = {"teacher": None}  # the batch's teacher logits, for the loss
 
     def train_batches():
@@ -213,5 +276,7 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     write_history(run_dir, state.history)
     m = finish_evaluation(run_dir, cfg, spec, state.history, logits, test_labels, sets["test"], sets["train"])
     atomic_write_json(run_dir / "distill.json", {**asdict(s), "teacher_test_acc": teacher_acc,
-                                                 "student_test_acc": m["accuracy"]})
+                                                 "student_test_acc": m["accuracy"],
+                                                 "labeled_images": len(sets["train"]),
+                                                 "transfer_images": n_transfer})
     return run_dir

@@ -44,7 +44,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
                     callbacks: list[Callback] = (), precision: str = "fp32",
                     loss_fn: Callable = F.cross_entropy) -> dict:
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, labeled = 0.0, 0, 0, 0
     dev = device_of(model)
     with bar(n_batches, f"epoch {state.epoch + 1}") as advance:
         for x, y in batches:
@@ -67,10 +67,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
                 cb.after_step(state)
             total_loss += loss.item() * len(y)
             hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
-            correct += (logits.argmax(1) == hard).sum().item()
+            known = hard >= 0  # label -1: an unlabeled image (distillation's transfer set)
+            correct += (logits.argmax(1) == hard)[known].sum().item()
             seen += len(y)
+            labeled += known.sum().item()
             advance(1, loss=total_loss / seen)
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(labeled, 1)}
 
 
 @torch.no_grad()
