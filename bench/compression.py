@@ -4,10 +4,12 @@
 
 On a CIFAR-10 slice, in one process: the base model (recipe head on the frozen backbone, then
 `graft finetune`), static int8 of it, structured pruning of 30% and 50% of its channels (2 steps,
-one recovery epoch each, distilling from the unpruned model, channel counts rounded to multiples
-of 8), a MobileNetV2 student at 96 px distilled from it against the same student without a
-teacher, and a two-member ensemble (the base + a frozen Lite0 at 96 px). Every row is exported to ONNX and scored by ONNX Runtime on the same test
-images; latency is the median ORT time of batch 1 and batch 64 with ORT's default threads, rows
+BatchNorm recalibrated, --prune-epochs recovery epochs each, distilling from the unpruned model,
+channel counts rounded to multiples of 8), static int8 after quantization-aware training, a
+MobileNetV2 student at 96 px distilled from it against the same student without a teacher and
+the same student distilled with a transfer set (unlabeled CIFAR-10 training images outside the
+slice), and a two-member ensemble (the base + a frozen Lite0 at 96 px). Every row is exported to
+ONNX and scored by ONNX Runtime on the same test images; latency is the median ORT time of batch 1 and batch 64 with ORT's default threads, rows
 timed one after another. An ensemble's latency is its members' sum (they run in turn).
 Writes bench/results/compression.json and prints the markdown table for BENCHMARKS.md.
 """
@@ -30,6 +32,7 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 from graftnet import config  # noqa: E402
 from graftnet.compress.distill import DistillSettings, distill  # noqa: E402
 from graftnet.compress.prune import PruneSettings, prune_run  # noqa: E402
+from graftnet.compress.qat import QatSettings, qat_run  # noqa: E402
 from graftnet.export.exporter import export_run  # noqa: E402
 from graftnet.export.quantize import quantize_run  # noqa: E402
 from graftnet.export.runtime import OnnxClassifier, measure_latency, softmax  # noqa: E402
@@ -52,6 +55,10 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=200)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--prune-epochs", type=int, default=1, help="recovery epochs after each of 2 pruning steps")
+    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--transfer-max", type=int, default=8000,
+                    help="unlabeled CIFAR-10 training images (outside the slice) for the transfer-set student")
     args = ap.parse_args()
     work = ROOT / "bench" / ".work" / "compression"
     shutil.rmtree(work, ignore_errors=True)
@@ -62,17 +69,23 @@ def main() -> None:
                                          "finetune.epochs": args.ft_epochs}))
     second = train(config.resolve(RECIPE, {**common, "backbone.image_size": 96, "name": "lite0-96"}))
     students = {}
-    for label, teacher in (("MobileNetV2 96 px, distilled", str(base)), ("MobileNetV2 96 px, no teacher", None)):
+    transfer = f"MobileNetV2 96 px, distilled + {args.transfer_max} unlabeled images"
+    for label, teacher, extra in (("MobileNetV2 96 px, distilled", str(base), {}),
+                                  ("MobileNetV2 96 px, no teacher", None, {}),
+                                  (transfer, str(base), {"transfer": args.data, "transfer_max": args.transfer_max})):
+        name = "transfer" if extra else label.split(",")[1].strip().replace(" ", "-")
         cfg = config.resolve(RECIPE, {**common, "backbone.name": "mobilenetv2", "backbone.image_size": 96,
-                                      "backbone.features": "last", "name": label.split(",")[1].strip().replace(" ", "-")})
-        students[label] = distill(cfg, DistillSettings(teacher, 4.0, 0.7 if teacher else 0.0))
+                                      "backbone.features": "last", "name": name})
+        students[label] = distill(cfg, DistillSettings(teacher, 4.0, 0.7 if teacher else 0.0, **extra))
     pruned = {f"structured {round(a * 100)}% channels": prune_run(
-        base, PruneSettings(amount=a, steps=2, finetune_epochs=1, distill=0.7, round_to=8), out=str(work / "runs"),
-        name=f"pruned{round(a * 100)}") for a in (0.3, 0.5)}
+        base, PruneSettings(amount=a, steps=2, finetune_epochs=args.prune_epochs, distill=0.7, round_to=8),
+        out=str(work / "runs"), name=f"pruned{round(a * 100)}") for a in (0.3, 0.5)}
+    qat = qat_run(base, QatSettings(epochs=args.qat_epochs), out=str(work / "runs"), name="qat")
     print(f"models trained in {time.time() - t0:.0f} s; exporting and timing", flush=True)
 
     files = {"fp32 (fine-tuned Lite0)": Path(export_run(base)["path"]),
-             "int8 static (ORT, QDQ)": Path(quantize_run(base)["path"])}
+             "int8 static (ORT, QDQ)": Path(quantize_run(base)["path"]),
+             f"int8 static after {args.qat_epochs} QAT epoch(s)": qat / "export" / "model.int8.onnx"}
     files.update({k: Path(export_run(v)["path"]) for k, v in pruned.items()})
     files.update({k: Path(export_run(v)["path"]) for k, v in students.items()})
     member2 = Path(export_run(second)["path"])
