@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from graftnet import config
 from graftnet.compress.distill import DistillSettings, RunTeacher, distill, kd_loss, teacher_logits
-from graftnet.compress.prune import (PruneSettings, magnitude_prune, prunable, prune_run, recalibrate_bn,
-                                     sparsity)
+from graftnet.compress.prune import (PruneSettings, Run, calibrate, magnitude_prune, prunable, prune_run,
+                                     recalibrate_bn, sparsity)
 from graftnet.errors import ConfigError, GraftError
 from graftnet.evaluation import evaluate_run
 from graftnet.model import load_model
@@ -103,18 +103,33 @@ def test_recalibrate_bn_measures_the_data_and_leaves_the_rest():
     assert torch.equal(net[0].weight, weight)  # no gradient step, only statistics
 
 
-def test_structured_recovery_keeps_recalibrated_statistics(trained):
-    """bn="eval": recovery trains the weights but not the BatchNorm statistics recalibration set."""
+def test_calibrate_keeps_new_statistics_only_when_validation_does_not_drop(trained):
+    run = Run(trained[0])
+    norms = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    original = [m.running_mean.clone() for m in norms]
+    scores = iter([0.8, 0.5])  # before, after: worse -> the old statistics come back
+    assert calibrate(run, run.model, 64, 0, lambda: next(scores)) == (0.8, False)
+    assert all(torch.equal(m.running_mean, o) for m, o in zip(norms, original))
+    scores = iter([0.5, 0.6])
+    assert calibrate(run, run.model, 64, 0, lambda: next(scores)) == (0.6, True)
+    assert any(not torch.equal(m.running_mean, o) for m, o in zip(norms, original))
+
+
+def test_structured_taylor_recovery_with_fixed_statistics(trained):
+    """bn="eval": recovery trains the weights, not the BatchNorm statistics; Taylor ranking runs."""
     run, tmp = trained
-    out = prune_run(run, PruneSettings("structured", 0.3, finetune_epochs=1, calibrate=10_000, lr=1e-2),
-                    out=str(tmp / "pruned"), name="calibrated")
+    out = prune_run(run, PruneSettings("structured", 0.3, finetune_epochs=1, calibrate=0, lr=1e-2,
+                                       importance="taylor", importance_images=16),
+                    out=str(tmp / "pruned"), name="taylor")
     step = json.loads((out / "prune.json").read_text())["steps"][0]
-    assert {"val_acc_pruned", "val_acc_recalibrated", "val_acc_recovered"} <= set(step)
+    assert step["recalibrated_kept"] is False and step["macs"] < json.loads(
+        (out / "prune.json").read_text())["before"]["macs"]
     model, _ = load_model(out)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and all(int(m.num_batches_tracked) < 5 for m in norms)  # cumulative calibration only
-    with pytest.raises(ConfigError, match="bn"):
-        prune_run(run, PruneSettings(bn="batch"))
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)  # no batch ever updated them
+    for bad in ({"bn": "batch"}, {"importance": "random"}):
+        with pytest.raises(ConfigError, match="bn|importance"):
+            prune_run(run, PruneSettings(**bad))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"amount": 0}, "amount"), ({"amount": 1.5}, "amount"),

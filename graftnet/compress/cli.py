@@ -19,8 +19,11 @@ def add_commands(sub) -> dict:
     p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
                    help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
+    p.add_argument("--importance", choices=["taylor", "magnitude"], default="taylor",
+                   help="structured: rank channels by |weight x gradient| on training images, or by weight norm")
     p.add_argument("--calibrate", type=int, default=2000, metavar="N",
-                   help="training images that re-estimate BatchNorm statistics after each step (0: off)")
+                   help="training images that re-estimate BatchNorm statistics after each step, kept "
+                        "where validation accuracy does not drop (0: off)")
     p.add_argument("--bn", choices=["eval", "train"], default="eval",
                    help="BatchNorm in recovery: eval keeps the recalibrated statistics, train uses batch ones")
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +56,8 @@ def cmd_prune(args) -> None:
     from .prune import PruneSettings, prune_run
     settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
                              args.lr, args.batch_size, args.round_to, args.distill,
-                             seed=args.seed, calibrate=args.calibrate, bn=args.bn)
+                             seed=args.seed, importance=args.importance,
+                             calibrate=args.calibrate, bn=args.bn)
     print(prune_run(args.run, settings, args.out, args.name))
 
 

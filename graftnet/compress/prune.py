@@ -7,9 +7,10 @@
                   convs, residual adds, BatchNorm, the head's input), so the network really gets
                   smaller and faster. The classifier's outputs are never touched.
 
-Both run an iterative schedule: prune to amount*k/K, re-estimate BatchNorm statistics on training
-images (recalibrate_bn), fine-tune the whole network on the run's training images for a few epochs
-with those statistics fixed, recalibrate again, repeat for k = 1..K. The result is a new run folder (same config,
+Both run an iterative schedule: prune to amount*k/K (structured: channels ranked by Taylor
+importance on training images, by default), re-estimate BatchNorm statistics on training images
+where that helps on validation (calibrate), fine-tune the whole network on the run's training
+images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K. The result is a new run folder (same config,
 model.safetensors + model.json, report) that `load_model`, `graft evaluate` and `graft predict` use
 like any other; prune.json records the settings and the before/after numbers.
 """
@@ -52,8 +53,12 @@ class PruneSettings:
                                    # model's logits (cached per training image), the rest on labels
     temperature: float = 4.0
     seed: int = 0
+    importance: str = "taylor"     # structured: rank channels by |weight x gradient| of the label loss
+                                   # ("taylor", on importance_images training images) or by weight norm
+    importance_images: int = 256
     calibrate: int = 2000          # training images that re-estimate BatchNorm statistics after each
-                                   # pruning step and after recovery (0: keep the stale ones)
+                                   # pruning step and after recovery, kept where validation accuracy
+                                   # does not drop (0: never)
     bn: str = "eval"               # BatchNorm during recovery: "eval" keeps the recalibrated statistics
                                    # (as graft finetune does), "train" normalises with batch statistics
 
@@ -68,6 +73,9 @@ class PruneSettings:
             raise ConfigError("prune: distill must be in [0, 1] and temperature > 0")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError("prune: round_to must be a positive channel count")
+        if self.importance not in ("taylor", "magnitude") or self.importance_images < 1:
+            raise ConfigError(f"prune importance {self.importance!r}: use taylor or magnitude (and "
+                              "importance_images >= 1)")
         if self.calibrate < 0 or self.bn not in ("eval", "train"):
             raise ConfigError("prune: calibrate must be >= 0 images and bn one of eval, train")
 
@@ -121,7 +129,8 @@ def recalibrate_bn(model: nn.Module, batches, limit: int) -> int:
     statistics no longer fit; stale statistics, more than the lost weights, are what costs most of
     the accuracy right after a pruning step (the "adaptive BN" observation of EagleEye, Li et al.
     2020). Returns the number of images seen."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or limit <= 0:
         return 0
     momentum = {m: m.momentum for m in norms}
@@ -216,12 +225,44 @@ def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int
     model.eval()
 
 
-def calibrate(run: Run, model: nn.Module, images: int, seed: int) -> None:
-    """recalibrate_bn on `images` shuffled, unaugmented training images of the run."""
-    if images:
-        batches = run.batches("train", run.cfg.train.eval_batch_size, torch.Generator().manual_seed(seed))
-        recalibrate_bn(model, batches, images)
-        model.eval()
+def calibrate(run: Run, model: nn.Module, images: int, seed: int, score) -> tuple[float, bool]:
+    """recalibrate_bn on `images` shuffled, unaugmented training images of the run, kept only if
+    `score()` (validation accuracy; NaN without a validation split: always kept) does not drop. A
+    model fine-tuned with BatchNorm in eval mode (graft finetune's default) adapted its weights to
+    the stored, ImageNet statistics, and fresh ones can cost it more than the pruning did (measured:
+    BENCHMARKS.md). Returns (score after, whether the new statistics were kept)."""
+    before = score()
+    if not images:
+        return before, False
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    batches = run.batches("train", run.cfg.train.eval_batch_size, torch.Generator().manual_seed(seed))
+    recalibrate_bn(model, batches, images)
+    model.eval()
+    after = score()
+    if after < before:  # NaN compares False: kept
+        for m, (mean, var, count) in zip(norms, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        return before, False
+    return after, True
+
+
+def taylor_gradients(run: Run, model: nn.Module, images: int, seed: int) -> None:
+    """Fill .grad with the label loss's gradients over `images` training images: what the Taylor
+    importance (|weight x gradient|, the loss change from removing a channel) ranks channels by."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad()
+    model.eval()
+    seen = 0
+    for x, y in run.batches("train", 32, torch.Generator().manual_seed(seed)):
+        torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        seen += len(y)
+        if seen >= images:
+            break
 
 
 def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = None,
@@ -256,30 +297,34 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
             model.eval()
             pruner = tp.pruner.MetaPruner(
                 model, torch.zeros(1, 3, spec.image_size, spec.image_size),
-                importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=s.global_pruning,
+                importance=(tp.importance.GroupTaylorImportance() if s.importance == "taylor"
+                            else tp.importance.GroupMagnitudeImportance(p=2)), global_pruning=s.global_pruning,
                 pruning_ratio=s.amount, iterative_steps=s.steps, ignored_layers=[model.mlp[-1]],
                 round_to=s.round_to, max_pruning_ratio=0.9)
         masks: dict = {}
         for k in range(1, s.steps + 1):
             if s.method == "structured":
+                if s.importance == "taylor":
+                    taylor_gradients(run, model, s.importance_images, s.seed + k)
                 pruner.step()
+                model.zero_grad(set_to_none=True)
             else:
                 masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
             val_acc = (lambda: run.accuracy(model, "val")) if len(run.sets["val"]) else (lambda: float("nan"))
             pruned_acc = val_acc()
-            calibrate(run, model, s.calibrate, s.seed + k)
-            calibrated_acc = val_acc() if s.calibrate else pruned_acc
+            calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc)
             finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
                      [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn)
-            if s.finetune_epochs and s.calibrate:  # the recovered weights deserve their own statistics
-                calibrate(run, model, s.calibrate, s.seed + k)
+            recovered = val_acc() if s.finetune_epochs else calibrated_acc
+            if s.finetune_epochs:  # the recovered weights may deserve their own statistics
+                recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, lambda: recovered)
             macs, params = count(model, spec.image_size)
             steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
                           "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
-                          "val_acc_recovered": val_acc() if s.finetune_epochs else calibrated_acc})
+                          "recalibrated_kept": kept, "val_acc_recovered": recovered})
             log(f"step {k}/{s.steps}: params {params:,}  MACs {macs:,}  sparsity {steps[-1]['sparsity']:.3f}  "
-                f"val acc {pruned_acc:.4f} pruned -> {calibrated_acc:.4f} BatchNorm recalibrated -> "
-                f"{steps[-1]['val_acc_recovered']:.4f} recovered")
+                f"val acc {pruned_acc:.4f} pruned -> {calibrated_acc:.4f} BatchNorm "
+                f"{'recalibrated' if kept else 'kept (recalibration did not help)'} -> {recovered:.4f} recovered")
         for p in model.parameters():
             p.requires_grad_(False)
         new_spec = replace(spec, pruned=shape_changes(shapes_before, module_shapes(model)))
