@@ -2,6 +2,7 @@
 writes, and a run killed on 2 processes resumes on 1."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,10 @@ def test_two_processes_match_one_and_resume_on_one(image_folder, tmp_path):
     _assert_same(runs / "one", runs / "two", atol=2e-4)
     assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]  # rank 1 made no folder of its own
     assert (runs / "two" / "report.html").is_file()
+    # the history's training numbers cover both processes' slices, like the 1-process run's
+    history = [[json.loads(x) for x in (runs / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    for a, b in zip(*history):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["train_acc"] - b["train_acc"]) < 1e-6
 
     # killed on 2 processes during fine-tuning, resumed on 1: ends where the 1-process run ended
     killed = runs / "killed"

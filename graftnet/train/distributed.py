@@ -54,6 +54,16 @@ def broadcast(value):
     return box[0]
 
 
+def sum_across(values: list[float]) -> list[float]:
+    """Each value summed over all processes (a no-op in one process): epoch totals of the slices."""
+    if world() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def shard(batches):
     """Each rank's contiguous slice of every global batch (sizes differ by one at most). A batch
     smaller than the world goes whole to every rank: equal gradients average to the same step."""

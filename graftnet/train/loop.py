@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import TrainingDiverged
 from ..progress import bar, log
 from .balance import epoch_order
+from .distributed import sum_across
 from .features import autocast, device_of
 
 
@@ -72,6 +73,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             seen += len(y)
             labeled += known.sum().item()
             advance(1, loss=total_loss / seen)
+    # under DDP each process saw a slice of every batch: the epoch's numbers are over all of them
+    total_loss, correct, seen, labeled = sum_across([total_loss, correct, seen, labeled])
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(labeled, 1)}
 
 
