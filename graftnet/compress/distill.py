@@ -166,8 +166,6 @@ def transfer_images(cfg: RunConfig, s: DistillSettings, source, sets: dict[str, 
     read contributes its training images (never its test split); any other folder, every image
     under it. When it is the run's own data set, the run's train, val and test images are left out:
     the labeled ones are used already and the others must stay unseen."""
-    from pathlib import Path as _Path
-
     from ..data.images import load_images
     from ..data.pixels import list_images
     from ..data.sources import Source, _hash, open_source
@@ -175,7 +173,7 @@ def transfer_images(cfg: RunConfig, s: DistillSettings, source, sets: dict[str, 
         other = open_source(s.transfer, cfg.cache_dir)
         keys = [k for split in ("train", "all") for k, _ in other.splits.get(split, [])]
     except DataError:
-        root = _Path(s.transfer)
+        root = Path(s.transfer)
         if not root.is_dir():
             raise
         files = list_images(root)  # any layout: the teacher supplies the labels
@@ -233,14 +231,6 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     model, spec = build_model(cfg, source.classes)
     torch.manual_seed(t.seed)  # as in train(): the head's init does not depend on the backbone's build
     model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
-    optimizer = make_optimizer(list(model.mlp.parameters()), t.optimizer, t.lr, t.weight_decay)
-    n_batches = -(-len(sets["train"]) // t.batch_size)
-    state = State()
-    callbacks = schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0, len(sets["train"]),
-                                   t.batch_size, state)
-    stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
-    callbacks += [stopper] if stopper else []
-
     train_x = split_features(model, spec, cfg, source, sets["train"], "train")
     labels = sets["train"].labels
     n_transfer = 0
@@ -251,7 +241,14 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
         n_transfer = len(t_images)
         train_x, labels = torch.cat([train_x, t_x]), torch.cat([labels, t_images.labels])
         teach = torch.cat([teach, t_logits])
-        n_batches = -(-len(labels) // t.batch_size)
+    optimizer = make_optimizer(list(model.mlp.parameters()), t.optimizer, t.lr, t.weight_decay)
+    n_batches = -(-len(labels) // t.batch_size)
+    state = State()
+    callbacks = schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0, len(labels),
+                                   t.batch_size, state)
+    stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
+    callbacks += [stopper] if stopper else []
+
     current: dict[str, torch.Tensor | None] = {"teacher": None}  # the batch's teacher logits, for the loss
 
     def train_batches():
