@@ -147,3 +147,52 @@ def test_load_in_a_real_server_subprocess(runs):
     assert result["errors"] == 0 and result["requests"] == 300 and result["ok"]
     assert result["rss_growth_mb"] <= 24 and result["rss_mb"]["end"] > 50  # a real process was measured
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+
+
+def test_micro_batcher_groups_waiting_requests_and_routes_each_answer():
+    import threading
+    import time
+
+    import torch
+    seen = []
+
+    def slow_double(xs):
+        seen.append(len(xs))
+        time.sleep(0.05)  # while this pass runs, the other requests queue up
+        return [torch.tensor(2 * x) for x in xs]
+
+    batcher = serve.MicroBatcher(slow_double, max_batch=4)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, int(batcher(i)))) for i in range(9)]
+    for t in threads:
+        t.start()
+        time.sleep(0.002)
+    for t in threads:
+        t.join(5)
+    assert results == {i: 2 * i for i in range(9)}  # each request got its own row
+    assert 2 <= max(seen) <= 4 and sum(seen) == 9  # batched, never beyond max_batch
+    assert sum(batcher.sizes.values()) == len(seen)
+
+    def broken(xs):
+        raise ValueError("model failed")
+    with pytest.raises(ValueError, match="model failed"):
+        serve.MicroBatcher(broken)(1)  # the error reaches the caller instead of hanging it
+    with pytest.raises(Exception, match="max-batch"):
+        serve.MicroBatcher(slow_double, max_batch=0)
+
+
+def test_concurrent_requests_answer_like_single_ones(runs):
+    from concurrent.futures import ThreadPoolExecutor
+    app = serve.create_app(runs[1], max_batch=8)
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 0)] * 4
+    with TestClient(app) as c:
+        alone = {col: c.post("/predict", content=png(color=col), headers={"content-type": "image/png"}).json()
+                 for col in set(colors)}
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda col: c.post("/predict", content=png(color=col),
+                                                        headers={"content-type": "image/png"}).json(), colors))
+        info = c.get("/info").json()
+    for col, answer in zip(colors, together):
+        assert answer["class"] == alone[col]["class"]
+        assert answer["probability"] == pytest.approx(alone[col]["probability"], abs=1e-5)
+    assert info["max_batch"] == 8 and sum(int(k) * v for k, v in info["batches_by_size"].items()) >= 16
