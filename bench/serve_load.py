@@ -1,6 +1,6 @@
 """Load test for `graft serve`: start the server in a subprocess, fire requests, check it holds up.
 
-    python bench/serve_load.py RUN [--requests 3000] [--concurrency 8] [--max-rss-growth-mb 32]
+    python bench/serve_load.py RUN [--requests 3000] [--concurrency 8] [--max-rss-growth-mb 32] [--max-batch 16]
 
 Starts `python -m graftnet.cli serve RUN` on a free loopback port, waits for /health, then sends
 --requests POST /predict requests from --concurrency httpx clients (alternately multipart and raw
@@ -75,9 +75,10 @@ def in_process_rate(run: Path, images, n: int, threads: int | None) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def start_server(run: Path, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(run: Path, port: int, threads: int | None, max_batch: int = 16) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "graftnet.cli", "serve", str(run), "--port", str(port)]
+    cmd = [sys.executable, "-m", "graftnet.cli", "serve", str(run), "--port", str(port),
+           "--max-batch", str(max_batch)]
     cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -120,11 +121,11 @@ async def fire(url: str, images, n: int, concurrency: int, classes: set[str], on
 
 
 def run(run_dir: Path, requests: int, concurrency: int, max_growth_mb: float, threads: int | None,
-        baseline: int) -> dict:
+        baseline: int, max_batch: int = 16) -> dict:
     images = sample_images(run_dir, 64)
     base_rate = in_process_rate(run_dir, images, baseline, threads) if baseline else None
     port = free_port()
-    proc = start_server(run_dir, port, threads)
+    proc = start_server(run_dir, port, threads, max_batch)
     try:
         base = f"http://127.0.0.1:{port}"
         info = httpx.get(f"{base}/info").json()
@@ -139,13 +140,15 @@ def run(run_dir: Path, requests: int, concurrency: int, max_growth_mb: float, th
                                              set(info["classes"]), on_done))
         wall = time.perf_counter() - t0
         rss["end"] = rss_mb(proc.pid)
+        batches = httpx.get(f"{base}/info").json().get("batches_by_size")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     q = statistics.quantiles(latencies, n=100)
     growth = rss["end"] - rss["first_block"]
     return {"run": str(run_dir), "backbone": info["backbone"], "image_size": info["image_size"],
-            "requests": requests, "concurrency": concurrency, "errors": len(errors),
+            "requests": requests, "concurrency": concurrency, "max_batch": max_batch,
+            "batches_by_size": batches, "errors": len(errors),
             "first_errors": errors[:5], "wall_s": round(wall, 2), "requests_per_s": round(requests / wall, 1),
             "latency_ms": {"p50": round(q[49] * 1000, 1), "p90": round(q[89] * 1000, 1),
                            "p99": round(q[98] * 1000, 1), "max": round(max(latencies) * 1000, 1)},
@@ -165,10 +168,12 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-rss-growth-mb", type=float, default=32.0)
     p.add_argument("--threads", type=int, help="the server's torch threads (default: its own choice)")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (1: one at a time)")
     p.add_argument("--baseline", type=int, default=200,
                    help="first time N in-process predictions (decode + model, no HTTP); 0: skip")
     args = p.parse_args()
-    r = run(args.run, args.requests, args.concurrency, args.max_rss_growth_mb, args.threads, args.baseline)
+    r = run(args.run, args.requests, args.concurrency, args.max_rss_growth_mb, args.threads, args.baseline,
+            args.max_batch)
     lat = r["latency_ms"]
     print(f"{r['requests']} requests, concurrency {r['concurrency']}: {r['requests_per_s']} req/s, "
           f"latency p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, max {lat['max']} ms; "

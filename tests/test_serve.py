@@ -147,6 +147,7 @@ def test_load_in_a_real_server_subprocess(runs):
     assert result["errors"] == 0 and result["requests"] == 300 and result["ok"]
     assert result["rss_growth_mb"] <= 24 and result["rss_mb"]["end"] > 50  # a real process was measured
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert sum(int(k) * v for k, v in result["batches_by_size"].items()) >= 300  # + the warm-up
 
 
 def test_micro_batcher_groups_waiting_requests_and_routes_each_answer():
