@@ -26,10 +26,11 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
                       logits: torch.Tensor, labels: torch.Tensor, test: ImageSet,
                       train: ImageSet | None, prefix: str = "",
                       val: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      threshold: float | None = None) -> dict:
+                      threshold: float | None = None, cards: dict | None = None) -> dict:
     """Metrics tables in the terminal; JSON, plots and report.html in the run folder. Two-class
     runs add sensitivity, specificity, ROC-AUC and a ROC curve, and metrics at a decision threshold
-    chosen on the validation logits `val` (or the given `threshold`)."""
+    chosen on the validation logits `val` (or the given `threshold`). `cards`: more label -> value
+    boxes at the top of the report (what pruning, distillation or QAT started from)."""
     m = classification_metrics(logits, labels, spec.classes)
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
@@ -80,7 +81,8 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     summary = {"test accuracy": f"{m['accuracy']:.4f}", **{k: f"{v:.4f}" for k, v in m["top_k"].items()
                                                            if k != "top1"},
                "test images": m["n"], "backbone": spec.backbone, "input": f"{spec.image_size}px",
-               "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history), **extra}
+               "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history), **extra,
+               **(cards or {})}
     write_report(run_dir / f"{prefix}report.html", f"graftnet run {run_dir.name}", summary, to_dict(cfg),
                  history, m, images, spec.classes,
                  json.loads(env_path.read_text()) if env_path.is_file() else None, tables)

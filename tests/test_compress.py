@@ -122,6 +122,7 @@ def test_structured_taylor_recovery_with_fixed_statistics(trained):
                                        importance="taylor", importance_images=16),
                     out=str(tmp / "pruned"), name="taylor")
     step = json.loads((out / "prune.json").read_text())["steps"][0]
+    assert "test accuracy before pruning" in (out / "report.html").read_text()
     assert step["recalibrated_kept"] is False and step["macs"] < json.loads(
         (out / "prune.json").read_text())["before"]["macs"]
     model, _ = load_model(out)
@@ -197,6 +198,7 @@ def test_distill_transfer_set_leaves_out_the_runs_own_images(trained, tmp_path):
     student = distill(config.resolve(None, over), DistillSettings(str(run), alpha=0.8, transfer=str(data)))
     info = json.loads((student / "distill.json").read_text())
     assert info["labeled_images"] < 18 and info["transfer_images"] == 3 * 14 - 3 * 6  # not val/test either
+    assert "24 unlabeled" in (student / "report.html").read_text()
     flat = tmp_path / "flat"  # loose images, no class folders: the teacher labels them
     flat.mkdir()
     for i, p in enumerate(sorted((data / "cat").iterdir())[:5]):

@@ -271,7 +271,13 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     logits, test_labels = predict_logits(model.mlp, feature_batches(test_x, sets["test"].labels, t.eval_batch_size, None))
     save_model(model, spec, run_dir)
     write_history(run_dir, state.history)
-    m = finish_evaluation(run_dir, cfg, spec, state.history, logits, test_labels, sets["test"], sets["train"])
+    cards = {"teacher": s.teacher or "none (hard labels only)"}
+    if teacher_acc is not None:
+        cards["teacher test accuracy"] = f"{teacher_acc:.4f}"
+    if n_transfer:
+        cards["transfer images"] = f"{n_transfer:,} unlabeled"
+    m = finish_evaluation(run_dir, cfg, spec, state.history, logits, test_labels, sets["test"], sets["train"],
+                          cards=cards)
     atomic_write_json(run_dir / "distill.json", {**asdict(s), "teacher_test_acc": teacher_acc,
                                                  "student_test_acc": m["accuracy"],
                                                  "labeled_images": len(sets["train"]),

@@ -333,9 +333,12 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
         _check_reload(model, new_dir, spec.image_size)
         logits = run.logits(model)
         write_history(new_dir, state.history)
-        m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
-                              run.sets["test"], run.sets["train"])
         macs, params = count(model, spec.image_size)
+        m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
+                              run.sets["test"], run.sets["train"],
+                              cards={"test accuracy before pruning": f"{before_acc:.4f}",
+                                     "MACs": f"{macs / 1e6:.1f} M (was {before_macs / 1e6:.1f} M)",
+                                     "parameters": f"{params / 1e6:.2f} M (was {before_params / 1e6:.2f} M)"})
         report = {"source_run": str(run.dir), "settings": asdict(s), "steps": steps,
                   "before": {"test_acc": before_acc, "params": before_params, "macs": before_macs,
                              "sparsity": before_sparsity,

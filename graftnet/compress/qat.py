@@ -153,10 +153,12 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
             p.requires_grad_(False)
         save_model(model, spec, new_dir)
         write_history(new_dir, state.history)
-        m = finish_evaluation(new_dir, run.cfg, spec, state.history, run.logits(model),
-                              run.sets["test"].labels, run.sets["test"], run.sets["train"])
         q = quantize_run(new_dir, "static", s.calibration, seed=s.seed)
         int8 = evaluate_onnx(q["path"], run.sets["test"])["accuracy"] if len(run.sets["test"]) else float("nan")
+        m = finish_evaluation(new_dir, run.cfg, spec, state.history, run.logits(model),
+                              run.sets["test"].labels, run.sets["test"], run.sets["train"],
+                              cards={"int8 test accuracy (ONNX Runtime)": f"{int8:.4f}",
+                                     "fp32 before QAT": f"{before:.4f}"})
         report = {"source_run": str(run.dir), "settings": asdict(s), "fp32_before": before,
                   "fp32_after_qat": m["accuracy"], "int8_after_qat": int8, "int8_model": q["path"],
                   "size_bytes": q["size_bytes"]}
