@@ -10,7 +10,8 @@
 Both run an iterative schedule: prune to amount*k/K (structured: channels ranked by Taylor
 importance on training images, by default), re-estimate BatchNorm statistics on training images
 where that helps on validation (calibrate), fine-tune the whole network on the run's training
-images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K. The result is a new run folder (same config,
+images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K.
+The result is a new run folder (same config,
 model.safetensors + model.json, report) that `load_model`, `graft evaluate` and `graft predict` use
 like any other; prune.json records the settings and the before/after numbers.
 """
@@ -126,9 +127,9 @@ class MaskKeeper(Callback):
 def recalibrate_bn(model: nn.Module, batches, limit: int) -> int:
     """Re-estimate every BatchNorm's running mean and variance on up to `limit` training images, with
     no gradient step. Removing channels changes the sums that feed every later layer, so the old
-    statistics no longer fit; stale statistics, more than the lost weights, are what costs most of
-    the accuracy right after a pruning step (the "adaptive BN" observation of EagleEye, Li et al.
-    2020). Returns the number of images seen."""
+    statistics no longer fit them (the "adaptive BN" observation of EagleEye, Li et al. 2020).
+    Whether fresh statistics beat the stored ones depends on how the model was trained: calibrate()
+    keeps them only when validation accuracy does not drop. Returns the number of images seen."""
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or limit <= 0:
