@@ -11,9 +11,9 @@ Both run an iterative schedule: prune to amount*k/K (structured: channels ranked
 importance on training images, by default), re-estimate BatchNorm statistics on training images
 where that helps on validation (calibrate), fine-tune the whole network on the run's training
 images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K.
-The result is a new run folder (same config,
-model.safetensors + model.json, report) that `load_model`, `graft evaluate` and `graft predict` use
-like any other; prune.json records the settings and the before/after numbers.
+The result is a new run folder (same config, model.safetensors + model.json, report) that
+`load_model`, `graft evaluate` and `graft predict` use like any other; prune.json records the
+settings and the before/after numbers.
 """
 from __future__ import annotations
 
