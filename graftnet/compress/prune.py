@@ -123,6 +123,11 @@ class MaskKeeper(Callback):
             weight.mul_(mask.to(weight.dtype))
 
 
+def _norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches, limit: int) -> int:
     """Re-estimate every BatchNorm's running mean and variance on up to `limit` training images, with
@@ -130,8 +135,7 @@ def recalibrate_bn(model: nn.Module, batches, limit: int) -> int:
     statistics no longer fit them (the "adaptive BN" observation of EagleEye, Li et al. 2020).
     Whether fresh statistics beat the stored ones depends on how the model was trained: calibrate()
     keeps them only when validation accuracy does not drop. Returns the number of images seen."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = _norms(model)
     if not norms or limit <= 0:
         return 0
     momentum = {m: m.momentum for m in norms}
@@ -226,17 +230,18 @@ def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int
     model.eval()
 
 
-def calibrate(run: Run, model: nn.Module, images: int, seed: int, score) -> tuple[float, bool]:
+def calibrate(run: Run, model: nn.Module, images: int, seed: int, score,
+              before: float | None = None) -> tuple[float, bool]:
     """recalibrate_bn on `images` shuffled, unaugmented training images of the run, kept only if
     `score()` (validation accuracy; NaN without a validation split: always kept) does not drop. A
     model fine-tuned with BatchNorm in eval mode (graft finetune's default) adapted its weights to
     the stored, ImageNet statistics, and fresh ones can cost it more than the pruning did (measured:
-    BENCHMARKS.md). Returns (score after, whether the new statistics were kept)."""
-    before = score()
+    BENCHMARKS.md). `before`: the score now, when the caller has it. Returns (the score of the
+    statistics kept, whether the new ones were kept)."""
+    before = score() if before is None else before
     if not images:
         return before, False
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = _norms(model)
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     batches = run.batches("train", run.cfg.train.eval_batch_size, torch.Generator().manual_seed(seed))
     recalibrate_bn(model, batches, images)
@@ -313,12 +318,12 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
                 masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
             val_acc = (lambda: run.accuracy(model, "val")) if len(run.sets["val"]) else (lambda: float("nan"))
             pruned_acc = val_acc()
-            calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc)
+            calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc, pruned_acc)
             finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
                      [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn)
-            recovered = val_acc() if s.finetune_epochs else calibrated_acc
+            recovered = calibrated_acc
             if s.finetune_epochs:  # the recovered weights may deserve their own statistics
-                recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, lambda: recovered)
+                recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, val_acc, val_acc())
             macs, params = count(model, spec.image_size)
             steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
                           "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
