@@ -33,7 +33,8 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import config  # noqa: E402
 from graftnet.compress.distill import DistillSettings, distill  # noqa: E402
-from graftnet.compress.prune import Run, count, recalibrate_bn, taylor_gradients  # noqa: E402
+from graftnet.compress.prune import (PruneSettings, Run, channel_pruner, count, recalibrate_bn,  # noqa: E402
+                                     taylor_gradients)
 from graftnet.compress.qat import QatSettings, qat_run  # noqa: E402
 from graftnet.export.quantize import quantize_run  # noqa: E402
 from graftnet.export.runtime import evaluate_onnx  # noqa: E402
@@ -43,19 +44,15 @@ RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 
 
 def sensitivity(run: Run) -> list[dict]:
-    import torch_pruning as tp
     size = run.spec.image_size
     base_macs, _ = count(run.model, size)
     rows = []
     for importance in ("magnitude", "taylor"):
         for scope in ("per layer", "global"):
             for amount in (0.1, 0.3):
-                model = copy.deepcopy(run.model).eval()
-                pruner = tp.pruner.MetaPruner(
-                    model, torch.zeros(1, 3, size, size), ignored_layers=[model.mlp[-1]], pruning_ratio=amount,
-                    importance=(tp.importance.GroupTaylorImportance() if importance == "taylor"
-                                else tp.importance.GroupMagnitudeImportance(p=2)),
-                    global_pruning=scope == "global", max_pruning_ratio=0.9, round_to=8)
+                model = copy.deepcopy(run.model)
+                pruner = channel_pruner(model, size, PruneSettings(amount=amount, importance=importance,
+                                                                   global_pruning=scope == "global", round_to=8))
                 if importance == "taylor":
                     taylor_gradients(run, model, 256, 0)
                 pruner.step()

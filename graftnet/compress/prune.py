@@ -271,6 +271,18 @@ def taylor_gradients(run: Run, model: nn.Module, images: int, seed: int) -> None
             break
 
 
+def channel_pruner(model: nn.Module, image_size: int, s: PruneSettings):
+    """torch-pruning's MetaPruner for structured pruning with these settings (the class outputs are
+    never pruned). With Taylor importance, call taylor_gradients before each step()."""
+    import torch_pruning as tp
+    model.eval()
+    importance = (tp.importance.GroupTaylorImportance() if s.importance == "taylor"
+                  else tp.importance.GroupMagnitudeImportance(p=2))
+    return tp.pruner.MetaPruner(model, torch.zeros(1, 3, image_size, image_size), importance=importance,
+                                global_pruning=s.global_pruning, pruning_ratio=s.amount, iterative_steps=s.steps,
+                                ignored_layers=[model.mlp[-1]], round_to=s.round_to, max_pruning_ratio=0.9)
+
+
 def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = None,
               name: str | None = None) -> Path:
     """Prune the run in `run_dir` into a new run folder; returns its path."""
@@ -299,14 +311,7 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
                                   "per image, which needs a run trained without augmentation")
             teacher = run.logits(model, "train")
         if s.method == "structured":
-            import torch_pruning as tp
-            model.eval()
-            pruner = tp.pruner.MetaPruner(
-                model, torch.zeros(1, 3, spec.image_size, spec.image_size),
-                importance=(tp.importance.GroupTaylorImportance() if s.importance == "taylor"
-                            else tp.importance.GroupMagnitudeImportance(p=2)), global_pruning=s.global_pruning,
-                pruning_ratio=s.amount, iterative_steps=s.steps, ignored_layers=[model.mlp[-1]],
-                round_to=s.round_to, max_pruning_ratio=0.9)
+            pruner = channel_pruner(model, spec.image_size, s)
         masks: dict = {}
         for k in range(1, s.steps + 1):
             if s.method == "structured":
