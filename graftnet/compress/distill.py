@@ -167,19 +167,14 @@ def transfer_images(cfg: RunConfig, s: DistillSettings, source, sets: dict[str, 
     under it. When it is the run's own data set, the run's train, val and test images are left out:
     the labeled ones are used already and the others must stay unseen."""
     from ..data.images import load_images
-    from ..data.pixels import list_images
-    from ..data.sources import Source, _hash, open_source
+    from ..data.sources import open_source, open_unlabeled
     try:
         other = open_source(s.transfer, cfg.cache_dir)
-        keys = [k for split in ("train", "all") for k, _ in other.splits.get(split, [])]
     except DataError:
-        root = Path(s.transfer)
-        if not root.is_dir():
+        if not Path(s.transfer).is_dir():
             raise
-        files = list_images(root)  # any layout: the teacher supplies the labels
-        keys = [p.relative_to(root).as_posix() for p in files]
-        other = Source(str(root), list(source.classes), {"all": [(k, -1) for k in keys]},
-                       _hash([(k, p.stat().st_size, p.stat().st_mtime_ns) for k, p in zip(keys, files)]))
+        other = open_unlabeled(Path(s.transfer), source.classes)  # any layout: the teacher labels them
+    keys = [k for split in ("train", "all") for k, _ in other.splits.get(split, [])]
     excluded = 0
     if other.fingerprint == source.fingerprint:
         used = {k for split in sets.values() for k in split.keys}

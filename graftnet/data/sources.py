@@ -167,6 +167,16 @@ def open_folder(root: Path) -> Source:
     return Source(str(root), classes, splits, _hash(stats))
 
 
+def open_unlabeled(root: Path, classes: list[str]) -> Source:
+    """Every image file under a folder, in any layout, as the split "all" with label -1: images
+    that something else labels (a distillation teacher)."""
+    from .pixels import list_images
+    files = list_images(root)
+    keys = [p.relative_to(root).as_posix() for p in files]
+    stats = [(k, st.st_size, st.st_mtime_ns) for k, st in zip(keys, (p.stat() for p in files))]
+    return Source(str(root), list(classes), {"all": [(k, -1) for k in keys]}, _hash(stats))
+
+
 def open_zip(path: Path) -> Source:
     try:
         zf = zipfile.ZipFile(path)
