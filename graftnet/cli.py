@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: a training run continues with `graft train --resume RUN`")
+        console.print("[yellow]interrupted[/]: `graft train`, `finetune` and `prune` continue with `--resume RUN`")
         return 130
     return 0
 

@@ -145,6 +145,77 @@ def test_prune_missing_run(tmp_path):
         prune_run(tmp_path / "nope", PruneSettings())
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(monkeypatch, point: str):
+    """Make prune_run die at `point`, as a SIGKILL would, leaving only what it had checkpointed:
+    "pruned" in step 2 before its recovery, "recovering" after step 2's first recovery epoch,
+    "complete" after step 1 (inside step 2's first BatchNorm calibration)."""
+    import graftnet.compress.prune as prune_mod
+    from graftnet.train.checkpoint import Checkpointer
+    calls = {"n": 0}
+
+    def nth(original, n):
+        def wrapper(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise _Killed(point)
+            return original(*a, **k)
+        return wrapper
+    if point == "pruned":
+        monkeypatch.setattr(prune_mod, "finetune", nth(prune_mod.finetune, 2))
+    elif point == "complete":
+        monkeypatch.setattr(prune_mod, "calibrate", nth(prune_mod.calibrate, 3))
+    else:
+        original = Checkpointer.after_epoch
+
+        def after_epoch(self, state, row):
+            original(self, state, row)
+            if state.epoch == 3:
+                raise _Killed(point)
+        monkeypatch.setattr(Checkpointer, "after_epoch", after_epoch)
+
+
+@pytest.mark.parametrize("method, point", [("structured", "pruned"), ("structured", "recovering"),
+                                           ("structured", "complete"), ("unstructured", "recovering")])
+def test_killed_prune_resumes_and_ends_where_an_uninterrupted_one_ends(trained, monkeypatch, method, point):
+    """Two steps of two recovery epochs each, killed at each kind of checkpoint: `--resume` replays
+    the removed channels on the source network, reloads weights, RNG and (mid-recovery) optimizer
+    moments, and finishes with the weights, history and step records of a run never stopped."""
+    run, tmp = trained
+    settings = dict(method=method, amount=0.4, steps=2, finetune_epochs=2, lr=5e-3, calibrate=16,
+                    importance_images=16)
+    ref = prune_run(run, PruneSettings(**settings), out=str(tmp / "resume"), name=f"ref-{method}-{point}")
+    with monkeypatch.context() as m:
+        _kill_at(m, point)
+        with pytest.raises(_Killed):
+            prune_run(run, PruneSettings(**settings), out=str(tmp / "resume"), name=f"killed-{method}-{point}")
+    killed = tmp / "resume" / f"killed-{method}-{point}"
+    assert not (killed / "model.safetensors").exists() and (killed / "checkpoint" / "last.safetensors").is_file()
+    assert prune_run(None, None, resume=killed) == killed
+    a, _ = load_model(ref)
+    b, _ = load_model(killed)
+    assert [v.shape for v in a.state_dict().values()] == [v.shape for v in b.state_dict().values()]
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+    history = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (ref, killed)]
+    assert [r["epoch"] for r in history[1]] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in history[0]] == pytest.approx([r["train_loss"] for r in history[1]])
+    steps = [json.loads((r / "prune.json").read_text())["steps"] for r in (ref, killed)]
+    assert steps[0] == steps[1]
+    with pytest.raises(GraftError, match="finished already"):
+        prune_run(None, None, resume=killed)
+
+
+def test_prune_resume_clear_errors(trained, tmp_path):
+    with pytest.raises(GraftError, match="nothing to resume"):
+        prune_run(None, None, resume=trained[0])  # a training run's checkpoint is not a pruning one
+    with pytest.raises(GraftError, match="nothing to resume"):
+        prune_run(None, None, resume=tmp_path)
+
+
 def test_kd_loss_matches_hand_computation():
     s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     t = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 2.0]])
@@ -229,3 +300,9 @@ def test_cli_errors(tmp_path, capsys):
     assert "not a graftnet run" in capsys.readouterr().err
     assert main(["prune", str(tmp_path / "nope"), "--amount", "2"]) == 2
     assert "amount" in capsys.readouterr().err
+    assert main(["prune"]) == 2
+    assert "give the RUN folder" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path), "--resume", str(tmp_path)]) == 2
+    assert "give no RUN" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(tmp_path)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

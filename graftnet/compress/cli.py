@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def add_commands(sub) -> dict:
     p = sub.add_parser("prune", help="prune a finished run (weights or channels), recover, save a new run")
-    p.add_argument("run", help="run folder to prune")
+    p.add_argument("run", nargs="?", help="run folder to prune")
     p.add_argument("--method", choices=["unstructured", "structured"], default="structured",
                    help="unstructured: zero small weights (smaller zip, same dense speed); "
                         "structured: remove channels (smaller and faster)")
@@ -29,6 +29,9 @@ def add_commands(sub) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
     p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
+    p.add_argument("--resume", metavar="PRUNED_RUN",
+                   help="continue a killed `graft prune` from its last completed epoch or step, with "
+                        "the source run and settings it started with")
 
     import argparse
     from ..cli import _train_parser
@@ -53,7 +56,16 @@ def add_commands(sub) -> dict:
 
 
 def cmd_prune(args) -> None:
+    from ..errors import GraftError
     from .prune import PruneSettings, prune_run
+    if args.resume:
+        if args.run:
+            raise GraftError("--resume continues a pruned run with the source and settings it started "
+                             f"with: give no RUN (got {args.run})")
+        print(prune_run(None, None, resume=args.resume))
+        return
+    if not args.run:
+        raise GraftError("graft prune: give the RUN folder to prune (or --resume PRUNED_RUN)")
     settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
                              args.lr, args.batch_size, args.round_to, args.distill,
                              seed=args.seed, importance=args.importance,

@@ -13,7 +13,8 @@ where that helps on validation (calibrate), fine-tune the whole network on the r
 images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K.
 The result is a new run folder (same config, model.safetensors + model.json, report) that
 `load_model`, `graft evaluate` and `graft predict` use like any other; prune.json records the
-settings and the before/after numbers.
+settings and the before/after numbers. The new folder checkpoints after each step's pruning and
+each recovery epoch: `prune_run(resume=folder)` (`graft prune --resume`) continues a killed run.
 """
 from __future__ import annotations
 
@@ -24,18 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import resolve, save_yaml
-from ..data.augment import make_augment
+from ..config import save_yaml
 from ..errors import ConfigError, GraftError
 from ..evaluation import finish_evaluation
-from ..predictor import RunPredictor
 from ..io import atomic_write_json
 from ..model import load_model, save_model
 from ..progress import log
 from ..run import new_run_dir, run_scope, write_environment, write_history
-from ..train.features import image_batches
-from ..train.loop import Callback, State, fit, make_optimizer
+from ..train.checkpoint import FILE as CHECKPOINT, checkpoint_meta, load_checkpoint, save_checkpoint
+from ..train.loop import Callback, State
 from .shapes import module_shapes, shape_changes
+from .source import Run, finetune  # noqa: F401  (Run and finetune are imported from here too)
 
 METHODS = ("unstructured", "structured")
 
@@ -170,66 +170,6 @@ def file_sizes(path: Path) -> dict:
     return {"bytes": len(data), "deflate_bytes": len(zlib.compress(data, 6))}
 
 
-class Run:
-    """A finished run, loaded for compression: model, spec, config, data."""
-
-    def __init__(self, run_dir: str | Path):
-        from ..train.pipeline import load_data
-        self.dir = Path(run_dir)
-        if not (self.dir / "config.yaml").is_file():
-            raise GraftError(f"{self.dir}: not a graftnet run folder (no config.yaml)")
-        self.model, self.spec = load_model(self.dir)
-        self.cfg = resolve(self.dir / "config.yaml")
-        self.source, self.sets = load_data(self.cfg)
-
-    def logits(self, model: nn.Module, split: str = "test") -> torch.Tensor:
-        return RunPredictor(self.dir, model, self.spec, self.cfg).logits(
-            self.sets[split], self.cfg.train.eval_batch_size, f"evaluate {split}")
-
-    def accuracy(self, model: nn.Module, split: str = "test") -> float:
-        labels = self.sets[split].labels
-        return (self.logits(model, split).argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
-
-    def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None,
-                targets: torch.Tensor | None = None, current: dict | None = None):
-        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image),
-        current["targets"] holds the rows of the batch being yielded, for the loss."""
-        images = self.sets[split]
-        order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
-        out = image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
-                            self.cfg.backbone.channels_last, augment=augment)
-        for i, batch in zip(range(0, len(order), batch_size), out):
-            if targets is not None:
-                current["targets"] = targets[order[i:i + batch_size]]
-            yield batch
-
-
-def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
-             callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
-             alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval") -> None:
-    """Train every parameter of `model` on the run's training images, BatchNorm in mode `bn` (see
-    PruneSettings); with `teacher` (logits of the unpruned model per training image) the loss is
-    distillation."""
-    if epochs <= 0:
-        return
-    from ..train.finetune import FineTuneMode
-    from .distill import kd_loss
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = make_optimizer(list(model.parameters()), run.cfg.train.optimizer, lr, run.cfg.train.weight_decay)
-    augment = make_augment(run.cfg.train.augment)
-    n = len(run.sets["train"])
-    current: dict = {}
-
-    def loss_fn(logits, y):
-        return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
-    val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(FineTuneMode(model, bn), lambda: run.batches("train", batch_size, generator, augment, teacher, current),
-        -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
-        run.cfg.backbone.precision, loss_fn)
-    model.eval()
-
-
 def calibrate(run: Run, model: nn.Module, images: int, seed: int, score,
               before: float | None = None) -> tuple[float, bool]:
     """recalibrate_bn on `images` shuffled, unaugmented training images of the run, kept only if
@@ -283,26 +223,35 @@ def channel_pruner(model: nn.Module, image_size: int, s: PruneSettings):
                                 ignored_layers=[model.mlp[-1]], round_to=s.round_to, max_pruning_ratio=0.9)
 
 
-def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = None,
-              name: str | None = None) -> Path:
-    """Prune the run in `run_dir` into a new run folder; returns its path."""
+def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: str | None = None,
+              name: str | None = None, resume: str | Path | None = None) -> Path:
+    """Prune the run in `run_dir` into a new run folder; returns its path. `resume`: a pruned run
+    folder left by a killed `prune_run`; it continues after its last completed epoch (or pruning
+    step) with the source run and settings it was started with."""
+    saved = _resume_point(Path(resume)) if resume else None
+    if saved:
+        run_dir, settings = saved["source_run"], PruneSettings(**saved["settings"])
     settings.check()
     run = Run(run_dir)
     model, spec, s = run.model, run.spec, settings
-    before_acc = run.accuracy(model)
-    before_macs, before_params = count(model, spec.image_size)
-    before_sparsity = sparsity(model)
     shapes_before = module_shapes(model)
-    tag = f"{s.method}{round(s.amount * 100)}"
-    new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-pruned-{tag}", spec.backbone)
-    with run_scope(new_dir):
-        save_yaml(run.cfg, new_dir / "config.yaml")
-        write_environment(new_dir, s.seed)
+    if saved:
+        before = saved["before"]
+        new_dir = Path(resume)
+    else:
+        macs, params = count(model, spec.image_size)
+        before = {"test_acc": run.accuracy(model), "params": params, "macs": macs, "sparsity": sparsity(model)}
+        tag = f"{s.method}{round(s.amount * 100)}"
+        new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-pruned-{tag}", spec.backbone)
+    with run_scope(new_dir, keep_if=CHECKPOINT):
+        if not saved:
+            save_yaml(run.cfg, new_dir / "config.yaml")
+            write_environment(new_dir, s.seed)
         log(f"pruning {run.dir} ({s.method}, {s.amount:.0%} in {s.steps} step(s), "
-            f"{s.finetune_epochs} recovery epoch(s) each): test accuracy before {before_acc:.4f}")
+            f"{s.finetune_epochs} recovery epoch(s) each): test accuracy before {before['test_acc']:.4f}")
         generator = torch.Generator().manual_seed(s.seed)
         torch.manual_seed(s.seed)
-        state, steps = State(), []
+        state, steps, done, record = State(), [], 0, None
         batch_size = s.batch_size or run.cfg.train.batch_size
         teacher = None
         if s.distill and s.finetune_epochs:
@@ -310,32 +259,60 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
                 raise ConfigError("prune: recovery by distillation caches the unpruned model's logits "
                                   "per image, which needs a run trained without augmentation")
             teacher = run.logits(model, "train")
-        if s.method == "structured":
-            pruner = channel_pruner(model, spec.image_size, s)
+        pruner = channel_pruner(model, spec.image_size, s) if s.method == "structured" else None
+        if saved:  # replay the removed channels on the source network, then load the pruned weights
+            if pruner is not None:
+                pruner.load_pruning_history(saved["channels"])
+                pruner.current_step = saved["k"]
+                # each ranking scope's channel count when first pruned: later steps' targets are
+                # fractions of it, and torch-pruning records it lazily, at the first step it runs
+                pruner._scope_initial_channels = dict(saved["scopes"])
+            state = load_checkpoint(new_dir, model, None, generator, optimizer_state=False)
+            steps, done = saved["steps"], saved["k"] - (saved["phase"] != "complete")
+            record = None if saved["phase"] == "complete" else saved["record"]
+            log(f"resuming after pruning step {saved['k']}"
+                + ("" if record is None else f", recovery epoch {state.epoch - done * s.finetune_epochs}"))
+
+        def checkpoint(k: int, phase: str, record: dict | None) -> dict:
+            return {"prune": {"source_run": str(run.dir.resolve()), "settings": asdict(s), "before": before, "k": k,
+                              "phase": phase, "record": record, "steps": steps,
+                              "channels": pruner.pruning_history() if pruner is not None else [],
+                              "scopes": getattr(pruner, "_scope_initial_channels", {})}}
         masks: dict = {}
-        for k in range(1, s.steps + 1):
-            if s.method == "structured":
-                if s.importance == "taylor":
-                    taylor_gradients(run, model, s.importance_images, s.seed + k)
-                pruner.step()
-                model.zero_grad(set_to_none=True)
-            else:
-                masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
+        for k in range(done + 1, s.steps + 1):
             val_acc = (lambda: run.accuracy(model, "val")) if len(run.sets["val"]) else (lambda: float("nan"))
-            pruned_acc = val_acc()
-            calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc, pruned_acc)
-            finetune(run, model, s.finetune_epochs, s.lr, batch_size, state,
-                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn)
-            recovered = calibrated_acc
+            resuming = record is not None
+            if resuming:  # pruned already: the zeros in the weights are the masks
+                masks = {m.weight: (m.weight != 0) for m, _ in prunable(model)} if s.method == "unstructured" else {}
+            else:
+                if s.method == "structured":
+                    if s.importance == "taylor":
+                        taylor_gradients(run, model, s.importance_images, s.seed + k)
+                    pruner.step()
+                    model.zero_grad(set_to_none=True)
+                else:
+                    masks = magnitude_prune(model, s.amount * k / s.steps, s.global_pruning)
+                pruned_acc = val_acc()
+                calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc, pruned_acc)
+                record = {"step": k, "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
+                          "recalibrated_kept": kept}
+                save_checkpoint(new_dir, model.state_dict(), None, state, generator, checkpoint(k, "pruned", record))
+            finetune(run, model, k * s.finetune_epochs - state.epoch, s.lr, batch_size, state,
+                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn,
+                     checkpoint=new_dir, extra=checkpoint(k, "recovering", record),
+                     resume=resuming and state.epoch > (k - 1) * s.finetune_epochs)
+            recovered = record["val_acc_recalibrated"]
             if s.finetune_epochs:  # the recovered weights may deserve their own statistics
                 recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, val_acc, val_acc())
             macs, params = count(model, spec.image_size)
-            steps.append({"step": k, "params": params, "macs": macs, "sparsity": sparsity(model),
-                          "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
-                          "recalibrated_kept": kept, "val_acc_recovered": recovered})
+            steps.append({**record, "params": params, "macs": macs, "sparsity": sparsity(model),
+                          "val_acc_recovered": recovered})
+            record = None
+            save_checkpoint(new_dir, model.state_dict(), None, state, generator, checkpoint(k, "complete", None))
             log(f"step {k}/{s.steps}: params {params:,}  MACs {macs:,}  sparsity {steps[-1]['sparsity']:.3f}  "
-                f"val acc {pruned_acc:.4f} pruned -> {calibrated_acc:.4f} BatchNorm "
-                f"{'recalibrated' if kept else 'kept (recalibration did not help)'} -> {recovered:.4f} recovered")
+                f"val acc {steps[-1]['val_acc_pruned']:.4f} pruned -> {steps[-1]['val_acc_recalibrated']:.4f} "
+                f"BatchNorm {'recalibrated' if steps[-1]['recalibrated_kept'] else 'kept (recalibration did not help)'}"
+                f" -> {recovered:.4f} recovered")
         for p in model.parameters():
             p.requires_grad_(False)
         new_spec = replace(spec, pruned=shape_changes(shapes_before, module_shapes(model)))
@@ -347,13 +324,11 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
         macs, params = count(model, spec.image_size)
         m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
                               run.sets["test"], run.sets["train"],
-                              cards={"test accuracy before pruning": f"{before_acc:.4f}",
-                                     "MACs": f"{macs / 1e6:.1f} M (was {before_macs / 1e6:.1f} M)",
-                                     "parameters": f"{params / 1e6:.2f} M (was {before_params / 1e6:.2f} M)"})
+                              cards={"test accuracy before pruning": f"{before['test_acc']:.4f}",
+                                     "MACs": f"{macs / 1e6:.1f} M (was {before['macs'] / 1e6:.1f} M)",
+                                     "parameters": f"{params / 1e6:.2f} M (was {before['params'] / 1e6:.2f} M)"})
         report = {"source_run": str(run.dir), "settings": asdict(s), "steps": steps,
-                  "before": {"test_acc": before_acc, "params": before_params, "macs": before_macs,
-                             "sparsity": before_sparsity,
-                             **file_sizes(run.dir / "model.safetensors")},
+                  "before": {**before, **file_sizes(run.dir / "model.safetensors")},
                   "after": {"test_acc": m["accuracy"], "params": params, "macs": macs,
                             "sparsity": sparsity(model), **file_sizes(new_dir / "model.safetensors")}}
         atomic_write_json(new_dir / "prune.json", report)
@@ -362,6 +337,17 @@ def prune_run(run_dir: str | Path, settings: PruneSettings, out: str | None = No
             f"{a['params']:,}; MACs {b['macs']:,} -> {a['macs']:,}; sparsity {a['sparsity']:.3f}; zipped "
             f"{b['deflate_bytes'] / 1e6:.2f} -> {a['deflate_bytes'] / 1e6:.2f} MB; {new_dir}")
         return new_dir
+
+
+def _resume_point(run_dir: Path) -> dict:
+    """The pruning state saved in a killed prune run's checkpoint, or a clear error."""
+    meta = checkpoint_meta(run_dir)
+    if meta is None or "prune" not in meta.get("extra", {}):
+        raise GraftError(f"{run_dir}: nothing to resume: no pruning checkpoint ({CHECKPOINT} is missing "
+                         "or was not written by `graft prune`)")
+    if (run_dir / "prune.json").is_file():
+        raise GraftError(f"{run_dir}: this pruning run finished already (prune.json exists)")
+    return meta["extra"]["prune"]
 
 
 @torch.no_grad()

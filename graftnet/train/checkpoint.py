@@ -16,15 +16,20 @@ from safetensors import safe_open
 
 from ..errors import GraftError
 from ..io import save_tensors
-from .loop import State
+from ..model import trainable_state
+from ..run import write_history
+from .distributed import is_main
+from .loop import Callback, State
 
 FILE = "checkpoint/last.safetensors"
 
 
 def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, state: State,
-                    generator: torch.Generator) -> None:
+                    generator: torch.Generator, extra: dict | None = None) -> None:
+    """`optimizer` None: between stages that each start a fresh optimizer. `extra`: JSON-able state
+    of the caller (e.g. pruning's schedule), given back by checkpoint_meta."""
     tensors = {f"model/{k}": v.detach().cpu() for k, v in weights.items()}
-    opt = optimizer.state_dict()
+    opt = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
     names = _param_names(opt)
     for idx, slots in opt["state"].items():
         for slot, value in slots.items():
@@ -37,8 +42,25 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"epoch": state.epoch, "step": state.step, "history": state.history,
-            "param_groups": opt["param_groups"]}
+            "param_groups": opt["param_groups"], "extra": extra or {}}
     save_tensors(run_dir / FILE, tensors, {"graftnet": json.dumps(meta)})
+
+
+class Checkpointer(Callback):
+    """After each epoch: what training changed (the head; with `full`, the whole model: fine-tuning
+    moves backbone weights and BatchNorm statistics), optimizer, RNG, history and `extra`."""
+
+    def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False,
+                 extra: dict | None = None):
+        self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
+        self.full, self.extra = full, extra
+
+    def after_epoch(self, state: State, row: dict) -> None:
+        if not is_main():
+            return
+        weights = self.model.state_dict() if self.full else trainable_state(self.model)
+        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra)
+        write_history(self.run_dir, state.history)
 
 
 def _param_names(opt_state: dict) -> dict[int, str]:
@@ -49,13 +71,20 @@ def _param_names(opt_state: dict) -> dict[int, str]:
     return out
 
 
-def checkpoint_epoch(run_dir: Path) -> int:
-    """Epochs completed by the checkpoint in run_dir (0 without one), read from metadata only."""
+def checkpoint_meta(run_dir: Path) -> dict | None:
+    """The checkpoint's metadata (epoch, step, history, extra), without loading tensors; None
+    without a checkpoint."""
     path = run_dir / FILE
     if not path.is_file():
-        return 0
+        return None
     with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["graftnet"])["epoch"]
+        return json.loads(f.metadata()["graftnet"])
+
+
+def checkpoint_epoch(run_dir: Path) -> int:
+    """Epochs completed by the checkpoint in run_dir (0 without one)."""
+    meta = checkpoint_meta(run_dir)
+    return meta["epoch"] if meta else 0
 
 
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
@@ -71,9 +100,14 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
         for k in f.keys():
             tensors[k] = f.get_tensor(k)
     weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    missing = [k for k in weights if k not in model.state_dict()]
+    own = model.state_dict()
+    missing = [k for k in weights if k not in own]
     if missing:
         raise GraftError(f"{path}: checkpoint does not match the model (e.g. {missing[:3]})")
+    shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in weights.items()
+              if v.shape != own[k].shape]
+    if shapes:
+        raise GraftError(f"{path}: checkpoint shapes do not match the model, e.g. {shapes[0]}")
     model.load_state_dict(weights, strict=False)
     if optimizer_state:
         optimizer.load_state_dict(_by_name(optimizer.state_dict(), meta["param_groups"], tensors, path))

@@ -23,15 +23,15 @@ from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
 from ..io import atomic_write_text, cache_root
 from ..heads import make_mlp
-from ..model import ModelSpec, build_model, save_model, trainable_state
+from ..model import ModelSpec, build_model, save_model
 from ..progress import bar, log, set_log_file
-from ..run import new_run_dir, read_history, write_environment, write_history
+from ..run import new_run_dir, read_history, write_environment
 from ..binary import positive_index
 from .balance import class_weights, epoch_order
 from .callbacks import EarlyStopping, LRSchedule
 from . import distributed
 from .distributed import Replicated, barrier, is_main, shard
-from .checkpoint import FILE as CHECKPOINT, checkpoint_epoch, load_checkpoint, save_checkpoint
+from .checkpoint import FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, load_checkpoint
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .features import cached_features, device_of, image_batches, pick_device, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
@@ -66,22 +66,6 @@ def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
     log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
         f"val {len(sets['val'])}  test {len(sets['test'])}")
     return source, sets
-
-
-class _Checkpointer(Callback):
-    """After each epoch: what training changed (the head; with `full`, the whole model: fine-tuning
-    moves backbone weights and BatchNorm statistics), optimizer, RNG and history."""
-
-    def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False):
-        self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
-        self.full = full
-
-    def after_epoch(self, state: State, row: dict) -> None:
-        if not is_main():
-            return
-        weights = self.model.state_dict() if self.full else trainable_state(self.model)
-        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator)
-        write_history(self.run_dir, state.history)
 
 
 def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
@@ -183,7 +167,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
         callbacks = list(extra) + schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
                                             len(sets["train"]), t.batch_size, state)
         callbacks += [stopper] if stopper else []
-        callbacks.append(_Checkpointer(run_dir, model, optimizer, generator))
+        callbacks.append(Checkpointer(run_dir, model, optimizer, generator))
         # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
         # drawn per sample and epoch), or the backbone runs on every augmented batch.
         on_the_fly = t.augment != "none" and not t.cache_views
@@ -235,7 +219,7 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     callbacks = list(extra) + schedule_callbacks(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
                                         len(sets["train"]), ft.batch_size or t.batch_size, state)
     callbacks += [unfreezer] + ([stopper] if stopper else [])
-    callbacks.append(_Checkpointer(run_dir, model, optimizer, generator, full=True))
+    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True))
     log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
         f"augment {ft.augment}")
     return _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator,

@@ -1,0 +1,91 @@
+"""A finished run loaded for compression, and the whole-network fine-tune that recovers it.
+
+Pruning recovers with `finetune` after each step, quantization-aware training trains through it;
+both read the run's own config, data and preprocessing through `Run`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import resolve
+from ..data.augment import make_augment
+from ..errors import GraftError
+from ..model import load_model
+from ..predictor import RunPredictor
+from ..train.checkpoint import Checkpointer, load_checkpoint
+from ..train.features import image_batches
+from ..train.loop import Callback, State, fit, make_optimizer
+
+
+class Run:
+    """A finished run, loaded for compression: model, spec, config, data."""
+
+    def __init__(self, run_dir: str | Path):
+        from ..train.pipeline import load_data
+        self.dir = Path(run_dir)
+        if not (self.dir / "config.yaml").is_file():
+            raise GraftError(f"{self.dir}: not a graftnet run folder (no config.yaml)")
+        self.model, self.spec = load_model(self.dir)
+        self.cfg = resolve(self.dir / "config.yaml")
+        self.source, self.sets = load_data(self.cfg)
+
+    def logits(self, model: nn.Module, split: str = "test") -> torch.Tensor:
+        return RunPredictor(self.dir, model, self.spec, self.cfg).logits(
+            self.sets[split], self.cfg.train.eval_batch_size, f"evaluate {split}")
+
+    def accuracy(self, model: nn.Module, split: str = "test") -> float:
+        labels = self.sets[split].labels
+        return (self.logits(model, split).argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+
+    def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None,
+                targets: torch.Tensor | None = None, current: dict | None = None):
+        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image),
+        current["targets"] holds the rows of the batch being yielded, for the loss."""
+        images = self.sets[split]
+        order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+        out = image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
+                            self.cfg.backbone.channels_last, augment=augment)
+        for i, batch in zip(range(0, len(order), batch_size), out):
+            if targets is not None:
+                current["targets"] = targets[order[i:i + batch_size]]
+            yield batch
+
+
+def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
+             callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
+             alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval",
+             checkpoint: Path | None = None, extra: dict | None = None, resume: bool = False) -> None:
+    """Train every parameter of `model` on the run's training images for `epochs` more epochs,
+    BatchNorm in mode `bn` (see PruneSettings); with `teacher` (logits of the unpruned model per
+    training image) the loss is distillation. With `checkpoint` (a run folder) every epoch is
+    checkpointed there with `extra`; `resume` first restores the optimizer's moments from it."""
+    if epochs <= 0:
+        return
+    from ..train.finetune import FineTuneMode
+    from .distill import kd_loss
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # by name: a resumed optimizer gets each moment back by name (magnitude pruning re-registers
+    # weights, which reorders a module's parameters)
+    optimizer = make_optimizer(list(model.named_parameters()), run.cfg.train.optimizer, lr,
+                               run.cfg.train.weight_decay)
+    if resume:
+        load_checkpoint(checkpoint, model, optimizer, generator)
+    if checkpoint is not None:
+        callbacks = [*callbacks, Checkpointer(checkpoint, model, optimizer, generator, full=True, extra=extra)]
+    augment = make_augment(run.cfg.train.augment)
+    n = len(run.sets["train"])
+    current: dict = {}
+
+    def loss_fn(logits, y):
+        return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
+    val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
+    fit(FineTuneMode(model, bn), lambda: run.batches("train", batch_size, generator, augment, teacher, current),
+        -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
+        run.cfg.backbone.precision, loss_fn)
+    model.eval()
+
+
