@@ -92,6 +92,9 @@ class EnsemblePredictor:
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         return combine([m(images) for m in self.members], self.weights)
 
+    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return combine([m.pixel_logits(pixels) for m in self.members], self.weights.to(pixels.device))
+
     def logits(self, images: ImageSet, batch_size: int = 128, description: str = "predict") -> torch.Tensor:
         return combine([m.logits(images, batch_size, description) for m in self.members], self.weights)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, resolve
-from .data.images import ImageSet, to_batch
+from .data.images import ImageSet, normalise, to_batch
 from .model import GraftedModel, ModelSpec, load_model
 from .train.features import autocast, compute_features
 
@@ -47,11 +47,21 @@ class RunPredictor:
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        s, b = self.spec, self.cfg.backbone
-        x = to_batch(images, s.image_size, s.mean, s.std, b.channels_last)
+        s = self.spec
+        return self._forward(to_batch(images, s.image_size, s.mean, s.std, self.cfg.backbone.channels_last))
+
+    @torch.no_grad()
+    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of a float pixel batch (0..255, N x 3 x H x W) on its own device: a teacher in a
+        training loop scores the student's augmented batch, de-normalised, without a trip to uint8."""
+        s = self.spec
+        self.model.to(pixels.device)
+        return self._forward(normalise(pixels, s.image_size, s.mean, s.std, self.cfg.backbone.channels_last))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = []
         for flip in self.views:
-            with autocast(b.precision):
+            with autocast(self.cfg.backbone.precision, x.device.type):
                 f = self.model.features(x.flip(3) if flip else x)
             out.append(self.model.mlp(f.float()))
         return sum(out) / len(out)

@@ -287,9 +287,83 @@ def test_distill_clear_errors(trained, tmp_path):
         distill(config.resolve(None, over), DistillSettings(str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="alpha"):
         distill(config.resolve(None, over), DistillSettings(str(run), alpha=1.5))
-    with pytest.raises(ConfigError, match="augmentation"):
-        distill(config.resolve(None, {**over, "train.augment": "flip"}), DistillSettings(str(run)))
+    with pytest.raises(ConfigError, match="cached views"):
+        distill(config.resolve(None, {**over, "train.augment": "flip", "train.cache_views": 2}),
+                DistillSettings(str(run)))
+    with pytest.raises(ConfigError, match="transfer set works with the cached path"):
+        distill(config.resolve(None, {**over, "train.augment": "flip"}),
+                DistillSettings(str(run), transfer=str(tmp_path)))
+    with pytest.raises(GraftError, match="not a distillation run"):
+        distill(None, None, resume=run)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_teacher_in_loop_sees_the_students_pixels_and_mixes_the_losses():
+    """The callback undoes the student's normalisation exactly and adds alpha*T²*KL to (1-alpha)*loss."""
+    from graftnet.compress.teach import TeacherInLoop
+    from graftnet.data.images import to_batch
+    from graftnet.train.loop import State
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=gen) for _ in range(4)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = to_batch(images, 8, mean, std)
+    seen, target = {}, torch.randn(4, 3, generator=gen)
+
+    class Fake:
+        def pixel_logits(self, pixels):
+            seen["pixels"] = pixels
+            return target
+    student = torch.randn(4, 3, generator=gen)
+    hard = torch.tensor(1.7)
+    out = TeacherInLoop(Fake(), mean, std, 2.0, 0.25).after_loss(State(batch=(x, None, student)), hard)
+    torch.testing.assert_close(seen["pixels"], torch.stack(images).float(), atol=1e-3, rtol=0)
+    soft = kd_loss(student, target, torch.full((4,), -1), 2.0, 1.0)
+    assert out.item() == pytest.approx(0.25 * soft.item() + 0.75 * 1.7, rel=1e-5)
+
+
+def test_pixel_logits_match_the_predictor_on_uint8_images(trained):
+    from graftnet.predictor import RunPredictor
+    predictor = RunPredictor.load(trained[0])
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=gen) for _ in range(3)]
+    torch.testing.assert_close(predictor.pixel_logits(torch.stack(images).float()), predictor(images))
+
+
+def test_distill_with_augmentation_puts_the_teacher_in_the_loop_and_resumes(trained, monkeypatch):
+    """An augmented student cannot use cached teacher logits: the teacher scores every batch. A
+    killed run resumes (its settings come from distill.yaml) and ends where one never stopped ends."""
+    from graftnet.train.checkpoint import Checkpointer
+    run, tmp = trained
+    data = config.resolve(run / "config.yaml").data.path
+    over = tiny_overrides(data, tmp, **{"train.augment": "flip", "train.epochs": 3, "head.hidden": [16]})
+    settings = DistillSettings(str(run), temperature=2.0, alpha=0.6)
+    ref = distill(config.resolve(None, {**over, "name": "loop-ref"}), settings)
+    info = json.loads((ref / "distill.json").read_text())
+    assert info["mode"] == "teacher in the loop" and info["teacher_test_acc"] is not None
+    assert info["student_test_acc"] == pytest.approx(evaluate_run(ref)["accuracy"], abs=1e-6)
+    assert "teacher test accuracy" in (ref / "report.html").read_text()
+    baseline = distill(config.resolve(None, {**over, "name": "loop-none"}), DistillSettings(alpha=0.0))
+    a, _ = load_model(ref)
+    b, _ = load_model(baseline)
+    assert not torch.allclose(a.mlp[-1].weight, b.mlp[-1].weight)  # the teacher changed the training
+    original = Checkpointer.after_epoch
+
+    def after_epoch(self, state, row):
+        original(self, state, row)
+        if state.epoch == 2:
+            raise _Killed("after epoch 2")
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "after_epoch", after_epoch)
+        with pytest.raises(_Killed):
+            distill(config.resolve(None, {**over, "name": "loop-killed"}), settings)
+    killed = tmp / "runs" / "loop-killed"
+    assert (killed / "distill.yaml").is_file() and not (killed / "distill.json").exists()
+    assert distill(None, None, resume=killed) == killed
+    c, _ = load_model(killed)
+    for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.allclose(va, vc, atol=1e-5), k
+    with pytest.raises(GraftError, match="finished already"):
+        distill(None, None, resume=killed)
 
 
 def test_cli_errors(tmp_path, capsys):

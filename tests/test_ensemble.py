@@ -131,3 +131,7 @@ def test_an_ensemble_folder_teaches_a_distilled_student(members):
     assert teacher.identity not in {RunTeacher(a).identity, RunTeacher(b).identity}
     student = distill(config.resolve(None, over), DistillSettings(str(ens), temperature=2.0, alpha=0.5))
     assert json.loads((student / "distill.json").read_text())["teacher_test_acc"] is not None
+    # a teacher in the loop (augmented student) scores pixel batches: the same mixture of the members
+    x = torch.stack(sets["test"].images[:4]).float()
+    members_logits = [RunTeacher(r).pixel_logits(x) for r in (a, b)]
+    torch.testing.assert_close(teacher.pixel_logits(x), combine(members_logits, teacher.predictor.weights))

@@ -79,7 +79,8 @@ def cmd_distill(args) -> None:
     from ..errors import GraftError
     from .distill import DistillSettings, distill
     if args.resume:
-        raise GraftError("distill runs cannot be resumed yet: start the run again")
+        print(distill(None, None, resume=args.resume))
+        return
     if args.student:
         if args.backbone and args.backbone != args.student:
             raise GraftError("--student and --backbone name different backbones: give one")

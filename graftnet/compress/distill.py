@@ -5,13 +5,14 @@
 T² keeps the soft term's gradients on the scale of the hard term's as T grows. With the student's
 backbone frozen and no augmentation, both sides are fixed per image: the student's pooled features
 come from the usual feature cache and the teacher's logits are computed once and cached too, so the
-student's head trains in seconds. alpha = 0 (`--no-teacher`) is plain cross-entropy with the same
+student's head trains in seconds. Any other student (augmented, fine-tuned) learns with the teacher
+scoring each of its batches instead (teach.py). alpha = 0 (`--no-teacher`) is plain cross-entropy with the same
 budget: the baseline a distilled student has to beat. A transfer set (`--transfer`: unlabeled
 images, or the rest of a data set the run only sliced) adds images the teacher labels: they count
 in the soft term only, and are where a teacher helps most (Hinton et al. distilled on such sets).
 
-A teacher is anything with `identity`, `image_size`, `classes` and `__call__(ImageSet) -> logits`
-(RunTeacher: a finished run folder); an ensemble of runs can plug in the same way.
+A teacher is anything with `identity`, `image_size`, `classes`, `__call__(ImageSet) -> logits` and
+`pixel_logits(batch) -> logits` (RunTeacher: a finished run folder or a `graft ensemble` folder).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..run import new_run_dir, run_scope, write_environment, write_history
 from ..train.callbacks import EarlyStopping
 from ..train.features import cache_key
 from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
+from .teach import SETTINGS_FILE, distill_in_loop, needs_teacher_in_loop
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Teacher(Protocol):
 
     def __call__(self, images: ImageSet) -> torch.Tensor: ...
 
+    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
 
 class RunTeacher:
     """A finished run, or an ensemble folder (`graft ensemble`), as teacher: its logits the way
@@ -102,6 +106,10 @@ class RunTeacher:
 
     def __call__(self, images: ImageSet) -> torch.Tensor:
         return self.predictor.logits(images, self.cfg.train.eval_batch_size, "teacher")
+
+    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One training batch's logits (teacher in the loop: teach.py)."""
+        return self.predictor.pixel_logits(pixels)
 
 
 def _identity(predictor) -> str:
@@ -139,14 +147,6 @@ def teacher_logits(teacher: Teacher, images: ImageSet, fingerprint: str, cache_d
     except OSError as e:
         log(f"[yellow]teacher logits not cached ({e}); distillation goes on[/]")
     return logits, False
-
-
-def _check(cfg: RunConfig) -> None:
-    t = cfg.train
-    if not t.cache_features or t.augment != "none" or t.cache_views or t.mixup or t.cutmix or t.flip_views:
-        raise ConfigError("distill trains the student's head on cached features and cached teacher "
-                          "logits: use it without augmentation, MixUp/CutMix or flip_views, with "
-                          "train.cache_features=true")
 
 
 def _sets_at(cfg: RunConfig, size: int, sets: dict[str, ImageSet]) -> dict[str, ImageSet]:
@@ -193,17 +193,37 @@ def transfer_images(cfg: RunConfig, s: DistillSettings, source, sets: dict[str, 
     return other, images
 
 
-def distill(cfg: RunConfig, settings: DistillSettings, teacher: Teacher | None = None) -> Path:
-    """Train a student run from `cfg`, taught by `teacher` (or settings.teacher); returns its folder."""
+def distill(cfg: RunConfig | None, settings: DistillSettings | None, teacher: Teacher | None = None,
+            resume: str | Path | None = None) -> Path:
+    """Train a student run from `cfg`, taught by `teacher` (or settings.teacher); returns its folder.
+    A student that sees each image one way (frozen, cached features, no augmentation) trains on
+    cached teacher logits; any other with the teacher in the loop (teach.py), which can `resume`."""
+    if resume:
+        cfg, settings = _resume_point(Path(resume))
     settings.check()
-    _check(cfg)
     if teacher is None and settings.alpha > 0:
         teacher = RunTeacher(settings.teacher)
+    if needs_teacher_in_loop(cfg):
+        return distill_in_loop(cfg, settings, teacher, Path(resume) if resume else None)
     run_dir = new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
     config_mod.save_yaml(cfg, run_dir / "config.yaml")
-    atomic_write_text(run_dir / "distill.yaml", yaml.safe_dump({"distill": asdict(settings)}, sort_keys=False))
+    atomic_write_text(run_dir / SETTINGS_FILE, yaml.safe_dump({"distill": asdict(settings)}, sort_keys=False))
     with run_scope(run_dir):
         return _distill(cfg, settings, teacher, run_dir)
+
+
+def _resume_point(run_dir: Path) -> tuple[RunConfig, DistillSettings]:
+    try:
+        settings = DistillSettings(**yaml.safe_load((run_dir / SETTINGS_FILE).read_text())["distill"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise GraftError(f"{run_dir}: not a distillation run folder ({SETTINGS_FILE}: {e})") from None
+    cfg = config_mod.resolve(run_dir / "config.yaml")
+    if not needs_teacher_in_loop(cfg):
+        raise GraftError(f"{run_dir}: a distillation on cached features and logits keeps no checkpoint "
+                         "(it trains in seconds once the caches exist): start it again")
+    if (run_dir / "distill.json").is_file():
+        raise GraftError(f"{run_dir}: this distillation finished already (distill.json exists)")
+    return cfg, settings
 
 
 def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_dir: Path) -> Path:

@@ -131,15 +131,19 @@ def config_splits(source: Source, data) -> dict[str, list[tuple[str, int]]]:
 def to_batch(images: list[torch.Tensor], size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 squares -> normalised float batch at size x size (bilinear, antialiased when shrinking)."""
     if all(im.shape == images[0].shape for im in images):
-        x = torch.stack(images).float()
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
-                              align_corners=False)
-    else:
-        x = torch.cat([F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
-                                     antialias=im.shape[-1] > size, align_corners=False)
-                       for im in images])
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1) * 255
-    sd = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        return normalise(torch.stack(images).float(), size, mean, std, channels_last)
+    x = torch.cat([F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
+                                 antialias=im.shape[-1] > size, align_corners=False)
+                   for im in images])
+    return normalise(x, size, mean, std, channels_last)
+
+
+def normalise(x: torch.Tensor, size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """Float pixels (0..255, N x 3 x H x W, any device) -> resized to size x size, normalised."""
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
+                          align_corners=False)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255
+    sd = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255
     x = (x - m) / sd
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,7 +1,7 @@
 """One training loop for every stage, as plain functions with a few named events.
 
 Events (methods a callback may define): `after_loss(state, loss) -> loss` (distillation and EWC add
-terms here), `after_step(state)` (pruning re-applies masks), `after_epoch(state, row)` (checkpoints,
+terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning re-applies masks), `after_epoch(state, row)` (checkpoints,
 early stopping sets `state.stop`). Batches are any iterable of (x, y).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ class State:
     step: int = 0                   # optimizer steps taken
     history: list[dict] = field(default_factory=list)
     stop: bool = False
+    batch: tuple | None = field(default=None, repr=False)  # (x, y, logits) during after_loss
 
 
 class Callback:
@@ -53,8 +54,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             with autocast(precision, dev.type):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
+            state.batch = (x, y, logits)  # a teacher in the loop scores the very inputs trained on
             for cb in callbacks:
                 loss = cb.after_loss(state, loss)
+            state.batch = None
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "

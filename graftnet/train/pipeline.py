@@ -102,9 +102,11 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
 
 
 def train(cfg: RunConfig | None, resume: str | Path | None = None,
-          callbacks: list[Callback] = ()) -> Path:
+          callbacks: list[Callback] = (), cards=None, on_start=None) -> Path:
     """Train a run from a config, or continue the run folder `resume` from its last completed epoch.
-    `callbacks` join the loop's events (custom logging, early stopping, extra loss terms)."""
+    `callbacks` join the loop's events (custom logging, early stopping, extra loss terms);
+    `cards(sets) -> {title: text}` adds lines to the report (e.g. a distillation's teacher);
+    `on_start(run_dir)` runs once a new run folder exists (to save what a resume will need)."""
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -116,10 +118,12 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
                                         if distributed.is_main() else None)
         if distributed.is_main():
             config_mod.save_yaml(cfg, run_dir / "config.yaml")
+            if on_start:
+                on_start(run_dir)
     distributed.init_from_env()
     set_log_file(run_dir / "log.txt" if distributed.is_main() else None)
     try:
-        return _train(cfg, run_dir, bool(resume), list(callbacks))
+        return _train(cfg, run_dir, bool(resume), list(callbacks), cards)
     except GraftError:
         if not resume and not (run_dir / CHECKPOINT).exists() and distributed.is_main():
             set_log_file(None)  # nothing worth keeping: no stray folder
@@ -129,7 +133,7 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
         set_log_file(None)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], cards=None) -> Path:
     log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
     if distributed.is_main():
         write_environment(run_dir, cfg.train.seed)
@@ -182,7 +186,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback]) -
     save_model(model.cpu(), spec, run_dir)
     from ..evaluation import finish_evaluation, validation_logits
     finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"],
-                      val=validation_logits(model, spec, cfg, sets["val"]))
+                      val=validation_logits(model, spec, cfg, sets["val"]), cards=cards(sets) if cards else None)
     return run_dir
 
 
