@@ -145,6 +145,25 @@ def test_prune_missing_run(tmp_path):
         prune_run(tmp_path / "nope", PruneSettings())
 
 
+def test_prune_recovery_learns_from_transfer_images_labeled_by_the_unpruned_model(trained, tmp_path):
+    run, tmp = trained
+    extra = make_folder(tmp_path / "extra", n=6, seed=5)  # another folder: all 18 images join
+    settings = dict(method="structured", amount=0.3, finetune_epochs=1, lr=5e-3, calibrate=0,
+                    importance_images=16, distill=0.7)
+    plain = prune_run(run, PruneSettings(**settings), out=str(tmp_path), name="plain")
+    more = prune_run(run, PruneSettings(**settings, transfer=str(extra), transfer_max=10), out=str(tmp_path),
+                     name="transfer")
+    report = json.loads((more / "prune.json").read_text())
+    assert report["transfer_images"] == 10 and report["settings"]["transfer_max"] == 10
+    assert "10 unlabeled" in (more / "report.html").read_text()
+    assert json.loads((plain / "prune.json").read_text())["transfer_images"] == 0
+    a, _ = load_model(plain)
+    b, _ = load_model(more)
+    assert not torch.allclose(a.mlp[-1].weight, b.mlp[-1].weight)  # the extra images were trained on
+    with pytest.raises(ConfigError, match="distillation"):
+        prune_run(run, PruneSettings(transfer=str(extra)))
+
+
 class _Killed(Exception):
     pass
 

@@ -26,6 +26,10 @@ def add_commands(sub) -> dict:
                         "where validation accuracy does not drop (0: off)")
     p.add_argument("--bn", choices=["eval", "train"], default="eval",
                    help="BatchNorm in recovery: eval keeps the recalibrated statistics, train uses batch ones")
+    p.add_argument("--transfer", metavar="PATH",
+                   help="with --distill: unlabeled images (a folder, or a data set's training images) "
+                        "that the unpruned model labels for the recovery")
+    p.add_argument("--transfer-max", type=int, metavar="N", help="use at most N transfer images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
     p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
@@ -69,7 +73,8 @@ def cmd_prune(args) -> None:
     settings = PruneSettings(args.method, args.amount, args.global_pruning, args.steps, args.finetune_epochs,
                              args.lr, args.batch_size, args.round_to, args.distill,
                              seed=args.seed, importance=args.importance,
-                             calibrate=args.calibrate, bn=args.bn)
+                             calibrate=args.calibrate, bn=args.bn, transfer=args.transfer,
+                             transfer_max=args.transfer_max)
     print(prune_run(args.run, settings, args.out, args.name))
 
 

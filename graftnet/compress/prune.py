@@ -11,6 +11,8 @@ Both run an iterative schedule: prune to amount*k/K (structured: channels ranked
 importance on training images, by default), re-estimate BatchNorm statistics on training images
 where that helps on validation (calibrate), fine-tune the whole network on the run's training
 images for a few epochs with those statistics fixed, recalibrate again, repeat for k = 1..K.
+With `distill`, recovery learns the unpruned model's logits, and `transfer` adds unlabeled images
+that only those logits label (more data for the recovery than the run's labeled split).
 The result is a new run folder (same config, model.safetensors + model.json, report) that
 `load_model`, `graft evaluate` and `graft predict` use like any other; prune.json records the
 settings and the before/after numbers. The new folder checkpoints after each step's pruning and
@@ -62,6 +64,9 @@ class PruneSettings:
                                    # does not drop (0: never)
     bn: str = "eval"               # BatchNorm during recovery: "eval" keeps the recalibrated statistics
                                    # (as graft finetune does), "train" normalises with batch statistics
+    transfer: str | None = None    # unlabeled images (as graft distill --transfer) that join the
+                                   # recovery, labeled by the unpruned model's logits (needs distill)
+    transfer_max: int | None = None
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +84,9 @@ class PruneSettings:
                               "importance_images >= 1)")
         if self.calibrate < 0 or self.bn not in ("eval", "train"):
             raise ConfigError("prune: calibrate must be >= 0 images and bn one of eval, train")
+        if self.transfer and not (self.distill and self.finetune_epochs):
+            raise ConfigError("prune: transfer images are labeled by the unpruned model, so they need "
+                              "recovery by distillation (distill > 0 and finetune_epochs > 0)")
 
 
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -259,6 +267,13 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
                 raise ConfigError("prune: recovery by distillation caches the unpruned model's logits "
                                   "per image, which needs a run trained without augmentation")
             teacher = run.logits(model, "train")
+            if s.transfer:  # the unpruned model labels them; the student learns from its soft targets
+                from .distill import DistillSettings, transfer_images
+                _, run.sets["transfer"] = transfer_images(run.cfg, DistillSettings(transfer=s.transfer,
+                                                          transfer_max=s.transfer_max), run.source,
+                                                          run.sets, spec.image_size)
+                run.sets["recovery"] = run.sets["train"].joined(run.sets["transfer"])
+                teacher = torch.cat([teacher, run.logits(model, "transfer")])
         pruner = channel_pruner(model, spec.image_size, s) if s.method == "structured" else None
         if saved:  # replay the removed channels on the source network, then load the pruned weights
             if pruner is not None:
@@ -300,7 +315,8 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
             finetune(run, model, k * s.finetune_epochs - state.epoch, s.lr, batch_size, state,
                      [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn,
                      checkpoint=new_dir, extra=checkpoint(k, "recovering", record),
-                     resume=resuming and state.epoch > (k - 1) * s.finetune_epochs)
+                     resume=resuming and state.epoch > (k - 1) * s.finetune_epochs,
+                     split="recovery" if s.transfer else "train")
             recovered = record["val_acc_recalibrated"]
             if s.finetune_epochs:  # the recovered weights may deserve their own statistics
                 recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, val_acc, val_acc())
@@ -325,9 +341,12 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
                               run.sets["test"], run.sets["train"],
                               cards={"test accuracy before pruning": f"{before['test_acc']:.4f}",
+                                     **({"recovery transfer images": f"{len(run.sets['transfer']):,} unlabeled"}
+                                        if "transfer" in run.sets else {}),
                                      "MACs": f"{macs / 1e6:.1f} M (was {before['macs'] / 1e6:.1f} M)",
                                      "parameters": f"{params / 1e6:.2f} M (was {before['params'] / 1e6:.2f} M)"})
         report = {"source_run": str(run.dir), "settings": asdict(s), "steps": steps,
+                  "transfer_images": len(run.sets.get("transfer", ())),
                   "before": {**before, **file_sizes(run.dir / "model.safetensors")},
                   "after": {"test_acc": m["accuracy"], "params": params, "macs": macs,
                             "sparsity": sparsity(model), **file_sizes(new_dir / "model.safetensors")}}

@@ -57,10 +57,11 @@ class Run:
 def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
              callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
              alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval",
-             checkpoint: Path | None = None, extra: dict | None = None, resume: bool = False) -> None:
-    """Train every parameter of `model` on the run's training images for `epochs` more epochs,
+             checkpoint: Path | None = None, extra: dict | None = None, resume: bool = False,
+             split: str = "train") -> None:
+    """Train every parameter of `model` on the run's images of `split` for `epochs` more epochs,
     BatchNorm in mode `bn` (see PruneSettings); with `teacher` (logits of the unpruned model per
-    training image) the loss is distillation. With `checkpoint` (a run folder) every epoch is
+    image of the split) the loss is distillation. With `checkpoint` (a run folder) every epoch is
     checkpointed there with `extra`; `resume` first restores the optimizer's moments from it."""
     if epochs <= 0:
         return
@@ -77,13 +78,13 @@ def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int
     if checkpoint is not None:
         callbacks = [*callbacks, Checkpointer(checkpoint, model, optimizer, generator, full=True, extra=extra)]
     augment = make_augment(run.cfg.train.augment)
-    n = len(run.sets["train"])
+    n = len(run.sets[split])
     current: dict = {}
 
     def loss_fn(logits, y):
         return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(FineTuneMode(model, bn), lambda: run.batches("train", batch_size, generator, augment, teacher, current),
+    fit(FineTuneMode(model, bn), lambda: run.batches(split, batch_size, generator, augment, teacher, current),
         -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
         run.cfg.backbone.precision, loss_fn)
     model.eval()

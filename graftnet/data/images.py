@@ -34,6 +34,11 @@ class ImageSet:
         return ImageSet([self.images[i] for i in idx], self.labels[idx], [self.keys[i] for i in idx],
                         self.classes)
 
+    def joined(self, other: "ImageSet") -> "ImageSet":
+        """This set followed by `other` (e.g. labeled images, then unlabeled ones labeled -1)."""
+        return ImageSet(self.images + other.images, torch.cat([self.labels, other.labels]),
+                        self.keys + other.keys, self.classes, self.skipped + other.skipped)
+
 
 def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
     """Centre square crop, shrunk to max_size when larger; never enlarged here."""
