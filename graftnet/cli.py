@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: `graft train`, `finetune` and `prune` continue with `--resume RUN`")
+        console.print("[yellow]interrupted[/]: `graft train`, `finetune`, `distill` and `prune` "
+                      "continue with `--resume RUN`")
         return 130
     return 0
 

@@ -6,8 +6,8 @@ T² keeps the soft term's gradients on the scale of the hard term's as T grows. 
 backbone frozen and no augmentation, both sides are fixed per image: the student's pooled features
 come from the usual feature cache and the teacher's logits are computed once and cached too, so the
 student's head trains in seconds. Any other student (augmented, fine-tuned) learns with the teacher
-scoring each of its batches instead (teach.py). alpha = 0 (`--no-teacher`) is plain cross-entropy with the same
-budget: the baseline a distilled student has to beat. A transfer set (`--transfer`: unlabeled
+scoring each of its batches instead (teach.py). alpha = 0 (`--no-teacher`) is plain cross-entropy
+with the same budget: the baseline a distilled student has to beat. A transfer set (`--transfer`: unlabeled
 images, or the rest of a data set the run only sliced) adds images the teacher labels: they count
 in the soft term only, and are where a teacher helps most (Hinton et al. distilled on such sets).
 

@@ -1,8 +1,9 @@
 """One training loop for every stage, as plain functions with a few named events.
 
 Events (methods a callback may define): `after_loss(state, loss) -> loss` (distillation and EWC add
-terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning re-applies masks), `after_epoch(state, row)` (checkpoints,
-early stopping sets `state.stop`). Batches are any iterable of (x, y).
+terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning
+re-applies masks), `after_epoch(state, row)` (checkpoints, early stopping sets `state.stop`).
+Batches are any iterable of (x, y).
 """
 from __future__ import annotations
 
