@@ -39,7 +39,7 @@ from ..run import new_run_dir, run_scope, write_environment, write_history
 from ..train.callbacks import EarlyStopping
 from ..train.features import cache_key
 from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
-from .teach import SETTINGS_FILE, distill_in_loop, needs_teacher_in_loop
+from .teach import SETTINGS_FILE, distill_in_loop, loss_card, needs_teacher_in_loop
 
 
 @dataclass
@@ -286,7 +286,7 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     logits, test_labels = predict_logits(model.mlp, feature_batches(test_x, sets["test"].labels, t.eval_batch_size, None))
     save_model(model, spec, run_dir)
     write_history(run_dir, state.history)
-    cards = {"teacher": s.teacher or "none (hard labels only)"}
+    cards = {"teacher": s.teacher or "none (hard labels only)", **loss_card(s)}
     if teacher_acc is not None:
         cards["teacher test accuracy"] = f"{teacher_acc:.4f}"
     if n_transfer:

@@ -85,7 +85,8 @@ def distill_in_loop(cfg: RunConfig, s, teacher, resume: Path | None = None) -> P
         callbacks.append(TeacherInLoop(teacher, spec.mean, spec.std, s.temperature, s.alpha))
 
     def cards(sets) -> dict:
-        out = {"teacher": s.teacher or "none (hard labels only)", "distillation": "teacher in the loop"}
+        out = {"teacher": s.teacher or "none (hard labels only)", "distillation": "teacher in the loop",
+               **loss_card(s)}
         if teacher is not None and len(sets["test"]):
             info["teacher_test_acc"] = (teacher(sets["test"]).argmax(1) == sets["test"].labels).float().mean().item()
             out["teacher test accuracy"] = f"{info['teacher_test_acc']:.4f}"
@@ -101,6 +102,14 @@ def distill_in_loop(cfg: RunConfig, s, teacher, resume: Path | None = None) -> P
                                                  "student_test_acc": m.get("accuracy"),
                                                  "labeled_images": info.get("labeled_images"), "transfer_images": 0})
     return run_dir
+
+
+def loss_card(s) -> dict:
+    """The report's note on the training curve: with a teacher it is not the validation's loss."""
+    if not s.alpha:
+        return {}
+    return {"training loss": f"{s.alpha:g}·T²·KL + {1 - s.alpha:g}·CE at T {s.temperature:g}: "
+                             "not comparable with the validation cross-entropy"}
 
 
 def _save_settings(run_dir: Path, s) -> None:

@@ -36,6 +36,11 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
             ax.set_xticks(epochs)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)  # never "1e-8+3.33e-1" for a flat curve
+        lo, hi = ax.get_ylim()
+        if hi - lo < 0.02:  # a flat curve: a readable band around it, not float noise magnified
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - 0.05, mid + 0.05)
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
