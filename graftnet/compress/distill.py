@@ -39,7 +39,7 @@ from ..run import new_run_dir, run_scope, write_environment, write_history
 from ..train.callbacks import EarlyStopping
 from ..train.features import cache_key
 from ..train.loop import State, feature_batches, fit, make_optimizer, predict_logits
-from .teach import SETTINGS_FILE, distill_in_loop, loss_card, needs_teacher_in_loop
+from .teach import SETTINGS_FILE, distill_in_loop, loss_card, needs_teacher_in_loop, soft_term
 
 
 @dataclass
@@ -75,10 +75,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.T
                 if known.any() else student.sum() * 0)
     if alpha == 0 or teacher is None:
         return hard
-    t = temperature
-    soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean")
-    return alpha * t * t * soft + (1 - alpha) * hard
+    return alpha * temperature ** 2 * soft_term(student, teacher, temperature) + (1 - alpha) * hard
 
 
 class Teacher(Protocol):

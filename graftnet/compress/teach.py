@@ -58,9 +58,13 @@ class TeacherInLoop(Callback):
         pixels = x.float() * self.std.to(x.device) + self.mean.to(x.device)  # back to 0..255
         target = self.teacher.pixel_logits(pixels).float().to(logits.device)
         t = self.temperature
-        soft = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(target / t, 1), log_target=True,
-                        reduction="batchmean")
-        return self.alpha * t * t * soft + (1 - self.alpha) * loss
+        return self.alpha * t * t * soft_term(logits.float(), target, t) + (1 - self.alpha) * loss
+
+
+def soft_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
+    return F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    log_target=True, reduction="batchmean")
 
 
 def distill_in_loop(cfg: RunConfig, s, teacher, resume: Path | None = None) -> Path:
