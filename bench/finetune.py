@@ -12,7 +12,8 @@ Parts (each skippable):
               (all groups, discriminative rates, cosine, flip augmentation): test accuracy, wall time.
   augment     the paper's augmentation + dropout on the frozen backbone: on the fly (backbone on
               every augmented batch) against K cached views, and no augmentation; accuracy, time.
-Slices (--per-class) keep it inside a session on a 2-core CPU; the full set needs a GPU.
+Slices (--per-class) keep it inside a session on a 2-core CPU; the full set (--per-class 0)
+needs a GPU, where training and the throughput part run by themselves.
 Writes bench/results/finetune.json and prints markdown tables for BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -42,9 +43,12 @@ RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 
 
 def step_throughput(size: int, batch: int, reps: int) -> dict[str, float]:
-    """Median images/s of training steps, per variant; variants interleaved so drift hits all."""
+    """Median images/s of training steps, per variant; variants interleaved so drift hits all. On
+    the GPU when there is one (timed with synchronisation), else on the CPU."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     base, _ = backbones.create(backbones.get_spec("efficientnet_lite0"))
     head = torch.nn.Linear(base.num_features, 10)
+    base, head = base.to(dev), head.to(dev)
     variants = {"fp32 contiguous": ("fp32", False, False), "fp32 channels-last": ("fp32", True, False),
                 "bf16 autocast, channels-last": ("bf16", True, False),
                 "torch.compile, fp32 channels-last": ("fp32", True, True)}
@@ -54,16 +58,18 @@ def step_throughput(size: int, batch: int, reps: int) -> dict[str, float]:
         model = torch.nn.Sequential(base, head).to(memory_format=fmt)
         opt = torch.optim.AdamW(model.parameters(), 1e-5)
         fwd = torch.compile(model) if compiled else model
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (batch,))
+        x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (batch,), device=dev)
 
         def step(fwd=fwd, opt=opt, precision=precision, x=x, y=y):
-            with autocast(precision):
+            with autocast(precision, dev):
                 logits = fwd(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()  # warm-up (compilation for the compiled variant)
         print(f"  {name}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
@@ -90,7 +96,8 @@ def run(overrides: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"))
-    ap.add_argument("--per-class", type=int, default=500, help="training slice per class (finetune)")
+    ap.add_argument("--per-class", type=int, default=500,
+                    help="training slice per class (finetune); 0: the whole data set")
     ap.add_argument("--aug-per-class", type=int, default=300, help="training slice per class (augment)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--ft-epochs", type=int, default=2)
@@ -100,6 +107,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="throughput batch")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "finetune", "augment"])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"),
+                    help="results file (a GPU run: another name, so the CPU results stay)")
     args = ap.parse_args()
     work = ROOT / "bench" / ".work" / "finetune"
     shutil.rmtree(work, ignore_errors=True)
@@ -118,7 +127,7 @@ def main() -> None:
         for k, v in tp.items():
             print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
     if "finetune" not in args.skip:
-        sl = {**common, "data.max_per_class": args.per_class}
+        sl = {**common, "data.max_per_class": args.per_class or None}
         print("frozen only", flush=True)
         frozen = run({**sl, "name": "frozen"})
         tuned = {}
@@ -127,7 +136,7 @@ def main() -> None:
             tuned[bn] = run({**sl, "name": f"finetuned-bn-{bn}", "finetune.epochs": args.ft_epochs,
                              "finetune.lr": args.ft_lr, "finetune.bn": bn})
         results["finetune"] = {"frozen": frozen, **{f"finetuned, bn {k}": v for k, v in tuned.items()}}
-        print(f"\n| {args.per_class}/class, {args.size}px | test accuracy | wall time |")
+        print(f"\n| {args.per_class or 'all'}/class, {args.size}px | test accuracy | wall time |")
         print("|---|---:|---:|")
         print(f"| frozen backbone, head 10 epochs | {100 * frozen['accuracy']:.2f}% | {frozen['wall_s']:.0f} s |")
         for bn, r in tuned.items():
@@ -147,7 +156,7 @@ def main() -> None:
         print("|---|---:|---:|")
         for k, v in aug.items():
             print(f"| {k} | {100 * v['accuracy']:.2f}% | {v['wall_s']:.0f} s |")
-    out = ROOT / "bench" / "results" / "finetune.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}  # parts run separately add up
     for part in ("throughput", "finetune", "augment"):
