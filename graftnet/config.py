@@ -26,6 +26,7 @@ class DataConfig:
     max_per_class: int | None = None  # take a slice (quick experiments, tests)
     skip_bad: bool = False           # skip unreadable images and list them instead of failing
     workers: int = 2                 # decoding threads
+    cache_decoded: bool = True       # keep decoded images in the cache folder for the next run
     grayscale: bool = False          # luminance only, copied to R, G and B (X-rays and other scans
                                      # whose colour is noise); training, evaluate and predict alike
 

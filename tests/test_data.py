@@ -340,3 +340,58 @@ def test_find_cifar10(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAFTNET_CIFAR10", str(tmp_path / "mine.zip"))
     (tmp_path / "mine.zip").write_bytes(b"x")
     assert find_cifar10(cache_dir=str(tmp_path / "cache"), download=False) == tmp_path / "mine.zip"
+
+
+# ---------------------------------------------------------------- decoded-image cache
+
+def _decoded(root, cache, skip_bad=False, size=16):
+    from graftnet.data.decoded import load_images_cached
+    src = open_source(str(root))
+    samples = sorted((k, lab) for split in src.splits.values() for k, lab in split)
+    return load_images_cached(src, samples, size, skip_bad, 1, None, False, cache)
+
+
+def test_decoded_cache_serves_the_second_load_without_decoding(tmp_path, monkeypatch):
+    import graftnet.data.decoded as decoded
+    root = with_bad_file(tmp_path, "broken.jpg", b"\xff\xd8 not really")
+    first = _decoded(root, tmp_path / "cache", skip_bad=True)
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.safetensors"))) == 1
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(decoded, "load_images", no_decoding)
+    second = _decoded(root, tmp_path / "cache", skip_bad=True)
+    assert second.keys == first.keys and torch.equal(second.labels, first.labels)
+    assert second.skipped == first.skipped and len(second.skipped) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first.images, second.images))
+    with pytest.raises(AssertionError, match="decoded again"):  # skip_bad is part of the key
+        _decoded(root, tmp_path / "cache", skip_bad=False)
+    with pytest.raises(AssertionError, match="decoded again"):  # so is the size
+        _decoded(root, tmp_path / "cache", skip_bad=True, size=8)
+
+
+def test_decoded_cache_follows_the_files_and_survives_damage(tmp_path):
+    root = make_folder(tmp_path / "d", n=3)
+    first = _decoded(root, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "decoded").glob("*.safetensors")
+    entry.write_bytes(b"garbage")  # a damaged entry is decoded again, never trusted
+    again = _decoded(root, tmp_path / "cache")
+    assert all(torch.equal(a, b) for a, b in zip(first.images, again.images))
+    victim = sorted((root / "cat").iterdir())[0]
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(victim)  # new content: a new entry, new pixels
+    changed = _decoded(root, tmp_path / "cache")
+    i = changed.keys.index(next(k for k in changed.keys if k.endswith(victim.name) and "cat" in k))
+    assert changed.images[i][0].float().mean() > 250
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.safetensors"))) == 2
+
+
+def test_decoded_cache_keeps_images_of_different_sizes(tmp_path):
+    root = tmp_path / "d"
+    for cls, side in (("big", 30), ("small", 6)):  # squares are shrunk to 16, never enlarged
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (side, side), (i * 50, 0, 0)).save(root / cls / f"{i}.png")
+    first = _decoded(root, tmp_path / "cache")
+    again = _decoded(root, tmp_path / "cache")
+    assert sorted({tuple(im.shape) for im in again.images}) == [(3, 6, 6), (3, 16, 16)]
+    assert all(torch.equal(a, b) for a, b in zip(first.images, again.images))

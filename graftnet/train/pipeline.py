@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .. import config as config_mod
 from ..config import RunConfig
 from ..data.augment import make_augment
-from ..data.images import ImageSet, config_splits, load_images
+from ..data.decoded import load_images_cached
+from ..data.images import ImageSet, config_splits
 from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
 from ..io import atomic_write_text, cache_root
@@ -51,10 +52,11 @@ def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
     size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
     sets = {}
     total = sum(len(v) for v in splits.values())
+    cache = cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None
     with bar(total, "decoding images") as advance:
         for name, samples in splits.items():
-            sets[name] = load_images(source, samples, size, cfg.data.skip_bad, cfg.data.workers, advance,
-                                     cfg.data.grayscale)
+            sets[name] = load_images_cached(source, samples, size, cfg.data.skip_bad, cfg.data.workers,
+                                            advance, cfg.data.grayscale, cache)
     if not len(sets["train"]):
         raise DataError(f"{source.location}: every training image was unreadable")
     missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
