@@ -1,15 +1,17 @@
 """Issue 4's pruning target on more data: a pruned model at least 1.5x faster within 2 points.
 
     python bench/prune_target.py [--per-class 0] [--size 64] [--ft-epochs 1] [--amount 0.3]
-                                 [--steps 2] [--prune-epochs 1] [--out bench/results/prune_target.json]
+                                 [--steps 2] [--prune-epochs 1] [--channels all|inner] [--base RUN]
+                                 [--out bench/results/prune_target.json]
 
 Section 8's slice (1,800 training images) is too small for a pruned Lite0 to recover on. This
 benchmark gives recovery the whole CIFAR-10 training split (`--per-class 0`), paying for it with a
 smaller input size so that it fits this CPU: the base is `recipes/paper-cifar10.yaml` (Lite0) at
 `--size` px, head on frozen features then `--ft-epochs` of `graft finetune`; the pruned model is
 `graft prune --method structured --amount A --steps S --finetune-epochs E --distill 0.7
---round-to 8` of it. Both are exported to ONNX and scored by ONNX Runtime on the whole test split;
-latency is the median ORT time at batch 1 and 64, the two models timed one after the other.
+--round-to 8 --channels C` of it (`--base` reuses an earlier run's base). Both are exported to
+ONNX and scored by ONNX Runtime on the whole test split; latency is the median ORT time at batch 1
+and 64, the two models timed one after the other.
 """
 from __future__ import annotations
 
@@ -51,27 +53,33 @@ def main() -> None:
     ap.add_argument("--amount", type=float, default=0.3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--prune-epochs", type=int, default=1, help="recovery epochs after each step")
+    ap.add_argument("--channels", choices=["all", "inner"], default="all",
+                    help="inner: keep the residual stream's widths (graft prune --channels)")
+    ap.add_argument("--base", help="an earlier run of this benchmark's base: prune it instead of training one")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_target.json"))
     args = ap.parse_args()
     work = ROOT / "bench" / ".work" / "prune_target"
-    shutil.rmtree(work / "runs", ignore_errors=True)
+    name = f"pruned-{args.channels}{round(args.amount * 100)}"
+    if not args.base:
+        shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
     overrides = {"data.path": args.data, "out": str(work / "runs"), "cache_dir": str(work / "cache"),
                  "backbone.image_size": args.size, "finetune.epochs": args.ft_epochs, "name": "base"}
     if args.per_class:
         overrides["data.max_per_class"] = args.per_class
     load = [os.getloadavg()[0]]
     t0 = time.time()
-    base = train(config.resolve(RECIPE, overrides))
+    base = Path(args.base) if args.base else train(config.resolve(RECIPE, overrides))
     t_base = time.time() - t0
     settings = PruneSettings(amount=args.amount, steps=args.steps, finetune_epochs=args.prune_epochs,
-                             distill=0.7, round_to=8)
-    pruned = prune_run(base, settings, out=str(work / "runs"), name="pruned")
+                             distill=0.7, round_to=8, channels=args.channels)
+    pruned = prune_run(base, settings, out=str(work / "runs"), name=name)
     t_prune = time.time() - t0 - t_base
     load.append(os.getloadavg()[0])
     _, sets = load_data(config.resolve(base / "config.yaml"))
     test = sets["test"]
     rows = {"fp32 base": score(Path(export_run(base)["path"]), test),
-            f"structured {round(args.amount * 100)}%": score(Path(export_run(pruned)["path"]), test)}
+            f"structured {round(args.amount * 100)}% ({args.channels} channels)": score(Path(export_run(pruned)["path"]), test)}
     load.append(os.getloadavg()[0])
     prune_info = json.loads((pruned / "prune.json").read_text())
     out = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),

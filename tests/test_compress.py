@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from graftnet import config
 from graftnet.compress.distill import DistillSettings, RunTeacher, distill, kd_loss, teacher_logits
-from graftnet.compress.prune import (PruneSettings, Run, calibrate, magnitude_prune, prunable, prune_run,
-                                     recalibrate_bn, sparsity)
+from graftnet.compress.prune import (PruneSettings, Run, calibrate, channel_pruner, magnitude_prune, prunable,
+                                     prune_run, recalibrate_bn, sparsity, tied_layers)
 from graftnet.errors import ConfigError, GraftError
 from graftnet.evaluation import evaluate_run
 from graftnet.model import load_model
@@ -134,10 +134,39 @@ def test_structured_taylor_recovery_with_fixed_statistics(trained):
 
 
 @pytest.mark.parametrize("kwargs, match", [({"amount": 0}, "amount"), ({"amount": 1.5}, "amount"),
-                                           ({"method": "random"}, "method"), ({"steps": 0}, "steps")])
+                                           ({"method": "random"}, "method"), ({"steps": 0}, "steps"),
+                                           ({"channels": "outer"}, "channels")])
 def test_prune_bad_settings(trained, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         prune_run(trained[0], PruneSettings(**kwargs))
+
+
+class _Residual(torch.nn.Module):
+    """A stem and one inverted residual block (expand, depthwise, project, add), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = torch.nn.Conv2d(16, 32, 1)
+        self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.project = torch.nn.Conv2d(32, 16, 1)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(torch.relu(self.dw(torch.relu(self.expand(x)))))
+        return self.mlp(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels, stream, inner", [("all", 8, 16), ("inner", 16, 16)])
+def test_inner_channels_keep_the_residual_stream(channels, stream, inner):
+    torch.manual_seed(0)
+    net = _Residual()
+    assert tied_layers(net, torch.zeros(1, 3, 8, 8)) in ([net.stem], [net.project])  # stem + project add up
+    channel_pruner(net, 8, PruneSettings(amount=0.5, importance="magnitude", channels=channels)).step()
+    assert (net.stem.out_channels, net.project.out_channels, net.mlp[0].in_features) == (stream,) * 3
+    assert (net.expand.out_channels, net.dw.out_channels, net.project.in_channels) == (inner,) * 3
+    assert net.mlp[0].out_features == 3 and net(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
 
 
 def test_prune_missing_run(tmp_path):

@@ -17,6 +17,9 @@ def add_commands(sub) -> dict:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the recovery fine-tune")
     p.add_argument("--batch-size", type=int, help="default: the run's")
     p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
+    p.add_argument("--channels", choices=["all", "inner"], default="all",
+                   help="structured: inner prunes only channels inside blocks (expansion, depthwise, "
+                        "bottleneck middles) and keeps the widths that residual adds tie together")
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
                    help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
     p.add_argument("--importance", choices=["taylor", "magnitude"], default="taylor",
@@ -74,7 +77,7 @@ def cmd_prune(args) -> None:
                              args.lr, args.batch_size, args.round_to, args.distill,
                              seed=args.seed, importance=args.importance,
                              calibrate=args.calibrate, bn=args.bn, transfer=args.transfer,
-                             transfer_max=args.transfer_max)
+                             transfer_max=args.transfer_max, channels=args.channels)
     print(prune_run(args.run, settings, args.out, args.name))
 
 

@@ -5,7 +5,8 @@
                   dense: the zipped model shrinks, dense latency does not.
     structured    torch-pruning removes whole channels, following the dependency graph (depthwise
                   convs, residual adds, BatchNorm, the head's input), so the network really gets
-                  smaller and faster. The classifier's outputs are never touched.
+                  smaller and faster. The classifier's outputs are never touched; with
+                  channels="inner", neither are the residual stream's widths.
 
 Both run an iterative schedule: prune to amount*k/K (structured: channels ranked by Taylor
 importance on training images, by default), re-estimate BatchNorm statistics on training images
@@ -67,6 +68,8 @@ class PruneSettings:
     transfer: str | None = None    # unlabeled images (as graft distill --transfer) that join the
                                    # recovery, labeled by the unpruned model's logits (needs distill)
     transfer_max: int | None = None
+    channels: str = "all"          # structured: "inner" prunes only channels inside blocks and keeps
+                                   # the widths that residual adds tie together (see tied_layers)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +85,8 @@ class PruneSettings:
         if self.importance not in ("taylor", "magnitude") or self.importance_images < 1:
             raise ConfigError(f"prune importance {self.importance!r}: use taylor or magnitude (and "
                               "importance_images >= 1)")
+        if self.channels not in ("all", "inner"):
+            raise ConfigError(f"prune channels {self.channels!r}: use all or inner")
         if self.calibrate < 0 or self.bn not in ("eval", "train"):
             raise ConfigError("prune: calibrate must be >= 0 images and bn one of eval, train")
         if self.transfer and not (self.distill and self.finetune_epochs):
@@ -219,16 +224,35 @@ def taylor_gradients(run: Run, model: nn.Module, images: int, seed: int) -> None
             break
 
 
+def tied_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """One layer of each channel group that a residual add (or concat) ties across several dense
+    layers: the widths of a network's residual stream. Ignoring these leaves only the channels
+    inside blocks (an inverted residual's expansion and depthwise channels, a bottleneck's middle)."""
+    import torch_pruning as tp
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    tied = []
+    for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+        dense = {id(d.target.module): d.target.module for d, _ in group
+                 if graph.is_out_channel_pruning_fn(d.handler) and isinstance(d.target.module, (nn.Conv2d, nn.Linear))
+                 and not (isinstance(d.target.module, nn.Conv2d) and d.target.module.groups > 1)}
+        if len(dense) > 1:
+            tied.append(next(iter(dense.values())))
+    return tied
+
+
 def channel_pruner(model: nn.Module, image_size: int, s: PruneSettings):
     """torch-pruning's MetaPruner for structured pruning with these settings (the class outputs are
-    never pruned). With Taylor importance, call taylor_gradients before each step()."""
+    never pruned; with channels="inner", neither are the residual stream's widths). With Taylor
+    importance, call taylor_gradients before each step()."""
     import torch_pruning as tp
     model.eval()
+    example = torch.zeros(1, 3, image_size, image_size)
     importance = (tp.importance.GroupTaylorImportance() if s.importance == "taylor"
                   else tp.importance.GroupMagnitudeImportance(p=2))
-    return tp.pruner.MetaPruner(model, torch.zeros(1, 3, image_size, image_size), importance=importance,
+    ignored = [model.mlp[-1]] + (tied_layers(model, example) if s.channels == "inner" else [])
+    return tp.pruner.MetaPruner(model, example, importance=importance,
                                 global_pruning=s.global_pruning, pruning_ratio=s.amount, iterative_steps=s.steps,
-                                ignored_layers=[model.mlp[-1]], round_to=s.round_to, max_pruning_ratio=0.9)
+                                ignored_layers=ignored, round_to=s.round_to, max_pruning_ratio=0.9)
 
 
 def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: str | None = None,
