@@ -31,17 +31,17 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 from graftnet import config  # noqa: E402
 from graftnet.compress.prune import PruneSettings, prune_run  # noqa: E402
 from graftnet.export.exporter import export_run  # noqa: E402
-from graftnet.export.runtime import OnnxClassifier, measure_latency  # noqa: E402
 from graftnet.train.pipeline import load_data, train  # noqa: E402
+
+import compression  # noqa: E402  (bench/compression.py: the same scoring and table)
 
 RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 
 
 def score(path: Path, test) -> dict:
-    logits = OnnxClassifier(path).logits([im.numpy() for im in test.images], 64)
-    b1, b64 = measure_latency(path, 1, repeats=50), measure_latency(path, 64, repeats=10)
-    return {"accuracy": float((logits.argmax(1) == test.labels.numpy()).mean()),
-            "size_mb": path.stat().st_size / 1e6, "b1_ms": b1["median_ms"], "b64_ms": b64["median_ms"]}
+    row = compression.score(path, test, repeats=(50, 10))
+    del row["logits"]
+    return row
 
 
 def main() -> None:
@@ -90,13 +90,8 @@ def main() -> None:
            "prune": {k: prune_info[k] for k in ("before", "after", "steps")},
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))
-    b = rows["fp32 base"]
     print(f"\n{len(test)} test images, {len(sets['train'])} training images, {args.size} px\n")
-    print("| model | test accuracy | ONNX size | batch 1 | batch 64 | speed-up b1 / b64 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for k, r in rows.items():
-        print(f"| {k} | {100 * r['accuracy']:.2f}% | {r['size_mb']:.1f} MB | {r['b1_ms']:.2f} ms | "
-              f"{r['b64_ms']:.0f} ms | {b['b1_ms'] / r['b1_ms']:.2f}x / {b['b64_ms'] / r['b64_ms']:.2f}x |")
+    print(compression.table(rows, rows["fp32 base"]))
     print(f"\nwrote {args.out}")
 
 
