@@ -71,6 +71,8 @@ def test_structured_removes_channels_and_reloads_exactly(trained):
     assert spec.pruned and model.mlp[-1].out_features == 3  # classes kept
     report = json.loads((out / "prune.json").read_text())
     assert report["after"]["params"] == n_after and report["after"]["macs"] < report["before"]["macs"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["step 1: 25% channels pruned", "step 2: 50% channels pruned"]
     # the saved spec rebuilds the pruned network: same logits as the network that was saved
     x = torch.randn(4, 3, spec.image_size, spec.image_size)
     again, _ = load_model(out)

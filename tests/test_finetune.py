@@ -124,6 +124,7 @@ def test_finetune_trains_only_unfrozen_groups(image_folder, tmp_path):
             assert torch.equal(v, init_state[k]), f"{k} is frozen and must not change"
     history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r.get("stage") for r in history] == [None, "fine-tuning", "fine-tuning"]  # marked on the curves
 
 
 def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folder, tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from graftnet.metrics import classification_metrics, confusion_table, metrics_table
 from graftnet.report.html import write_report
-from graftnet.report.plots import plot_confusion, plot_curves, plot_samples
+from graftnet.report.plots import plot_confusion, plot_curves, plot_samples, stage_marks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -84,6 +84,10 @@ def test_plots_write_png(tmp_path):
     history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 1 - 1 / (e + 1),
                 "val_loss": 1.1 / e, "val_acc": 1 - 1.2 / (e + 1)} for e in range(1, 5)]
     plot_curves(history, tmp_path / "curves.png")
+    for row, stage in zip(history, (None, "fine-tuning", "fine-tuning", "pruned")):
+        row["stage"] = stage
+    assert stage_marks(history) == [(1.5, "fine-tuning"), (3.5, "pruned")]
+    plot_curves(history, tmp_path / "curves-stages.png")
     plot_confusion([[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "cm2.png")
     plot_confusion(torch.eye(25, dtype=torch.long).tolist(), [f"c{i}" for i in range(25)],
                    tmp_path / "cm25.png", normalize=False)
@@ -91,7 +95,7 @@ def test_plots_write_png(tmp_path):
               torch.randint(0, 256, (3, 40, 24), dtype=torch.uint8)]
     plot_samples(images, ["ok", "wrong"], tmp_path / "samples.png", colors=["green", "red"])
 
-    for name in ("curves1", "curves", "cm2", "cm25", "samples"):
+    for name in ("curves1", "curves", "curves-stages", "cm2", "cm25", "samples"):
         _assert_png(tmp_path / f"{name}.png")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
 

@@ -336,6 +336,7 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
                 record = {"step": k, "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
                           "recalibrated_kept": kept}
                 save_checkpoint(new_dir, model.state_dict(), None, state, generator, checkpoint(k, "pruned", record))
+            state.stage = f"step {k}: {s.amount * k / s.steps:.0%} {'channels' if pruner else 'weights'} pruned"
             finetune(run, model, k * s.finetune_epochs - state.epoch, s.lr, batch_size, state,
                      [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn,
                      checkpoint=new_dir, extra=checkpoint(k, "recovering", record),

@@ -23,9 +23,26 @@ def _save(fig, path: str | Path) -> Path:
         plt.close(fig)  # figures are kept alive by pyplot until closed
 
 
+def stage_marks(history: list[dict]) -> list[tuple[float, str]]:
+    """(x, name) where a stage begins: half an epoch before its first epoch (the boundary between
+    two epochs' points). Rows without a stage belong to the unnamed first stage."""
+    marks, current = [], None
+    for row in history:
+        if row.get("stage") != current:
+            current = row.get("stage")
+            if current:
+                marks.append((row["epoch"] - 0.5, current))
+    return marks
+
+
 def plot_curves(history: list[dict], path: str | Path) -> Path:
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for x, name in stage_marks(history):  # e.g. where fine-tuning starts, or each pruning step
+        for ax in axes:
+            ax.axvline(x, color="0.5", linestyle="--", linewidth=1)
+        axes[1].annotate(name, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                         textcoords="offset points", va="top", fontsize=8, color="0.35", rotation=90)
     for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         val = np.array([row.get(f"val_{key}", math.nan) for row in history], dtype=float)

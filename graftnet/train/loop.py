@@ -30,6 +30,8 @@ class State:
     history: list[dict] = field(default_factory=list)
     stop: bool = False
     batch: tuple | None = field(default=None, repr=False)  # (x, y, logits) during after_loss
+    stage: str | None = None        # set by a caller with several stages: each epoch's row names it,
+                                    # and the curves plot marks where it changes
 
 
 class Callback:
@@ -116,7 +118,8 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0,
-               "lr": optimizer.param_groups[-1]["lr"]}  # the head's (the last group)
+               "lr": optimizer.param_groups[-1]["lr"],  # the head's (the last group)
+               **({"stage": state.stage} if state.stage else {})}
         state.history.append(row)
         log(f"epoch {state.epoch:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
             f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)")

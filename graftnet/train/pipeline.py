@@ -217,6 +217,7 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     unfreezer = _Unfreezer(model, groups, ft.unfreeze, t.epochs)
     unfreezer.apply(state.epoch)
     module = FineTuneMode(model, ft.bn)
+    state.stage = "fine-tuning"
     for row in describe(model, groups, optimizer):
         log(f"  group {row['group']:<24} {row['params']:>9,} params  "
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
