@@ -78,8 +78,9 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     _, sets = load_data(config.resolve(base / "config.yaml"))
     test = sets["test"]
+    label = f"structured {round(args.amount * 100)}% ({args.channels} channels)"
     rows = {"fp32 base": score(Path(export_run(base)["path"]), test),
-            f"structured {round(args.amount * 100)}% ({args.channels} channels)": score(Path(export_run(pruned)["path"]), test)}
+            label: score(Path(export_run(pruned)["path"]), test)}
     load.append(os.getloadavg()[0])
     prune_info = json.loads((pruned / "prune.json").read_text())
     out = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
