@@ -225,7 +225,7 @@ def taylor_gradients(run: Run, model: nn.Module, images: int, seed: int) -> None
 
 
 def tied_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """One layer of each channel group that a residual add (or concat) ties across several dense
+    """One layer of each channel group that a residual add ties across several dense
     layers: the widths of a network's residual stream. Ignoring these leaves only the channels
     inside blocks (an inverted residual's expansion and depthwise channels, a bottleneck's middle)."""
     import torch_pruning as tp
