@@ -73,6 +73,7 @@ def test_structured_removes_channels_and_reloads_exactly(trained):
     assert report["after"]["params"] == n_after and report["after"]["macs"] < report["before"]["macs"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["step 1: 25% channels pruned", "step 2: 50% channels pruned"]
+    assert "0.5·T²·KL + 0.5·CE" in (out / "report.html").read_text()  # the recovery's loss is explained
     # the saved spec rebuilds the pruned network: same logits as the network that was saved
     x = torch.randn(4, 3, spec.image_size, spec.image_size)
     again, _ = load_model(out)

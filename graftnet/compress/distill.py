@@ -283,7 +283,7 @@ def _distill(cfg: RunConfig, s: DistillSettings, teacher: Teacher | None, run_di
     logits, test_labels = predict_logits(model.mlp, feature_batches(test_x, sets["test"].labels, t.eval_batch_size, None))
     save_model(model, spec, run_dir)
     write_history(run_dir, state.history)
-    cards = {"teacher": s.teacher or "none (hard labels only)", **loss_card(s)}
+    cards = {"teacher": s.teacher or "none (hard labels only)", **loss_card(s.alpha, s.temperature)}
     if teacher_acc is not None:
         cards["teacher test accuracy"] = f"{teacher_acc:.4f}"
     if n_transfer:

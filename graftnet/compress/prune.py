@@ -39,6 +39,7 @@ from ..train.checkpoint import FILE as CHECKPOINT, checkpoint_meta, load_checkpo
 from ..train.loop import Callback, State
 from .shapes import module_shapes, shape_changes
 from .source import Run, finetune  # noqa: F401  (Run and finetune are imported from here too)
+from .teach import loss_card
 
 METHODS = ("unstructured", "structured")
 
@@ -366,6 +367,7 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
                               run.sets["test"], run.sets["train"],
                               cards={"test accuracy before pruning": f"{before['test_acc']:.4f}",
+                                     **loss_card(s.distill, s.temperature),
                                      **({"recovery transfer images": f"{len(run.sets['transfer']):,} unlabeled"}
                                         if "transfer" in run.sets else {}),
                                      "MACs": f"{macs / 1e6:.1f} M (was {before['macs'] / 1e6:.1f} M)",

@@ -90,7 +90,7 @@ def distill_in_loop(cfg: RunConfig, s, teacher, resume: Path | None = None) -> P
 
     def cards(sets) -> dict:
         out = {"teacher": s.teacher or "none (hard labels only)", "distillation": "teacher in the loop",
-               **loss_card(s)}
+               **loss_card(s.alpha, s.temperature)}
         if teacher is not None and len(sets["test"]):
             info["teacher_test_acc"] = (teacher(sets["test"]).argmax(1) == sets["test"].labels).float().mean().item()
             out["teacher test accuracy"] = f"{info['teacher_test_acc']:.4f}"
@@ -108,11 +108,11 @@ def distill_in_loop(cfg: RunConfig, s, teacher, resume: Path | None = None) -> P
     return run_dir
 
 
-def loss_card(s) -> dict:
+def loss_card(alpha: float, temperature: float) -> dict:
     """The report's note on the training curve: with a teacher it is not the validation's loss."""
-    if not s.alpha:
+    if not alpha:
         return {}
-    return {"training loss": f"{s.alpha:g}·T²·KL + {1 - s.alpha:g}·CE at T {s.temperature:g}: "
+    return {"training loss": f"{alpha:g}·T²·KL + {1 - alpha:g}·CE at T {temperature:g}: "
                              "not comparable with the validation cross-entropy"}
 
 
