@@ -66,13 +66,12 @@ def _read(path: Path, samples, classes: list[str]) -> ImageSet | None:
     try:
         with safe_open(str(path), "pt") as f:
             kept = f.get_tensor("kept").tolist()
-            names = set(f.keys())
-            if "images" in names:
+            if "images" in f.keys():
                 images = list(f.get_tensor("images").unbind(0))
             else:
                 images = [f.get_tensor(f"image/{i}") for i in range(len(kept))]
             skipped = json.loads(f.metadata()["skipped"])
-        if len(images) != len(kept) or any(im.dtype != torch.uint8 for im in images[:1]):
+        if len(images) != len(kept) or (images and images[0].dtype != torch.uint8):
             return None
         return ImageSet(images, torch.tensor([samples[i][1] for i in kept], dtype=torch.long),
                         [samples[i][0] for i in kept], classes, skipped)
