@@ -31,11 +31,38 @@ def log(message: str) -> None:
             f.write(time.strftime("%H:%M:%S ") + Console().render_str(message).plain + "\n")
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 @contextlib.contextmanager
 def bar(total: int, description: str):
-    """Yields advance(n=1, **fields). Quiet when GRAFTNET_QUIET=1 (tests) or stderr is no terminal."""
-    if os.environ.get("GRAFTNET_QUIET") or not sys.stderr.isatty() or not is_main():
+    """Yields advance(n=1, **fields). A Rich bar on a terminal. When stderr is a file or a pipe
+    (nohup, a batch job, CI) a bar would print nothing until it ends, and an epoch can take a quarter
+    of an hour; so a plain line goes out every GRAFTNET_PROGRESS_SECONDS (default 60) instead.
+    Quiet when GRAFTNET_QUIET=1 (tests) and on ranks other than 0."""
+    if os.environ.get("GRAFTNET_QUIET") or not is_main():
         yield lambda n=1, **kw: None
+        return
+    if not sys.stderr.isatty():
+        every = float(os.environ.get("GRAFTNET_PROGRESS_SECONDS", "60"))
+        start = last = time.monotonic()
+        done = 0
+
+        def advance(n: int = 1, **fields):
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if now - last < every or done >= total:  # the finished step gets its own line anyway
+                return
+            last = now
+            rate = done / max(now - start, 1e-9)
+            info = "".join(f"  {k} {v:.4f}" if isinstance(v, float) else f"  {k} {v}" for k, v in fields.items())
+            print(f"{description}: {done}/{total} ({100 * done / total:.0f}%){info}  elapsed "
+                  f"{_clock(now - start)}  ETA {_clock((total - done) / rate)}", file=sys.stderr, flush=True)
+        yield advance
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

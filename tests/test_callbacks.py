@@ -1,4 +1,4 @@
-"""Learning-rate schedules and early stopping, as callbacks on the one loop."""
+"""Learning-rate schedules and early stopping, as callbacks on the one loop; progress output."""
 import json
 
 import pytest
@@ -102,3 +102,21 @@ def test_lr_find_cli_writes_plot(image_folder, tmp_path, capsys):
     assert main(["lr-find", "--config", str(cfg), "--data", str(image_folder), "--out", str(out)]) == 0
     assert "suggested learning rate" in capsys.readouterr().out
     assert out.read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".json").is_file()
+
+
+def test_progress_without_a_terminal_prints_plain_lines(monkeypatch, capsys):
+    """Under nohup or in a batch job stderr is a file: a Rich bar would stay silent for a whole
+    epoch, so plain lines with counts and an ETA go out at the chosen interval instead."""
+    from graftnet import progress
+    monkeypatch.delenv("GRAFTNET_QUIET", raising=False)
+    monkeypatch.setenv("GRAFTNET_PROGRESS_SECONDS", "0")
+    with progress.bar(4, "epoch 3") as advance:
+        for _ in range(4):
+            advance(1, loss=0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("epoch 3: 1/4 (25%)  loss 0.5000  elapsed 0:00  ETA ")
+    assert [ln.split(":")[1].split()[0] for ln in lines] == ["1/4", "2/4", "3/4"]  # not the last
+    monkeypatch.setenv("GRAFTNET_PROGRESS_SECONDS", "3600")
+    with progress.bar(4, "epoch 4") as advance:
+        advance(2)
+    assert capsys.readouterr().err == ""
