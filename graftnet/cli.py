@@ -24,7 +24,7 @@ TRAIN_FLAGS = {
     "augment": "train.augment", "cache_views": "train.cache_views", "mixup": "train.mixup",
     "cutmix": "train.cutmix", "finetune_epochs": "finetune.epochs", "unfreeze": "finetune.unfreeze",
     "finetune_lr": "finetune.lr", "lr_decay": "finetune.lr_decay", "bn": "finetune.bn",
-    "finetune_augment": "finetune.augment", "compile": "train.compile",
+    "finetune_augment": "finetune.augment", "compile": "train.compile", "init": "train.init",
 }
 
 
@@ -87,6 +87,8 @@ def _train_parser(sub, name: str = "train",
                         "(frozen), all updated (train)")
     g.add_argument("--finetune-augment", choices=list(PRESETS), help="augmentation in stage 2 (default flip)")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
+    p.add_argument("--init", metavar="RUN", help="start from a finished run's weights (same backbone "
+                   "and head), e.g. to go on at a larger --image-size; other classes: backbone only")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.lr=3e-4 (repeatable)")

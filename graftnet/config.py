@@ -79,6 +79,9 @@ class TrainConfig:
     class_weights: str = "none"      # none | balanced: inverse class frequency in the cross-entropy
     sampler: str = "none"            # none | balanced: draw training samples class-balanced (with
                                      # replacement), so every class is seen equally often per epoch
+    init: str | None = None          # a finished run folder whose weights this run starts from
+                                     # (same backbone and head; e.g. go on at a larger image size,
+                                     # fastai's progressive resizing); other classes: backbone only
 
 
 @dataclass
@@ -238,8 +241,9 @@ def validate(cfg: RunConfig) -> None:
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.lr": cfg.train.lr, "train.eval_batch_size": cfg.train.eval_batch_size}
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+        if value <= 0 and not (key == "train.epochs" and value == 0 and cfg.finetune.epochs > 0):
+            raise ConfigError(f"{key}: must be positive, got {value}"
+                              + (" (0 only with finetune.epochs: stage 2 alone)" if key == "train.epochs" else ""))
     if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
         raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
     if not 0 <= cfg.train.label_smoothing < 1 or cfg.train.warmup_epochs < 0 or cfg.train.early_stopping < 0:

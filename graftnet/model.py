@@ -65,6 +65,36 @@ def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, Model
     return model, spec
 
 
+def init_from_run(model: GraftedModel, spec: ModelSpec, run_dir: str | Path) -> str:
+    """Load a finished run's weights into a freshly built model of the same architecture (the image
+    size may differ: pooled features do not depend on it). With other classes only the backbone is
+    taken and the head starts afresh. Marks spec.weights_id, so features cached from the stock
+    weights are not reused. Returns a line for the log."""
+    source, src_spec = load_model(run_dir)
+    state = source.state_dict()
+    same_classes = src_spec.classes == spec.classes
+    if not same_classes:
+        state = {k: v for k, v in state.items() if k.startswith("extractor.")}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [f"{k} missing there" for k in own if k not in state
+               and (same_classes or k.startswith("extractor."))]
+    missing += [f"{k} missing here" for k in state if k not in own]
+    if src_spec.backbone != spec.backbone or wrong or missing:
+        raise GraftError(
+            f"{run_dir}: its model cannot start this run: {src_spec.backbone} "
+            f"({src_spec.features} features, head {src_spec.head.get('hidden')}, pool "
+            f"{src_spec.head.get('pool')}{', channel-pruned' if src_spec.pruned else ''}) against "
+            f"{spec.backbone} ({spec.features} features, head {spec.head.get('hidden')}, pool "
+            f"{spec.head.get('pool')}); " + "; ".join((wrong + missing or ["another backbone"])[:3]))
+    model.load_state_dict(state, strict=same_classes)
+    from .backbones.registry import file_digest
+    spec.weights_id = f"{spec.weights_id}+init:{file_digest(Path(run_dir) / 'model.safetensors')}"
+    return (f"weights from {run_dir}" + ("" if same_classes else
+            f" (the backbone only: its classes differ from this data's, the head starts afresh)"))
+
+
 def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"format": "graftnet-1"})
     atomic_write_json(run_dir / "model.json", asdict(spec))

@@ -153,3 +153,33 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
     ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
     hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in ha] == pytest.approx([r["lr"] for r in hb])
+
+
+def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_folder, tmp_path):
+    """`--init RUN` starts from a finished run's weights: at another image size all of them (a rate of
+    1e-12 changes nothing, so the result is the source model), with other classes the backbone only;
+    a head of another shape is refused with the run folder and the tensor named."""
+    from graftnet.errors import GraftError
+    from .conftest import make_folder
+    src = train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+        "train.epochs": 1, "finetune.epochs": 1, "finetune.lr": 3e-3, "name": "src"})))
+    frozen = {"train.epochs": 0, "finetune.epochs": 1, "finetune.lr": 1e-12, "finetune.weight_decay": 0.0,
+              "train.init": str(src)}
+    run = train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+        **frozen, "backbone.image_size": 48, "name": "bigger"})))
+    a, _ = load_model(src)
+    b, spec = load_model(run)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-6), k
+    assert spec.image_size == 48 and "+init:" in spec.weights_id  # another feature-cache key
+    assert "weights from" in (run / "log.txt").read_text()
+    other = make_folder(tmp_path / "other", classes=("ant", "bee", "cow", "elk"), n=10)
+    run = train(config.resolve(None, tiny_overrides(other, tmp_path, **{**frozen, "name": "other"})))
+    c, _ = load_model(run)
+    ca = {k: v for k, v in a.state_dict().items() if k.startswith("extractor.")}
+    assert all(torch.allclose(v.float(), c.state_dict()[k].float(), atol=1e-6) for k, v in ca.items())
+    assert c.mlp[-1].out_features == 4
+    with pytest.raises(GraftError, match=r"src: its model cannot start this run.*mlp\..*\(32,"):
+        train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+            **frozen, "head.hidden": [16], "name": "mismatch"})))
+    assert not (tmp_path / "runs" / "mismatch").exists()

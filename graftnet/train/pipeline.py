@@ -24,7 +24,7 @@ from ..data.sources import Source, open_source
 from ..errors import DataError, GraftError
 from ..io import atomic_write_text, cache_root
 from ..heads import make_mlp
-from ..model import ModelSpec, build_model, save_model
+from ..model import ModelSpec, build_model, init_from_run, save_model
 from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, read_history, write_environment
 from ..binary import positive_index
@@ -151,6 +151,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], c
     # Re-seed after building: random init of the head must not depend on how the backbone was made.
     torch.manual_seed(cfg.train.seed)
     model.mlp = make_mlp(spec.feature_dim, spec.num_classes, cfg.head)
+    if cfg.train.init:  # before a resume's checkpoint: a frozen backbone is not in it
+        log(init_from_run(model, spec, cfg.train.init))
     device = pick_device(cfg.train.device)
     model = model.to(device, memory_format=torch.channels_last if cfg.backbone.channels_last
                      else torch.preserve_format)
@@ -182,7 +184,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], c
                              generator, stopper, predict=not ft.epochs)
     if ft.epochs:
         logits, labels = _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator,
-                                   state if done < t.epochs else None)
+                                   None if resume and done >= t.epochs else state)
     if not distributed.is_main():  # rank 0 writes the model and the report
         return run_dir
     save_model(model.cpu(), spec, run_dir)
