@@ -1,0 +1,42 @@
+"""Summarise finished run folders into one results file, for runs made with `graft` itself.
+
+    python bench/collect_runs.py RUN [RUN ...] --out bench/results/NAME.json
+
+Run folders live in ignored places (bench/.work, runs/); this keeps what BENCHMARKS.md cites: each
+run's command, environment, resolved config, per-epoch history and test metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def summary(run: Path) -> dict:
+    env = json.loads((run / "environment.json").read_text())
+    test = json.loads((run / "test_metrics.json").read_text())
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"run": str(run), "command": env.get("command"), "started": env.get("time"),
+            "environment": env, "config": yaml.safe_load((run / "config.yaml").read_text()),
+            "test_accuracy": test["accuracy"], "n_test": test["n"], "top_k": test.get("top_k"),
+            "history": history, "epoch_seconds_sum": sum(r["seconds"] for r in history)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    rows = [summary(r) for r in args.runs]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    for r in rows:
+        print(f"{r['run']}: test {100 * r['test_accuracy']:.2f}% ({r['n_test']}), "
+              f"epochs {len(r['history'])}, {r['epoch_seconds_sum']:.0f} s in epochs")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
