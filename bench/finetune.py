@@ -12,6 +12,7 @@ Parts (each skippable):
               (all groups, discriminative rates, cosine, flip augmentation): test accuracy, wall time.
   augment     the paper's augmentation + dropout on the frozen backbone: on the fly (backbone on
               every augmented batch) against K cached views, and no augmentation; accuracy, time.
+  groups      (with --groups N ...) fine-tuning steps with only the top N backbone groups unfrozen.
 Slices (--per-class) keep it inside a session on a 2-core CPU; the full set (--per-class 0)
 needs a GPU, where training and the throughput part run by themselves.
 Writes bench/results/finetune.json and prints markdown tables for BENCHMARKS.md.
@@ -82,6 +83,41 @@ def step_throughput(size: int, batch: int, reps: int) -> dict[str, float]:
     return {k: batch / statistics.median(v) for k, v in times.items()}
 
 
+def group_throughput(size: int, batch: int, reps: int, tops: list[int]) -> dict[str, float]:
+    """Median images/s of `graft finetune`'s training step (the grafted model of the recipe, BatchNorm
+    in eval mode, AdamW on what trains) with the top N backbone groups unfrozen, variants interleaved.
+    Frozen groups at the bottom need no backward pass, and at 128 px and up they are the widest maps."""
+    from graftnet.model import build_model
+    from graftnet.train.finetune import FineTuneMode, all_groups, set_trainable
+    cfg = config.resolve(RECIPE, {"backbone.image_size": size, "backbone.precision": "fp32"})
+    model, _ = build_model(cfg, [str(i) for i in range(10)])
+    model = model.to(memory_format=torch.channels_last)
+    groups = all_groups(model)
+    n_backbone = len(groups) - 1
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    steps, times = {}, {}
+    for top in tops:
+        name = f"top {min(top, n_backbone)} of {n_backbone} groups" + (" (all)" if top >= n_backbone else "")
+
+        def step(top=top):
+            set_trainable(model, groups, min(top, n_backbone))
+            module = FineTuneMode(model, "eval").train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(module(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t0
+        step()  # warm-up
+        steps[name], times[name] = step, []
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(step())
+    return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
 def run(overrides: dict) -> dict:
     cfg = config.resolve(RECIPE, overrides)
     t0 = time.perf_counter()
@@ -106,6 +142,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32, help="throughput batch")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--groups", nargs="*", type=int, default=[],
+                    help="also time fine-tuning steps with the top N backbone groups unfrozen, e.g. 8 5 4")
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "finetune", "augment"])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"),
                     help="results file (a GPU run: another name, so the CPU results stay)")
@@ -125,6 +163,15 @@ def main() -> None:
         print(f"\n| training step, Lite0 {args.size}px, batch {args.batch} | images/s | vs fp32 contiguous |")
         print("|---|---:|---:|")
         for k, v in tp.items():
+            print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
+    if args.groups:
+        print("throughput by unfrozen groups", flush=True)
+        gt = group_throughput(args.size, args.batch, args.reps, args.groups)
+        results["groups"] = gt
+        base = next(iter(gt.values()))
+        print(f"\n| fine-tuning step, Lite0 recipe {args.size}px, batch {args.batch} | images/s | vs first row |")
+        print("|---|---:|---:|")
+        for k, v in gt.items():
             print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
     if "finetune" not in args.skip:
         sl = {**common, "data.max_per_class": args.per_class or None}
@@ -159,7 +206,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}  # parts run separately add up
-    for part in ("throughput", "finetune", "augment"):
+    for part in ("throughput", "groups", "finetune", "augment"):
         if part in results:
             previous[part] = {**{k: results[k] for k in ("command", "date", "machine", "cpus", "torch")},
                               "result": results[part]}

@@ -173,6 +173,7 @@ def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_fold
         assert torch.allclose(va.float(), vb.float(), atol=1e-6), k
     assert spec.image_size == 48 and "+init:" in spec.weights_id  # another feature-cache key
     assert "weights from" in (run / "log.txt").read_text()
+    assert "started from" in (run / "report.html").read_text() and str(src) in (run / "report.html").read_text()
     other = make_folder(tmp_path / "other", classes=("ant", "bee", "cow", "elk"), n=10)
     run = train(config.resolve(None, tiny_overrides(other, tmp_path, **{**frozen, "name": "other"})))
     c, _ = load_model(run)
