@@ -92,7 +92,7 @@ def init_from_run(model: GraftedModel, spec: ModelSpec, run_dir: str | Path) -> 
     from .backbones.registry import file_digest
     spec.weights_id = f"{spec.weights_id}+init:{file_digest(Path(run_dir) / 'model.safetensors')}"
     return (f"weights from {run_dir}" + ("" if same_classes else
-            f" (the backbone only: its classes differ from this data's, the head starts afresh)"))
+            " (the backbone only: its classes differ from this data's, the head starts afresh)"))
 
 
 def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
