@@ -31,6 +31,10 @@ def log(message: str) -> None:
             f.write(time.strftime("%H:%M:%S ") + Console().render_str(message).plain + "\n")
 
 
+def _info(fields: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -59,7 +63,7 @@ def bar(total: int, description: str):
                 return
             last = now
             rate = done / max(now - start, 1e-9)
-            info = "".join(f"  {k} {v:.4f}" if isinstance(v, float) else f"  {k} {v}" for k, v in fields.items())
+            info = "  " + _info(fields) if fields else ""
             print(f"{description}: {done}/{total} ({100 * done / total:.0f}%){info}  elapsed "
                   f"{_clock(now - start)}  ETA {_clock((total - done) / rate)}", file=sys.stderr, flush=True)
         yield advance
@@ -71,6 +75,5 @@ def bar(total: int, description: str):
         task = progress.add_task(description, total=total, info="")
 
         def advance(n: int = 1, **fields):
-            info = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            progress.update(task, advance=n, info=info)
+            progress.update(task, advance=n, info=_info(fields))
         yield advance
