@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from graftnet.run import read_history  # noqa: E402
 
 
 def summary(run: Path) -> dict:
     env = json.loads((run / "environment.json").read_text())
     test = json.loads((run / "test_metrics.json").read_text())
-    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    history = read_history(run)
     return {"run": str(run), "command": env.get("command"), "started": env.get("time"),
             "environment": env, "config": yaml.safe_load((run / "config.yaml").read_text()),
             "test_accuracy": test["accuracy"], "n_test": test["n"], "top_k": test.get("top_k"),

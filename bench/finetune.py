@@ -98,10 +98,11 @@ def group_throughput(size: int, batch: int, reps: int, tops: list[int]) -> dict[
     y = torch.randint(0, 10, (batch,))
     steps, times = {}, {}
     for top in tops:
-        name = f"top {min(top, n_backbone)} of {n_backbone} groups" + (" (all)" if top >= n_backbone else "")
+        top = min(top, n_backbone)
+        name = f"top {top} of {n_backbone} groups" + (" (all)" if top == n_backbone else "")
 
         def step(top=top):
-            set_trainable(model, groups, min(top, n_backbone))
+            set_trainable(model, groups, top)
             module = FineTuneMode(model, "eval").train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-5)
             t0 = time.perf_counter()
@@ -116,6 +117,14 @@ def group_throughput(size: int, batch: int, reps: int, tops: list[int]) -> dict[
         for name, step in steps.items():
             times[name].append(step())
     return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+def _speed_table(title: str, rates: dict[str, float]) -> None:
+    """Markdown rows of images/s, each against the first variant (the baseline of the same run)."""
+    first, base = next(iter(rates.items()))
+    print(f"\n| {title} | images/s | vs {first} |\n|---|---:|---:|")
+    for k, v in rates.items():
+        print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
 
 
 def run(overrides: dict) -> dict:
@@ -159,20 +168,12 @@ def main() -> None:
         print("throughput", flush=True)
         tp = step_throughput(args.size, args.batch, args.reps)
         results["throughput"] = tp
-        base = tp["fp32 contiguous"]
-        print(f"\n| training step, Lite0 {args.size}px, batch {args.batch} | images/s | vs fp32 contiguous |")
-        print("|---|---:|---:|")
-        for k, v in tp.items():
-            print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
+        _speed_table(f"training step, Lite0 {args.size}px, batch {args.batch}", tp)
     if args.groups:
         print("throughput by unfrozen groups", flush=True)
         gt = group_throughput(args.size, args.batch, args.reps, args.groups)
         results["groups"] = gt
-        base = next(iter(gt.values()))
-        print(f"\n| fine-tuning step, Lite0 recipe {args.size}px, batch {args.batch} | images/s | vs first row |")
-        print("|---|---:|---:|")
-        for k, v in gt.items():
-            print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
+        _speed_table(f"fine-tuning step, Lite0 recipe {args.size}px, batch {args.batch}", gt)
     if "finetune" not in args.skip:
         sl = {**common, "data.max_per_class": args.per_class or None}
         print("frozen only", flush=True)

@@ -238,12 +238,14 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                "train.lr": cfg.train.lr, "train.eval_batch_size": cfg.train.eval_batch_size}
+    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.finetune.epochs <= 0):
+        raise ConfigError(f"train.epochs: must be positive, got {cfg.train.epochs} "
+                          "(0 only with finetune.epochs: stage 2 alone)")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
+                "train.eval_batch_size": cfg.train.eval_batch_size}
     for key, value in positive.items():
-        if value <= 0 and not (key == "train.epochs" and value == 0 and cfg.finetune.epochs > 0):
-            raise ConfigError(f"{key}: must be positive, got {value}"
-                              + (" (0 only with finetune.epochs: stage 2 alone)" if key == "train.epochs" else ""))
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
     if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
         raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
     if not 0 <= cfg.train.label_smoothing < 1 or cfg.train.warmup_epochs < 0 or cfg.train.early_stopping < 0:
