@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a finished run on a data set")
     p.add_argument("run")
     p.add_argument("--data", help="default: the run's own data (its test split)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the logits of each image and its mirror")
     p = sub.add_parser("predict", help="classify an image or a folder of images")
     p.add_argument("run")
     p.add_argument("target", help="image file or folder")
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--onnx", action="store_true",
                    help="run RUN/export/model.onnx with ONNX Runtime (implied when RUN is an .onnx file)")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     p = sub.add_parser("preview", help="write a PNG grid of random training images with labels")
     p.add_argument("--data", default=None)
     p.add_argument("--config")
@@ -188,7 +191,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluation import evaluate_run
-    m = evaluate_run(args.run, args.data)
+    m = evaluate_run(args.run, args.data, tta=args.tta)
     print(json.dumps({"accuracy": m["accuracy"], **m["top_k"], "n": m["n"]}))
 
 
@@ -196,11 +199,13 @@ def cmd_predict(args) -> None:
     from rich.console import Console
     from rich.table import Table
     if args.onnx or args.run.endswith(".onnx"):
+        if args.tta:
+            raise GraftError("--tta works with a run folder, not with an ONNX model")
         from .export.runtime import predict_onnx
         results = predict_onnx(args.run, args.target, args.top)
     else:
         from .evaluation import predict
-        results = predict(args.run, args.target, args.top)
+        results = predict(args.run, args.target, args.top, tta=args.tta)
     if args.json:
         print(json.dumps(results, indent=2))
         return

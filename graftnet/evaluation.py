@@ -15,7 +15,7 @@ from .io import atomic_write_json
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec
-from .predictor import RunPredictor, load_predictor
+from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import console, log
 from .report.html import write_report
 from .report.plots import plot_confusion, plot_curves, plot_roc, plot_samples
@@ -110,11 +110,15 @@ def run_threshold(run_dir: Path) -> float | None:
         return None
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256) -> dict:
+def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256,
+                 tta: bool = False) -> dict:
     """Evaluate a finished run or ensemble on a data set's test split (or on all of it if it has no
-    split)."""
+    split). `tta`: also score each image's mirror and average (results go to a folder of their
+    own, `evaluations/<data>-tta`, so they never overwrite the plain evaluation)."""
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir)
+    if tta:
+        flip_tta(predictor)
     spec, cfg = predictor.spec, resolve(run_dir / "config.yaml")
     data = data or cfg.data.path
     source = open_source(data, cfg.cache_dir)
@@ -133,18 +137,22 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
     images = load_images(source, samples, predictor.image_size, cfg.data.skip_bad, cfg.data.workers,
                          gray=cfg.data.grayscale)
     logits = predictor.logits(images, batch_size, "evaluate")
-    out = run_dir / "evaluations" / Path(data).stem
+    out = run_dir / "evaluations" / (Path(data).stem + "-tta" * tta)
     out.mkdir(parents=True, exist_ok=True)
     for f in ("config.yaml", "environment.json"):
         if (run_dir / f).is_file():
             (out / f).write_bytes((run_dir / f).read_bytes())
+    cards = {"test-time augmentation": "flip (image and mirror, logits averaged)"} if tta else None
     return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None,
-                             threshold=run_threshold(run_dir))
+                             threshold=run_threshold(run_dir), cards=cards)
 
 
 @torch.no_grad()
-def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64) -> list[dict]:
+def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64,
+            tta: bool = False) -> list[dict]:
     predictor = load_predictor(run_dir)
+    if tta:
+        flip_tta(predictor)
     spec, cfg = predictor.spec, resolve(Path(run_dir) / "config.yaml")
     paths = list_images(target)
     tensors = []

@@ -76,6 +76,18 @@ class RunPredictor:
         return sum(out) / len(out)
 
 
+def flip_tta(predictor):
+    """Test-time augmentation: score each image and its mirror and average the logits, as runs
+    trained with flip_views always do. An ensemble passes it on to every member. Returns the
+    predictor."""
+    members = getattr(predictor, "members", None)
+    if members is None:
+        predictor.views = [False, True]
+    for m in members or []:
+        flip_tta(m)
+    return predictor
+
+
 def load_predictor(run_dir: str | Path):
     """A RunPredictor, or an EnsemblePredictor for a folder written by `graft ensemble`."""
     run_dir = Path(run_dir)

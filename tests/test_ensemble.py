@@ -1,5 +1,6 @@
 """Ensembles: weights, the averaged-probability vote checked by hand, the saved ensemble as a run
-for evaluate / predict, and a clear error for members with different classes."""
+for evaluate / predict, flip test-time augmentation, and a clear error for members with different
+classes."""
 import json
 
 import pytest
@@ -7,12 +8,12 @@ import torch
 
 from graftnet import config
 from graftnet.cli import main
-from graftnet.data.images import config_splits, load_images
+from graftnet.data.images import ImageSet, config_splits, load_images
 from graftnet.data.sources import open_source
 from graftnet.ensemble import build_ensemble, combine, ensemble_logits, fit_weights
 from graftnet.errors import GraftError
 from graftnet.evaluation import evaluate_run, predict
-from graftnet.predictor import load_predictor
+from graftnet.predictor import flip_tta, load_predictor
 from graftnet.train.pipeline import train
 
 from .conftest import make_folder, tiny_overrides
@@ -135,3 +136,32 @@ def test_an_ensemble_folder_teaches_a_distilled_student(members):
     x = torch.stack(sets["test"].images[:4]).float()
     members_logits = [RunTeacher(r).pixel_logits(x) for r in (a, b)]
     torch.testing.assert_close(teacher.pixel_logits(x), combine(members_logits, teacher.predictor.weights))
+
+
+def test_flip_tta_averages_each_image_and_its_mirror(members, capsys):
+    tmp, data, a, b = members
+    source = open_source(str(data))
+    test = load_images(source, config_splits(source, config.resolve(a / "config.yaml").data)["test"], 48)
+    mirrored = ImageSet([x.flip(-1) for x in test.images], test.labels, test.keys, test.classes)
+    by_member = []
+    for run in (a, b):
+        plain = load_predictor(run)
+        expected = (plain.logits(test) + plain.logits(mirrored)) / 2
+        assert not torch.allclose(expected, plain.logits(test), atol=1e-3)  # the mirror changes scores
+        assert torch.allclose(flip_tta(load_predictor(run)).logits(test), expected, atol=1e-5)
+        by_member.append(expected)
+    # an ensemble mirrors for every member, then averages probabilities with its weights
+    ens = build_ensemble([a, b], str(data), out=tmp / "runs", name="tta")
+    weights = torch.tensor([m["weight"] for m in json.loads((ens / "ensemble.json").read_text())["members"]])
+    m = evaluate_run(ens, tta=True)
+    expected_acc = combine(by_member, weights).argmax(1).eq(test.labels).float().mean().item()
+    assert m["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    folder = ens / "evaluations" / "data-tta"   # beside, never over, the plain evaluation
+    assert "test-time augmentation" in (folder / "report.html").read_text()
+    assert not (ens / "evaluations" / "data").exists()
+    # from the command line; an ONNX model has no mirror pass and says so
+    assert main(["predict", str(a), str(data / "dog" / "003.png"), "--json", "--tta"]) == 0
+    [r] = json.loads(capsys.readouterr().out)
+    assert r["probability"] == pytest.approx(predict(a, data / "dog" / "003.png", tta=True)[0]["probability"])
+    assert main(["predict", str(tmp / "model.onnx"), str(data / "dog" / "003.png"), "--tta"]) == 2
+    assert "--tta works with a run folder" in capsys.readouterr().err
