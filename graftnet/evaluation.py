@@ -26,11 +26,13 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
                       logits: torch.Tensor, labels: torch.Tensor, test: ImageSet,
                       train: ImageSet | None, prefix: str = "",
                       val: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      threshold: float | None = None, cards: dict | None = None) -> dict:
+                      threshold: float | None = None, cards: dict | None = None,
+                      title: str | None = None) -> dict:
     """Metrics tables in the terminal; JSON, plots and report.html in the run folder. Two-class
     runs add sensitivity, specificity, ROC-AUC and a ROC curve, and metrics at a decision threshold
     chosen on the validation logits `val` (or the given `threshold`). `cards`: more label -> value
-    boxes at the top of the report (what pruning, distillation or QAT started from)."""
+    boxes at the top of the report (what pruning, distillation or QAT started from). `title`:
+    the report's heading (default: "graftnet run <folder name>")."""
     m = classification_metrics(logits, labels, spec.classes)
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
@@ -84,7 +86,7 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
                "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history),
                **({"started from": cfg.train.init} if cfg.train.init else {}), **extra,
                **(cards or {})}
-    write_report(run_dir / f"{prefix}report.html", f"graftnet run {run_dir.name}", summary, to_dict(cfg),
+    write_report(run_dir / f"{prefix}report.html", title or f"graftnet run {run_dir.name}", summary, to_dict(cfg),
                  history, m, images, spec.classes,
                  json.loads(env_path.read_text()) if env_path.is_file() else None, tables)
     log(f"test accuracy {m['accuracy']:.4f}; report: {run_dir / (prefix + 'report.html')}")
@@ -144,7 +146,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
             (out / f).write_bytes((run_dir / f).read_bytes())
     cards = {"test-time augmentation": "flip (image and mirror, logits averaged)"} if tta else None
     return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None,
-                             threshold=run_threshold(run_dir), cards=cards)
+                             threshold=run_threshold(run_dir), cards=cards,
+                             title=f"graftnet run {run_dir.name}: evaluation on {out.name}")
 
 
 @torch.no_grad()

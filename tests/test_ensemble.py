@@ -157,7 +157,8 @@ def test_flip_tta_averages_each_image_and_its_mirror(members, capsys):
     expected_acc = combine(by_member, weights).argmax(1).eq(test.labels).float().mean().item()
     assert m["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
     folder = ens / "evaluations" / "data-tta"   # beside, never over, the plain evaluation
-    assert "test-time augmentation" in (folder / "report.html").read_text()
+    report = (folder / "report.html").read_text()
+    assert "test-time augmentation" in report and "graftnet run tta: evaluation on data-tta" in report
     assert not (ens / "evaluations" / "data").exists()
     # from the command line; an ONNX model has no mirror pass and says so
     assert main(["predict", str(a), str(data / "dog" / "003.png"), "--json", "--tta"]) == 0
