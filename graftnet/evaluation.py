@@ -116,7 +116,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
                  tta: bool = False) -> dict:
     """Evaluate a finished run or ensemble on a data set's test split (or on all of it if it has no
     split). `tta`: also score each image's mirror and average (results go to a folder of their
-    own, `evaluations/<data>-tta`, so they never overwrite the plain evaluation)."""
+    own, `evaluations/<data>-tta`, so they never overwrite the plain evaluation). A two-class
+    run keeps the threshold it chose on plain validation scores."""
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir)
     if tta:

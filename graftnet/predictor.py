@@ -83,8 +83,9 @@ def flip_tta(predictor):
     members = getattr(predictor, "members", None)
     if members is None:
         predictor.views = [False, True]
-    for m in members or []:
-        flip_tta(m)
+    else:
+        for m in members:
+            flip_tta(m)
     return predictor
 
 
