@@ -280,6 +280,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.target_sensitivity: must be in (0, 1], got {cfg.eval.target_sensitivity}")
 
 
-def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+def save_yaml(cfg: RunConfig, path: str | Path, header: str = "") -> None:
+    """The typed config as YAML; `header` goes on top as comment lines (resolve ignores them)."""
     from .io import atomic_write_text
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    atomic_write_text(path, comment + yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -12,7 +12,8 @@ this finds the best weights without a grid, and it needs only M - 1 free numbers
 overfit a validation split of a few hundred images. Without --weighted the weights are equal.
 
 The ensemble is saved as a run folder: ensemble.json (members, weights, their accuracies),
-config.yaml (the data section defines the splits; the rest is the first member's), test metrics
+config.yaml (its data section defines the splits; the rest is the first member's, and a comment on
+top says so), test metrics
 and report.html, which `graft evaluate`, `graft predict` and `graft serve` accept like any run.
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ from .model import ModelSpec
 from .progress import console, log
 
 ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_CONFIG_NOTE = f"""\
+An ensemble's config. Only `data` (the splits it was weighted and tested on), `cache_dir` and
+`eval` apply to it; the rest is copied from its first member. Each member's own model and training
+settings are in that member's config.yaml; {ENSEMBLE_FILE} lists the members and their weights."""
 
 
 def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -195,7 +200,7 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
 
     run_dir = new_run_dir(str(out), name, "ensemble")
     ensemble.run_dir = run_dir
-    save_yaml(cfg, run_dir / "config.yaml")
+    save_yaml(cfg, run_dir / "config.yaml", header=ENSEMBLE_CONFIG_NOTE)
     write_environment(run_dir, cfg.train.seed)
     atomic_write_json(run_dir / ENSEMBLE_FILE, {
         "method": "weights minimise validation NLL" if weighted else "equal weights",

@@ -61,7 +61,10 @@ def test_ensemble_accuracy_matches_hand_computation(members, capsys):
     for m, run in zip(spec["members"], (a, b)):
         own = json.loads((run / "test_metrics.json").read_text())["accuracy"]
         assert m["test_accuracy"] == pytest.approx(own, abs=1e-9)
-    assert (ens / "report.html").is_file() and (ens / "config.yaml").is_file()
+    assert (ens / "report.html").is_file()
+    text = (ens / "config.yaml").read_text()  # says on top what applies, and still loads
+    assert text.startswith("# An ensemble's config") and "ensemble.json lists the members" in text
+    assert config.resolve(ens / "config.yaml").data.path == config.resolve(a / "config.yaml").data.path
     assert "ensemble: test accuracy" in capsys.readouterr().err
     # the function a distillation teacher uses gives the same log of averaged probabilities
     logits = ensemble_logits(ens, test)
