@@ -13,8 +13,8 @@ overfit a validation split of a few hundred images. Without --weighted the weigh
 
 The ensemble is saved as a run folder: ensemble.json (members, weights, their accuracies),
 config.yaml (its data section defines the splits; the rest is the first member's, and a comment on
-top says so), test metrics
-and report.html, which `graft evaluate`, `graft predict` and `graft serve` accept like any run.
+top says so), test metrics and report.html, which `graft evaluate`, `graft predict` and `graft serve`
+accept like any run.
 """
 from __future__ import annotations
 
