@@ -20,6 +20,17 @@ sys.path.insert(0, str(ROOT))
 from graftnet.run import read_history  # noqa: E402
 
 
+def evaluations(run: Path) -> dict:
+    """Later `graft evaluate` results kept in the run folder (`<data>-tta` for `--tta`). Only the
+    scores: the environment.json there is the training run's copy, not the evaluation's command."""
+    out = {}
+    for d in sorted((run / "evaluations").glob("*/")):
+        if (d / "test_metrics.json").is_file():
+            test = json.loads((d / "test_metrics.json").read_text())
+            out[d.name] = {"accuracy": test["accuracy"], "n": test["n"]}
+    return out
+
+
 def summary(run: Path) -> dict:
     env = json.loads((run / "environment.json").read_text())
     test = json.loads((run / "test_metrics.json").read_text())
@@ -27,7 +38,8 @@ def summary(run: Path) -> dict:
     return {"run": str(run), "command": env.get("command"), "started": env.get("time"),
             "environment": env, "config": yaml.safe_load((run / "config.yaml").read_text()),
             "test_accuracy": test["accuracy"], "n_test": test["n"], "top_k": test.get("top_k"),
-            "history": history, "epoch_seconds_sum": sum(r["seconds"] for r in history)}
+            "history": history, "epoch_seconds_sum": sum(r["seconds"] for r in history),
+            "evaluations": evaluations(run)}
 
 
 def main() -> None:
