@@ -21,13 +21,17 @@ from graftnet.run import read_history  # noqa: E402
 
 
 def evaluations(run: Path) -> dict:
-    """Later `graft evaluate` results kept in the run folder (`<data>-tta` for `--tta`). Only the
-    scores: the environment.json there is the training run's copy, not the evaluation's command."""
+    """Later `graft evaluate` results kept in the run folder (`<data>-tta` for `--tta`), with the
+    evaluation's command and time where it recorded them (older folders held only a copy of the
+    training run's environment.json, recognisable by a training_environment.json missing)."""
     out = {}
     for d in sorted((run / "evaluations").glob("*/")):
         if (d / "test_metrics.json").is_file():
             test = json.loads((d / "test_metrics.json").read_text())
             out[d.name] = {"accuracy": test["accuracy"], "n": test["n"]}
+            if (d / "training_environment.json").is_file():
+                env = json.loads((d / "environment.json").read_text())
+                out[d.name].update(command=env.get("command"), started=env.get("time"))
     return out
 
 

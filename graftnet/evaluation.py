@@ -11,7 +11,7 @@ from .data.images import ImageSet, config_splits, decode, load_images, square_ui
 from .data.pixels import list_images
 from .data.sources import open_source
 from .errors import DataError, GraftError
-from .io import atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec
@@ -19,7 +19,7 @@ from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import console, log
 from .report.html import write_report
 from .report.plots import plot_confusion, plot_curves, plot_roc, plot_samples
-from .run import read_history
+from .run import read_history, write_environment
 
 
 def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: list[dict],
@@ -142,9 +142,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
     logits = predictor.logits(images, batch_size, "evaluate")
     out = run_dir / "evaluations" / (Path(data).stem + "-tta" * tta)
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("config.yaml", "environment.json"):
+    # the evaluation records its own command, time and versions; the training run's environment
+    # stays beside it, since both produced these numbers
+    for f, dest in (("config.yaml", "config.yaml"), ("environment.json", "training_environment.json")):
         if (run_dir / f).is_file():
-            (out / f).write_bytes((run_dir / f).read_bytes())
+            atomic_write_bytes(out / dest, (run_dir / f).read_bytes())
+    write_environment(out, cfg.train.seed)
     cards = {"test-time augmentation": "flip (image and mirror, logits averaged)"} if tta else None
     return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None,
                              threshold=run_threshold(run_dir), cards=cards,

@@ -1,5 +1,6 @@
 """End to end through the `graft` command on a slice of the real CIFAR-10 copy, offline."""
 import json
+import sys
 
 import pytest
 
@@ -9,7 +10,7 @@ from .conftest import CIFAR_ZIP, needs_cifar
 
 
 @needs_cifar
-def test_train_evaluate_predict_on_cifar_slice(tmp_path, capsys):
+def test_train_evaluate_predict_on_cifar_slice(tmp_path, capsys, monkeypatch):
     run = tmp_path / "runs" / "slice"
     code = main(["train", "--config", "recipes/paper-cifar10.yaml", "--data", str(CIFAR_ZIP),
                  "--max-per-class", "30", "--image-size", "64", "--epochs", "4",
@@ -21,10 +22,15 @@ def test_train_evaluate_predict_on_cifar_slice(tmp_path, capsys):
     train_acc = json.loads((run / "test_metrics.json").read_text())["accuracy"]
     assert train_acc > 0.2  # 10 classes, 270 training images: the pretrained backbone beats chance
 
+    monkeypatch.setattr(sys, "argv", ["graft", "evaluate", str(run)])
     assert main(["evaluate", str(run)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 300 and result["accuracy"] == pytest.approx(train_acc, abs=1e-6)
-    assert (run / "evaluations" / CIFAR_ZIP.stem / "report.html").is_file()
+    folder = run / "evaluations" / CIFAR_ZIP.stem
+    assert (folder / "report.html").is_file()
+    # the evaluation's own environment (its command), and the training run's beside it
+    assert json.loads((folder / "environment.json").read_text())["command"] == f"graft evaluate {run}"
+    assert (folder / "training_environment.json").read_bytes() == (run / "environment.json").read_bytes()
 
     # predict: a folder of images -> JSON with class and probabilities
     import zipfile
