@@ -1,5 +1,6 @@
 """The application recipes (X-ray, plants, flowers) and what they rely on: grayscale input,
-class-balanced loss and sampling, two-class metrics with a validation-chosen threshold."""
+class-balanced loss and sampling, two-class metrics with a validation-chosen threshold; and the
+CIFAR-10 fine-tuning recipe against the command it was benchmarked with."""
 import json
 from pathlib import Path
 
@@ -212,3 +213,17 @@ def test_positive_class_is_explicit_or_second_sorted_and_checked(tmp_path):
         config.resolve(None, {"train.sampler": "oversample"})
     with pytest.raises(ConfigError, match="eval.threshold"):
         config.resolve(None, {"eval.threshold": "f1"})
+
+
+def test_finetune_recipe_is_the_command_it_was_measured_with():
+    """recipes/finetune-cifar10.yaml resolves exactly like the command its header says produced the
+    benchmark, so the file and the number in BENCHMARKS.md cannot drift apart."""
+    from graftnet.cli import build_parser, train_overrides
+    recipe = RECIPES / "finetune-cifar10.yaml"
+    [line] = [ln for ln in recipe.read_text().splitlines()
+              if ln.startswith("#   graft finetune --config recipes/paper-cifar10.yaml")]
+    args = build_parser().parse_args(line.lstrip("# ").split()[1:])
+    args.config = str(ROOT / args.config)
+    measured = config.resolve(args.config, train_overrides(args))
+    assert config.to_dict(config.resolve(recipe)) == config.to_dict(measured)
+    assert measured.finetune.epochs == 8 and measured.finetune.augment == "randaugment"
