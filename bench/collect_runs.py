@@ -22,8 +22,8 @@ from graftnet.run import read_history  # noqa: E402
 
 def evaluations(run: Path) -> dict:
     """Later `graft evaluate` results kept in the run folder (`<data>-tta` for `--tta`), with the
-    evaluation's command and time where it recorded them (older folders held only a copy of the
-    training run's environment.json, recognisable by a training_environment.json missing)."""
+    evaluation's command and time where it recorded them. Folders without a
+    training_environment.json predate that: their environment.json is the training run's copy."""
     out = {}
     for d in sorted((run / "evaluations").glob("*/")):
         if (d / "test_metrics.json").is_file():
@@ -31,7 +31,7 @@ def evaluations(run: Path) -> dict:
             out[d.name] = {"accuracy": test["accuracy"], "n": test["n"]}
             if (d / "training_environment.json").is_file():
                 env = json.loads((d / "environment.json").read_text())
-                out[d.name].update(command=env.get("command"), started=env.get("time"))
+                out[d.name].update(command=env.get("command"), time=env.get("time"))
     return out
 
 
