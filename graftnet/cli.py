@@ -24,7 +24,8 @@ TRAIN_FLAGS = {
     "augment": "train.augment", "cache_views": "train.cache_views", "mixup": "train.mixup",
     "cutmix": "train.cutmix", "finetune_epochs": "finetune.epochs", "unfreeze": "finetune.unfreeze",
     "finetune_lr": "finetune.lr", "lr_decay": "finetune.lr_decay", "bn": "finetune.bn",
-    "finetune_augment": "finetune.augment", "compile": "train.compile", "init": "train.init",
+    "finetune_augment": "finetune.augment", "ema": "finetune.ema", "compile": "train.compile",
+    "init": "train.init",
 }
 
 
@@ -86,6 +87,8 @@ def _train_parser(sub, name: str = "train",
                    help="BatchNorm statistics: all kept (eval, default), kept in frozen groups only "
                         "(frozen), all updated (train)")
     g.add_argument("--finetune-augment", choices=list(PRESETS), help="augmentation in stage 2 (default flip)")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate, keep and save a moving average of the weights (e.g. 0.999)")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
     p.add_argument("--init", metavar="RUN", help="start from a finished run's weights (same backbone "
                    "and head), e.g. to go on at a larger --image-size; other classes: backbone only")

@@ -102,6 +102,8 @@ class FinetuneConfig:
                                      # frozen groups keep them; train: all update them
     augment: str = "flip"            # images pass through the backbone anyway: augmentation is cheap
     batch_size: int = 0              # 0: train.batch_size
+    ema: float = 0.0                 # decay of a moving average of the weights (e.g. 0.999); it is
+                                     # validated, kept by early stopping and saved. 0: off
 
 
 @dataclass
@@ -268,6 +270,8 @@ def validate(cfg: RunConfig) -> None:
     if ft.epochs < 0 or ft.lr <= 0 or not 0 < ft.lr_decay <= 1 or ft.batch_size < 0 or ft.warmup_epochs < 0:
         raise ConfigError("finetune: epochs and batch_size must be >= 0, lr > 0, lr_decay in (0, 1], "
                           "warmup_epochs >= 0")
+    if not 0 <= ft.ema < 1:
+        raise ConfigError(f"finetune.ema: the average's decay must be in [0, 1) (0: off), got {ft.ema}")
     parse_unfreeze(ft.unfreeze)
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")

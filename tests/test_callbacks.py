@@ -1,4 +1,5 @@
-"""Learning-rate schedules and early stopping, as callbacks on the one loop; progress output."""
+"""Learning-rate schedules, early stopping and the weight average, as callbacks on the one loop;
+progress output."""
 import json
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from graftnet import config
 from graftnet.errors import ConfigError
-from graftnet.train.callbacks import EarlyStopping, lr_factor
-from graftnet.train.loop import State
+from graftnet.train.callbacks import EarlyStopping, WeightEMA, lr_factor
+from graftnet.train.loop import Callback, State, fit
 from graftnet.train.pipeline import train
 
 from .conftest import tiny_overrides
@@ -71,6 +72,45 @@ def test_early_stopping_of_a_second_stage_ignores_the_first(tmp_path):
         assert state.stop == (epoch == 4)
     stopper.restore(state)
     assert (module.weight == 3).all() and (tmp_path / "checkpoint" / "best-finetune.safetensors").is_file()
+
+
+def test_weight_average_is_validated_and_left_in_the_model_at_the_end():
+    """The loop validates the average (w_k = d w_(k-1) + (1 - d) theta_k, BatchNorm statistics too)
+    while training goes on from the trained weights; finish() leaves the average in the model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ema = WeightEMA(model, 0.75)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    trained, averaged, seen = [], [], []
+
+    class Spy(Callback):  # after the average's own callbacks: sees what the loop validates
+        def after_step(self, state):
+            trained.append({k: v.clone() for k, v in model.state_dict().items()})
+
+        def before_eval(self, state):
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    def expected():
+        w = {k: v.clone() for k, v in start.items()}
+        for t in trained:
+            w = {k: (0.75 * w[k] + 0.25 * t[k]) if v.is_floating_point() else t[k] for k, v in w.items()}
+        return w
+
+    fit(model, lambda: [(x, y)] * 3, 3, lambda: [(x, y)], opt, 2, State(), [ema, Spy()])
+    assert len(trained) == 6 and len(seen) == 2
+    want = expected()
+    for k, v in seen[-1].items():  # validated: the average after 6 steps
+        assert torch.allclose(v.float(), want[k].float(), atol=1e-6), k
+    assert not torch.allclose(seen[-1]["0.weight"], trained[-1]["0.weight"])
+    for k, v in model.state_dict().items():  # training state is back after each validation pass
+        assert torch.equal(v, trained[-1][k]), k
+    ema.finish()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v.float(), want[k].float(), atol=1e-6), k
+    with pytest.raises(ConfigError, match="finetune.ema"):
+        config.resolve(None, {"finetune.ema": 1.0})
 
 
 def test_bad_schedule_is_a_config_error():

@@ -128,13 +128,14 @@ def test_finetune_trains_only_unfrozen_groups(image_folder, tmp_path):
 
 
 def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folder, tmp_path):
-    """Killed mid-epoch in stage 2 (gradual unfreezing, cosine schedule), `--resume` rebuilds the
-    optimizer groups by name with their rates and moments and ends where a run never stopped ends."""
+    """Killed mid-epoch in stage 2 (gradual unfreezing, cosine schedule, a weight average), `--resume`
+    rebuilds the optimizer groups by name with their rates and moments, goes on with the same
+    average, and ends where a run never stopped ends. The saved model is the average."""
     args = ["finetune", "--data", str(image_folder), "--backbone", TINY, "--no-pretrained",
             "--image-size", "32", "--epochs", "1", "--finetune-epochs", "4", "--unfreeze", "gradual:1",
             "--batch-size", "4", "--hidden", "16", "--dropout", "0.2", "--features", "multi",
             "--finetune-lr", "2e-3", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-            "--precision", "fp32"]
+            "--precision", "fp32", "--ema", "0.8"]
     env = {**os.environ, "GRAFTNET_QUIET": "1"}
     assert main([*args, "--name", "ref"]) == 0  # the reference, in this process
     killed = tmp_path / "runs" / "killed"
@@ -144,6 +145,7 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
         groups = json.loads(f.metadata()["graftnet"])["param_groups"]
         assert groups[-1]["name"] == "head" and len(groups) > 3
         assert any(k.startswith("optim/extractor.model.") for k in f.keys())  # moments by name
+        assert any(k.startswith("extra/extractor.model.") for k in f.keys())  # the average
     resumed = _graft("finetune", "--resume", str(killed), env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     a, _ = load_model(tmp_path / "runs" / "ref")
@@ -153,6 +155,13 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
     ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
     hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in ha] == pytest.approx([r["lr"] for r in hb])
+    assert [r["val_acc"] for r in ha] == pytest.approx([r["val_acc"] for r in hb])
+    with safe_open(str(killed / "checkpoint" / "last.safetensors"), "pt") as f:
+        trained = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
+        average = {k[len("extra/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra/")}
+    head = "mlp.0.weight"
+    assert torch.allclose(b.state_dict()[head], average[head]) and not torch.allclose(b.state_dict()[head],
+                                                                                      trained[head])
 
 
 def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_folder, tmp_path):

@@ -56,9 +56,11 @@ class EarlyStopping(Callback):
     and put them back when training ends (`restore`)."""
 
     def __init__(self, module: torch.nn.Module, run_dir: Path, patience: int, monitor: str = "val_acc",
-                 first_epoch: int = 0, name: str = "best"):
-        """`first_epoch`: epochs before it belong to an earlier stage (another module, its own best)."""
+                 first_epoch: int = 0, name: str = "best", weights=None):
+        """`first_epoch`: epochs before it belong to an earlier stage (another module, its own best).
+        `weights()`: the state dict that was validated, when it is not the module's own (an average)."""
         self.module, self.path = module, run_dir / "checkpoint" / f"{name}.safetensors"
+        self.weights = weights or module.state_dict
         self.patience, self.monitor, self.first = patience, monitor, first_epoch
         self.sign = -1 if "loss" in monitor else 1
 
@@ -70,7 +72,7 @@ class EarlyStopping(Callback):
     def after_epoch(self, state: State, row: dict) -> None:
         best = self._best(state.history)
         if best is row and is_main():
-            save_tensors(self.path, self.module.state_dict(), {"epoch": str(row["epoch"])})
+            save_tensors(self.path, self.weights(), {"epoch": str(row["epoch"])})
         elif best is not None and state.epoch - best["epoch"] >= self.patience:
             log(f"early stopping: {self.monitor} best at epoch {best['epoch']} "
                 f"({best[self.monitor]:.4f}), no better for {self.patience} epochs")
@@ -82,3 +84,37 @@ class EarlyStopping(Callback):
         if best is not None and self.path.is_file() and best["epoch"] != state.epoch:
             self.module.load_state_dict(load_file(str(self.path)))
             log(f"restored the best weights (epoch {best['epoch']}, {self.monitor} {best[self.monitor]:.4f})")
+
+
+class WeightEMA(Callback):
+    """An exponential moving average of the model's weights and buffers (timm's ModelEmaV3), updated
+    after every optimizer step: late in training it averages away the noise of the last steps
+    (timm's --model-ema). Validation runs on the average: its weights are swapped into the model
+    for the pass and the trained ones put back, so training goes on from them. `finish()` leaves the
+    average in the model for good (test scores and the saved model are the average's). Its tensors
+    travel in the checkpoint (`state()`, `saved`), so a resumed run continues the same average."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None):
+        from timm.utils import ModelEmaV3
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=decay, stochastic_rounding=False)
+        if saved:
+            self.ema.module.load_state_dict(saved)
+        self._trained: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.ema.module.state_dict()
+
+    def after_step(self, state: State) -> None:
+        self.ema.update(self.model)
+
+    def before_eval(self, state: State) -> None:
+        self._trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.state())
+
+    def after_eval(self, state: State) -> None:
+        self.model.load_state_dict(self._trained)
+        self._trained = None
+
+    def finish(self) -> None:
+        self.model.load_state_dict(self.state())

@@ -25,10 +25,13 @@ FILE = "checkpoint/last.safetensors"
 
 
 def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, state: State,
-                    generator: torch.Generator, extra: dict | None = None) -> None:
+                    generator: torch.Generator, extra: dict | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """`optimizer` None: between stages that each start a fresh optimizer. `extra`: JSON-able state
-    of the caller (e.g. pruning's schedule), given back by checkpoint_meta."""
+    of the caller (e.g. pruning's schedule), given back by checkpoint_meta; `extra_tensors` (e.g. a
+    weight average), given back by checkpoint_tensors."""
     tensors = {f"model/{k}": v.detach().cpu() for k, v in weights.items()}
+    tensors.update({f"extra/{k}": v.detach().cpu() for k, v in (extra_tensors or {}).items()})
     opt = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
     names = _param_names(opt)
     for idx, slots in opt["state"].items():
@@ -48,18 +51,20 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
 
 class Checkpointer(Callback):
     """After each epoch: what training changed (the head; with `full`, the whole model: fine-tuning
-    moves backbone weights and BatchNorm statistics), optimizer, RNG, history and `extra`."""
+    moves backbone weights and BatchNorm statistics), optimizer, RNG, history, `extra` and the
+    tensors `tensors()` returns."""
 
     def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False,
-                 extra: dict | None = None):
+                 extra: dict | None = None, tensors=None):
         self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
-        self.full, self.extra = full, extra
+        self.full, self.extra, self.tensors = full, extra, tensors
 
     def after_epoch(self, state: State, row: dict) -> None:
         if not is_main():
             return
         weights = self.model.state_dict() if self.full else trainable_state(self.model)
-        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra)
+        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra,
+                        self.tensors() if self.tensors else None)
         write_history(self.run_dir, state.history)
 
 
@@ -79,6 +84,15 @@ def checkpoint_meta(run_dir: Path) -> dict | None:
         return None
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["graftnet"])
+
+
+def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The caller's `extra_tensors` from the checkpoint (empty without a checkpoint or any)."""
+    path = run_dir / FILE
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        return {k[len("extra/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra/")}
 
 
 def checkpoint_epoch(run_dir: Path) -> int:

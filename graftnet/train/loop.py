@@ -2,8 +2,9 @@
 
 Events (methods a callback may define): `after_loss(state, loss) -> loss` (distillation and EWC add
 terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning
-re-applies masks), `after_epoch(state, row)` (checkpoints, early stopping sets `state.stop`).
-Batches are any iterable of (x, y).
+re-applies masks), `before_eval(state)` and `after_eval(state)` around each validation pass (a
+weight average swaps itself in and out), `after_epoch(state, row)` (checkpoints, early stopping sets
+`state.stop`). Batches are any iterable of (x, y).
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class Callback:
         return loss
 
     def after_step(self, state: State) -> None:
+        pass
+
+    def before_eval(self, state: State) -> None:
+        pass
+
+    def after_eval(self, state: State) -> None:
         pass
 
     def after_epoch(self, state: State, row: dict) -> None:
@@ -114,7 +121,11 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
     while state.epoch < epochs and not state.stop:
         t0 = time.perf_counter()
         train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn)
+        for cb in callbacks:
+            cb.before_eval(state)
         val = evaluate(model, make_val(), precision) if make_val else {"loss": math.nan, "acc": math.nan}
+        for cb in callbacks:
+            cb.after_eval(state)
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0,

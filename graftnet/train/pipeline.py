@@ -29,10 +29,10 @@ from ..progress import bar, log, set_log_file
 from ..run import new_run_dir, read_history, write_environment
 from ..binary import positive_index
 from .balance import class_weights, epoch_order
-from .callbacks import EarlyStopping, LRSchedule
+from .callbacks import EarlyStopping, LRSchedule, WeightEMA
 from . import distributed
 from .distributed import Replicated, barrier, is_main, shard
-from .checkpoint import FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, load_checkpoint
+from .checkpoint import FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, checkpoint_tensors, load_checkpoint
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .features import cached_features, device_of, image_batches, pick_device, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
@@ -212,10 +212,13 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     groups = all_groups(model)
     optimizer = make_optimizer(optimizer_groups(model, groups, ft.lr, ft.lr_decay, ft.weight_decay),
                                ft.optimizer, ft.lr, ft.weight_decay)
-    if state is None:
+    resumed = state is None
+    if resumed:
         done = checkpoint_epoch(run_dir)
         state = load_checkpoint(run_dir, model, optimizer, generator, optimizer_state=done > t.epochs)
         log(f"resuming after epoch {state.epoch}")
+    # the average starts from the weights stage 2 starts from, or goes on from the checkpoint's
+    ema = WeightEMA(model, ft.ema, checkpoint_tensors(run_dir) if resumed else None) if ft.ema else None
     unfreezer = _Unfreezer(model, groups, ft.unfreeze, t.epochs)
     unfreezer.apply(state.epoch)
     module = FineTuneMode(model, ft.bn)
@@ -224,15 +227,15 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
         log(f"  group {row['group']:<24} {row['params']:>9,} params  "
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
     stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
-                            name="best-finetune") if t.early_stopping else None
+                            name="best-finetune", weights=ema and ema.state) if t.early_stopping else None
     callbacks = list(extra) + schedule_callbacks(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
                                         len(sets["train"]), ft.batch_size or t.batch_size, state)
-    callbacks += [unfreezer] + ([stopper] if stopper else [])
-    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True))
+    callbacks += [unfreezer] + ([ema] if ema else []) + ([stopper] if stopper else [])
+    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True, tensors=ema and ema.state))
     log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
-        f"augment {ft.augment}")
+        f"augment {ft.augment}" + (f", weight average (EMA) decay {ft.ema}" if ema else ""))
     return _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator,
-                      stopper, t.epochs + ft.epochs, ft.augment, ft.batch_size or t.batch_size)
+                      stopper, t.epochs + ft.epochs, ft.augment, ft.batch_size or t.batch_size, ema=ema)
 
 
 class _Unfreezer(Callback):
@@ -294,8 +297,9 @@ def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, 
 
 
 def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator, stopper,
-               epochs: int, augment_name: str, batch_size: int, predict: bool = True):
-    """Fit `module` (the model behind a FineTuneMode) on image batches, augmented on the fly."""
+               epochs: int, augment_name: str, batch_size: int, predict: bool = True, ema=None):
+    """Fit `module` (the model behind a FineTuneMode) on image batches, augmented on the fly; with
+    `ema` (a WeightEMA among the callbacks) the model ends with the average's weights."""
     t = cfg.train
     augment = make_augment(augment_name)
     mix = None
@@ -320,6 +324,8 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
         -(-len(sets["train"]) // batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
         optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn)
+    if ema:
+        ema.finish()
     if stopper:
         stopper.restore(state)
     if not predict or not is_main():
