@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--ft-lr", type=float, default=3e-4, help="finetune.lr (its default)")
     ap.add_argument("--ft-bn", nargs="+", default=["eval", "frozen"], help="finetune.bn variants")
+    ap.add_argument("--ft-ema", nargs="+", type=float, default=[0.0],
+                    help="finetune.ema variants, crossed with --ft-bn (0: no weight average)")
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32, help="throughput batch")
     ap.add_argument("--reps", type=int, default=5)
@@ -180,9 +182,12 @@ def main() -> None:
         frozen = run({**sl, "name": "frozen"})
         tuned = {}
         for bn in args.ft_bn:
-            print(f"frozen head + fine-tuning, BatchNorm {bn}", flush=True)
-            tuned[bn] = run({**sl, "name": f"finetuned-bn-{bn}", "finetune.epochs": args.ft_epochs,
-                             "finetune.lr": args.ft_lr, "finetune.bn": bn})
+            for ema in args.ft_ema:
+                label = bn + (f", --ema {ema}" if ema else "")
+                print(f"frozen head + fine-tuning, BatchNorm {label}", flush=True)
+                tuned[label] = run({**sl, "name": f"finetuned-bn-{bn}" + (f"-ema{ema}" if ema else ""),
+                                    "finetune.epochs": args.ft_epochs, "finetune.lr": args.ft_lr,
+                                    "finetune.bn": bn, "finetune.ema": ema})
         results["finetune"] = {"frozen": frozen, **{f"finetuned, bn {k}": v for k, v in tuned.items()}}
         print(f"\n| {args.per_class or 'all'}/class, {args.size}px | test accuracy | wall time |")
         print("|---|---:|---:|")
