@@ -83,7 +83,7 @@ def test_weight_average_is_validated_and_left_in_the_model_at_the_end():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ema = WeightEMA(model, 0.75)
     x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
-    trained, averaged, seen = [], [], []
+    trained, seen = [], []
 
     class Spy(Callback):  # after the average's own callbacks: sees what the loop validates
         def after_step(self, state):
