@@ -25,7 +25,7 @@ TRAIN_FLAGS = {
     "cutmix": "train.cutmix", "finetune_epochs": "finetune.epochs", "unfreeze": "finetune.unfreeze",
     "finetune_lr": "finetune.lr", "lr_decay": "finetune.lr_decay", "bn": "finetune.bn",
     "finetune_augment": "finetune.augment", "ema": "finetune.ema", "compile": "train.compile",
-    "init": "train.init",
+    "init": "train.init", "checkpoint_minutes": "train.checkpoint_minutes",
 }
 
 
@@ -92,7 +92,10 @@ def _train_parser(sub, name: str = "train",
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
     p.add_argument("--init", metavar="RUN", help="start from a finished run's weights (same backbone "
                    "and head), e.g. to go on at a larger --image-size; other classes: backbone only")
-    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last completed epoch")
+    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
+    p.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                   help="training on images: also checkpoint every M minutes within an epoch (default "
+                        "10; 0: at epoch ends only)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set train.lr=3e-4 (repeatable)")
 

@@ -79,6 +79,9 @@ class TrainConfig:
     class_weights: str = "none"      # none | balanced: inverse class frequency in the cross-entropy
     sampler: str = "none"            # none | balanced: draw training samples class-balanced (with
                                      # replacement), so every class is seen equally often per epoch
+    checkpoint_minutes: float = 10.0  # also checkpoint this often within an epoch when training on
+                                     # images (fine-tuning, on-the-fly augmentation), so --resume loses
+                                     # at most this much of a long epoch (0: at epoch ends only)
     init: str | None = None          # a finished run folder whose weights this run starts from
                                      # (same backbone and head; e.g. go on at a larger image size,
                                      # fastai's progressive resizing); other classes: backbone only
@@ -270,6 +273,9 @@ def validate(cfg: RunConfig) -> None:
     if ft.epochs < 0 or ft.lr <= 0 or not 0 < ft.lr_decay <= 1 or ft.batch_size < 0 or ft.warmup_epochs < 0:
         raise ConfigError("finetune: epochs and batch_size must be >= 0, lr > 0, lr_decay in (0, 1], "
                           "warmup_epochs >= 0")
+    if not cfg.train.checkpoint_minutes >= 0:
+        raise ConfigError(f"train.checkpoint_minutes: must be >= 0 (0: at epoch ends only), "
+                          f"got {cfg.train.checkpoint_minutes}")
     if not 0 <= ft.ema < 1:
         raise ConfigError(f"finetune.ema: the average's decay must be in [0, 1) (0: off), got {ft.ema}")
     parse_unfreeze(ft.unfreeze)

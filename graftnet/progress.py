@@ -42,18 +42,19 @@ def _clock(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def bar(total: int, description: str):
+def bar(total: int, description: str, done: int = 0):
     """Yields advance(n=1, **fields). A Rich bar on a terminal. When stderr is a file or a pipe
     (nohup, a batch job, CI) a bar would print nothing until it ends, and an epoch can take a quarter
     of an hour; so a plain line goes out every GRAFTNET_PROGRESS_SECONDS (default 60) instead.
-    Quiet when GRAFTNET_QUIET=1 (tests) and on ranks other than 0."""
+    Quiet when GRAFTNET_QUIET=1 (tests) and on ranks other than 0. `done`: steps already done
+    (a resumed epoch), counted in the bar but not in the rate behind the ETA."""
     if os.environ.get("GRAFTNET_QUIET") or not is_main():
         yield lambda n=1, **kw: None
         return
     if not sys.stderr.isatty():
         every = float(os.environ.get("GRAFTNET_PROGRESS_SECONDS", "60"))
         start = last = time.monotonic()
-        done = 0
+        first = done
 
         def advance(n: int = 1, **fields):
             nonlocal done, last
@@ -62,7 +63,7 @@ def bar(total: int, description: str):
             if now - last < every or done >= total:  # the finished step gets its own line anyway
                 return
             last = now
-            rate = done / max(now - start, 1e-9)
+            rate = (done - first) / max(now - start, 1e-9)
             info = "  " + _info(fields) if fields else ""
             print(f"{description}: {done}/{total} ({100 * done / total:.0f}%){info}  elapsed "
                   f"{_clock(now - start)}  ETA {_clock((total - done) / rate)}", file=sys.stderr, flush=True)
@@ -72,7 +73,7 @@ def bar(total: int, description: str):
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total, info="")
+        task = progress.add_task(description, total=total, completed=done, info="")
 
         def advance(n: int = 1, **fields):
             progress.update(task, advance=n, info=_info(fields))

@@ -3,7 +3,7 @@
     runs/<name>/config.yaml        resolved config (`graft train --config` reproduces the run)
     runs/<name>/environment.json   versions, machine, seed, command line
     runs/<name>/metrics.jsonl      one row per epoch
-    runs/<name>/checkpoint/        last completed epoch, for --resume
+    runs/<name>/checkpoint/        the last checkpoint (epoch end or within an epoch), for --resume
     runs/<name>/model.safetensors  final weights; model.json rebuilds the architecture
     runs/<name>/test_metrics.json, *.png, report.html
 """

@@ -1,11 +1,15 @@
 """DDP under torchrun: 2 CPU processes (gloo) train like 1 with the same global batch, only rank 0
-writes, and a run killed on 2 processes resumes on 1."""
+writes, and a run killed on 2 processes within an epoch resumes on 1."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -13,7 +17,7 @@ from graftnet.cli import main
 from graftnet.model import load_model
 
 from .conftest import ROOT, TINY
-from .test_train import kill_after_epoch
+from .test_finetune import _position
 
 
 def _args(data, tmp_path, name):
@@ -21,7 +25,7 @@ def _args(data, tmp_path, name):
     # same global batches as the 1-process run, up to float summation order.
     return ["finetune", "--data", str(data), "--backbone", TINY, "--no-pretrained", "--image-size", "32",
             "--epochs", "2", "--finetune-epochs", "3", "--unfreeze", "gradual:1", "--bn", "eval",
-            "--batch-size", "8", "--hidden", "16", "--dropout", "0", "--features", "multi",
+            "--batch-size", "4", "--hidden", "16", "--dropout", "0", "--features", "multi",
             "--lr", "3e-3", "--finetune-lr", "2e-3", "--out", str(tmp_path / "runs"),
             "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--name", name]
 
@@ -32,6 +36,22 @@ def _torchrun(args):
                              "--nproc-per-node", "2", "-m", "graftnet.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, as a crash of the machine would: torchrun starts
+    each worker in a session of its own, so killing torchrun's process group leaves them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in reversed(tree):  # the workers before torchrun, which would notice their end
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def _assert_same(a_dir, b_dir, atol):
@@ -56,12 +76,24 @@ def test_two_processes_match_one_and_resume_on_one(image_folder, tmp_path):
     for a, b in zip(*history):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["train_acc"] - b["train_acc"]) < 1e-6
 
-    # killed on 2 processes during fine-tuning, resumed on 1: ends where the 1-process run ended
+    # killed on 2 processes within a fine-tuning epoch (checkpoints after every batch), resumed on
+    # 1: ends where the 1-process run ended, the interrupted epoch's numbers over all its batches
     killed = runs / "killed"
-    done = kill_after_epoch(_torchrun(_args(image_folder, tmp_path, "killed")), killed, 3, group=True)
-    assert 3 <= done < 5, "the 2-process run was not killed during fine-tuning"
+    proc = _torchrun(_args(image_folder, tmp_path, "killed") + ["--checkpoint-minutes", "1e-9"])
+    deadline = time.time() + 300
+    while _position(killed) < (3, 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    _kill_tree(proc.pid)
+    proc.wait()
+    epoch, batch = _position(killed)
+    time.sleep(0.5)
+    assert _position(killed) == (epoch, batch), "a worker outlived the kill and went on writing"
+    assert epoch == 3 and batch > 0, f"the 2-process run was not killed within epoch 4: {epoch}, {batch}"
     assert main(["finetune", "--resume", str(killed)]) == 0
     _assert_same(runs / "one", killed, atol=2e-4)
+    resumed = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(history[0], resumed):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["train_acc"] - b["train_acc"]) < 1e-6
 
 
 def test_shard_partitions_each_global_batch(monkeypatch):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -162,6 +164,51 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
     head = "mlp.0.weight"
     assert torch.allclose(b.state_dict()[head], average[head]) and not torch.allclose(b.state_dict()[head],
                                                                                       trained[head])
+
+
+def _position(run) -> tuple[int, int]:
+    """(epochs done, batches of the next done) of run's checkpoint; (0, 0) before the first."""
+    try:
+        with safe_open(str(run / "checkpoint" / "last.safetensors"), "pt") as f:
+            meta = json.loads(f.metadata()["graftnet"])
+        return meta["epoch"], meta.get("batch", 0)
+    except Exception:  # not written yet
+        return 0, 0
+
+
+def test_sigkill_within_an_epoch_then_resume_matches_uninterrupted(image_folder, tmp_path):
+    """With checkpoints within epochs (here after every batch), a run killed part-way through a
+    fine-tuning epoch goes on from the batch after its last checkpoint: the same order, the same
+    RandAugment draws and dropout masks, the epoch's train loss and accuracy summed over both
+    processes. It ends where a run never stopped (and checkpointed at epoch ends only) ends."""
+    args = ["finetune", "--data", str(image_folder), "--backbone", TINY, "--no-pretrained",
+            "--image-size", "32", "--epochs", "1", "--finetune-epochs", "3", "--unfreeze", "top:2",
+            "--batch-size", "2", "--hidden", "16", "--dropout", "0.3", "--features", "multi",
+            "--finetune-lr", "2e-3", "--finetune-augment", "randaugment", "--out", str(tmp_path / "runs"),
+            "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--ema", "0.8"]
+    env = {**os.environ, "GRAFTNET_QUIET": "1"}
+    assert main([*args, "--name", "ref", "--checkpoint-minutes", "0"]) == 0
+    killed = tmp_path / "runs" / "killed"
+    proc = _graft(*args, "--name", "killed", "--checkpoint-minutes", "1e-9", env=env)
+    deadline = time.time() + 300
+    while not (_position(killed)[0] == 2 and _position(killed)[1] >= 2) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch, batch = _position(killed)
+    assert epoch == 2 and 0 < batch < 15, f"not killed within the second fine-tuning epoch: {epoch}, {batch}"
+    resumed = _graft("finetune", "--resume", str(killed), env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, _ = load_model(tmp_path / "runs" / "ref")
+    b, _ = load_model(killed)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+    ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in hb] == [1, 2, 3, 4]
+    for key in ("train_loss", "train_acc", "val_acc", "lr"):
+        assert [r[key] for r in ha] == pytest.approx([r[key] for r in hb], rel=1e-5), key
 
 
 def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_folder, tmp_path):

@@ -112,16 +112,13 @@ def _epoch_of(run: Path) -> int:
         return 0
 
 
-def kill_after_epoch(proc, run: Path, epoch: int, group: bool = False) -> int:
-    """SIGKILL `proc` (its whole process group with `group`) once `run` has checkpointed `epoch`;
-    returns the epoch the run had completed when it died."""
+def kill_after_epoch(proc, run: Path, epoch: int) -> int:
+    """SIGKILL `proc` once `run` has checkpointed `epoch`; returns the epoch the run had completed
+    when it died."""
     deadline = time.time() + 300
     while _epoch_of(run) < epoch and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    if group:
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     return _epoch_of(run)
 

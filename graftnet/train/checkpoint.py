@@ -1,4 +1,9 @@
-"""Checkpoints of the last completed epoch, for --resume: one safetensors file, no pickle.
+"""Checkpoints for --resume: one safetensors file, no pickle.
+
+One is written after every epoch, and where batches can be skipped (training on images, whose epochs
+can take half an hour on a CPU) also every `every_s` seconds within an epoch: then it holds the
+batches done, their sums, and the shuffling generator's state from before the epoch's order was
+drawn, so a resumed run draws the same order and skips what is done.
 
 Weights, optimizer moments and RNG states are tensors; epoch, step, history and the optimizer's
 hyperparameters go into the file's JSON metadata. One file written with temp-and-rename means a
@@ -9,6 +14,7 @@ optimizer, rebuilt from the model, gets each moment back by name, not by positio
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -18,7 +24,7 @@ from ..errors import GraftError
 from ..io import save_tensors
 from ..model import trainable_state
 from ..run import write_history
-from .distributed import is_main
+from .distributed import is_main, sum_across, world
 from .loop import Callback, State
 
 FILE = "checkpoint/last.safetensors"
@@ -26,10 +32,11 @@ FILE = "checkpoint/last.safetensors"
 
 def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, state: State,
                     generator: torch.Generator, extra: dict | None = None,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, partial: dict | None = None) -> None:
     """`optimizer` None: between stages that each start a fresh optimizer. `extra`: JSON-able state
     of the caller (e.g. pruning's schedule), given back by checkpoint_meta; `extra_tensors` (e.g. a
-    weight average), given back by checkpoint_tensors."""
+    weight average), given back by checkpoint_tensors. Within an epoch, `partial`: its sums over all
+    processes (default: state.partial)."""
     tensors = {f"model/{k}": v.detach().cpu() for k, v in weights.items()}
     tensors.update({f"extra/{k}": v.detach().cpu() for k, v in (extra_tensors or {}).items()})
     opt = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
@@ -41,31 +48,53 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
             elif value is not None:
                 tensors[f"optim/{names[idx]}/{slot}"] = torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
-    tensors["rng/generator"] = generator.get_state()
+    within = state.partial is not None and state.epoch_rng is not None
+    tensors["rng/generator"] = state.epoch_rng if within else generator.get_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"epoch": state.epoch, "step": state.step, "history": state.history,
             "param_groups": opt["param_groups"], "extra": extra or {}}
+    if within:
+        meta.update(batch=state.batch_in_epoch, partial=partial or state.partial)
     save_tensors(run_dir / FILE, tensors, {"graftnet": json.dumps(meta)})
 
 
 class Checkpointer(Callback):
-    """After each epoch: what training changed (the head; with `full`, the whole model: fine-tuning
-    moves backbone weights and BatchNorm statistics), optimizer, RNG, history, `extra` and the
-    tensors `tensors()` returns."""
+    """After each epoch, and every `every_s` seconds within one (0: never; taken only where the batch
+    maker can skip batches, see State.epoch_rng): what training changed (the head; with `full`, the
+    whole model: fine-tuning moves backbone weights and BatchNorm statistics), optimizer, RNG,
+    history, `extra` and the tensors `tensors()` returns."""
 
     def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False,
-                 extra: dict | None = None, tensors=None):
+                 extra: dict | None = None, tensors=None, every_s: float = 0.0):
         self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
-        self.full, self.extra, self.tensors = full, extra, tensors
+        self.full, self.extra, self.tensors, self.every_s = full, extra, tensors, every_s
+        self.last = time.monotonic()
+
+    def after_step(self, state: State) -> None:
+        if not self.every_s or state.epoch_rng is None or state.partial is None:
+            return
+        due = time.monotonic() - self.last >= self.every_s
+        if world() > 1:  # rank 0's clock decides: the sums below are a collective every rank joins
+            due = sum_across([float(due and is_main())])[0] > 0
+        if not due:
+            return
+        keys = ("loss", "correct", "seen", "labeled")
+        partial = {**state.partial, **dict(zip(keys, sum_across([state.partial[k] for k in keys])))}
+        self._save(state, partial)
 
     def after_epoch(self, state: State, row: dict) -> None:
+        self._save(state)
+
+    def _save(self, state: State, partial: dict | None = None) -> None:
+        self.last = time.monotonic()
         if not is_main():
             return
         weights = self.model.state_dict() if self.full else trainable_state(self.model)
         save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra,
-                        self.tensors() if self.tensors else None)
-        write_history(self.run_dir, state.history)
+                        self.tensors() if self.tensors else None, partial)
+        if partial is None:
+            write_history(self.run_dir, state.history)
 
 
 def _param_names(opt_state: dict) -> dict[int, str]:
@@ -96,7 +125,8 @@ def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
-    """Epochs completed by the checkpoint in run_dir (0 without one)."""
+    """Epochs completed by the checkpoint in run_dir (0 without one; a checkpoint within an epoch
+    counts the epochs before it)."""
     meta = checkpoint_meta(run_dir)
     return meta["epoch"] if meta else 0
 
@@ -129,7 +159,18 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
     generator.set_state(tensors["rng/generator"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
-    return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"])
+    partial = meta.get("partial")
+    if partial and not is_main():  # rank 0 carries the sums so far; the others add their own
+        partial = {**{k: 0 for k in ("loss", "correct", "seen", "labeled")}, "seconds": partial["seconds"]}
+    return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"],
+                 batch_in_epoch=meta.get("batch", 0), partial=partial)
+
+
+def describe_position(state: State, n_batches: int) -> str:
+    """Where a resumed run goes on, for its log."""
+    if state.batch_in_epoch:
+        return f"resuming epoch {state.epoch + 1} after batch {state.batch_in_epoch}/{n_batches}"
+    return f"resuming after epoch {state.epoch}"
 
 
 def _by_name(current: dict, saved_groups: list[dict], tensors: dict, path: Path) -> dict:

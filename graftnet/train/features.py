@@ -63,18 +63,23 @@ def autocast(precision: str, device: str = "cpu"):
 
 def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std,
                   channels_last: bool, flip: bool = False, prefetch: int = 2, augment=None,
-                  pin: bool = False):
+                  pin: bool = False, augment_seed: int | None = None, first_batch: int = 0):
     """Yield (x, y) batches; resizing and normalising run in a thread, ahead of the model (images
     are decoded once into memory, so a thread does what DataLoader workers would). `pin`: page-locked
     batches, for asynchronous copies to a GPU.
     `augment` (data/augment.py) draws from its own generator, so the thread keeps runs repeatable;
-    per-image torchvision presets draw from the global one, so they run in order, unthreaded."""
+    per-image torchvision presets draw from the global one, so they run in order, unthreaded.
+    `augment_seed`: each batch's augmentation is seeded from it and the batch's index in the epoch
+    (`first_batch` for the first one yielded), so it depends on no batch before it: an epoch
+    resumed part-way through draws what it would have drawn."""
     order = [int(i) for i in order]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if augment is not None and augment.per_image is not None:
         prefetch = 0
 
-    def make(idx):
+    def make(b, idx):
+        if augment is not None and augment_seed is not None:
+            augment.reseed(augment_seed * 100_003 + first_batch + b)
         imgs = [images.images[i] for i in idx]
         x = to_batch(augment.images(imgs) if augment else imgs, size, mean, std, channels_last)
         x = augment.batch(x) if augment else x
@@ -82,18 +87,18 @@ def image_batches(images: ImageSet, order, batch_size: int, size: int, mean, std
         return (x.pin_memory() if pin else x), images.labels[torch.tensor(idx, dtype=torch.long)]
 
     if prefetch <= 0 or len(chunks) < 2:
-        for idx in chunks:
-            yield make(idx)
+        for b, idx in enumerate(chunks):
+            yield make(b, idx)
         return
     queue: Queue = Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def producer():
         try:
-            for idx in chunks:
+            for b, idx in enumerate(chunks):
                 if stop.is_set():
                     return
-                queue.put(make(idx))
+                queue.put(make(b, idx))
         except BaseException as e:  # hand the error to the consumer
             queue.put(e)
         queue.put(None)

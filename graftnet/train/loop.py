@@ -4,7 +4,9 @@ Events (methods a callback may define): `after_loss(state, loss) -> loss` (disti
 terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning
 re-applies masks), `before_eval(state)` and `after_eval(state)` around each validation pass (a
 weight average swaps itself in and out), `after_epoch(state, row)` (checkpoints, early stopping sets
-`state.stop`). Batches are any iterable of (x, y).
+`state.stop`). Batches are any iterable of (x, y). A run resumed from a checkpoint taken within an
+epoch comes with `state.batch_in_epoch` batches of it done and their sums in `state.partial`; its
+batches iterable yields only the rest.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class State:
     batch: tuple | None = field(default=None, repr=False)  # (x, y, logits) during after_loss
     stage: str | None = None        # set by a caller with several stages: each epoch's row names it,
                                     # and the curves plot marks where it changes
+    batch_in_epoch: int = 0         # batches of the epoch under way that are done
+    partial: dict | None = None     # their sums (loss, correct, seen, labeled, seconds) so far
+    epoch_rng: torch.Tensor | None = None  # the shuffling generator's state before this epoch's
+                                    # order was drawn (set by batch makers that can skip batches
+                                    # done: only then can a checkpoint fall within the epoch)
 
 
 class Callback:
@@ -56,9 +63,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
                     callbacks: list[Callback] = (), precision: str = "fp32",
                     loss_fn: Callable = F.cross_entropy) -> dict:
     model.train()
-    total_loss, correct, seen, labeled = 0.0, 0, 0, 0
+    sums = state.partial = state.partial or {"loss": 0.0, "correct": 0, "seen": 0, "labeled": 0, "seconds": 0.0}
+    t0 = time.perf_counter() - sums["seconds"]
     dev = device_of(model)
-    with bar(n_batches, f"epoch {state.epoch + 1}") as advance:
+    with bar(n_batches, f"epoch {state.epoch + 1}", done=state.batch_in_epoch) as advance:
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with autocast(precision, dev.type):
@@ -71,24 +79,28 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    "training stopped, the last completed epoch's checkpoint is kept. Lower the "
-                    "learning rate or check the data", state.step + 1)
+                    "training stopped, the last checkpoint is kept. Lower the learning rate or check "
+                    "the data", state.step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state.step += 1
-            for cb in callbacks:
-                cb.after_step(state)
-            total_loss += loss.item() * len(y)
+            state.batch_in_epoch += 1
             hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
             known = hard >= 0  # label -1: an unlabeled image (distillation's transfer set)
-            correct += (logits.argmax(1) == hard)[known].sum().item()
-            seen += len(y)
-            labeled += known.sum().item()
-            advance(1, loss=total_loss / seen)
+            sums["loss"] += loss.item() * len(y)
+            sums["correct"] += (logits.argmax(1) == hard)[known].sum().item()
+            sums["seen"] += len(y)
+            sums["labeled"] += known.sum().item()
+            sums["seconds"] = time.perf_counter() - t0
+            for cb in callbacks:  # after the sums: a checkpoint taken here holds this batch whole
+                cb.after_step(state)
+            advance(1, loss=sums["loss"] / sums["seen"])
     # under DDP each process saw a slice of every batch: the epoch's numbers are over all of them
-    total_loss, correct, seen, labeled = sum_across([total_loss, correct, seen, labeled])
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(labeled, 1)}
+    total_loss, correct, seen, labeled = sum_across([sums[k] for k in ("loss", "correct", "seen", "labeled")])
+    state.batch_in_epoch, state.partial, state.epoch_rng = 0, None, None
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(labeled, 1),
+            "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -119,8 +131,8 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         loss_fn: Callable = F.cross_entropy) -> State:
     """Train from state.epoch to `epochs`; a resumed run passes its restored state."""
     while state.epoch < epochs and not state.stop:
-        t0 = time.perf_counter()
         train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn)
+        t0 = time.perf_counter()
         for cb in callbacks:
             cb.before_eval(state)
         val = evaluate(model, make_val(), precision) if make_val else {"loss": math.nan, "acc": math.nan}
@@ -128,7 +140,8 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
             cb.after_eval(state)
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0,
+               "val_loss": val["loss"], "val_acc": val["acc"],
+               "seconds": train["seconds"] + time.perf_counter() - t0,  # before a resume too
                "lr": optimizer.param_groups[-1]["lr"],  # the head's (the last group)
                **({"stage": state.stage} if state.stage else {})}
         state.history.append(row)

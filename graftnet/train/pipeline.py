@@ -32,7 +32,8 @@ from .balance import class_weights, epoch_order
 from .callbacks import EarlyStopping, LRSchedule, WeightEMA
 from . import distributed
 from .distributed import Replicated, barrier, is_main, shard
-from .checkpoint import FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, checkpoint_tensors, load_checkpoint
+from .checkpoint import (FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, checkpoint_meta, checkpoint_tensors,
+                         describe_position, load_checkpoint)
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .features import cached_features, device_of, image_batches, pick_device, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
@@ -170,12 +171,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], c
                                    t.optimizer, t.lr, t.weight_decay)
         if resume:
             state = load_checkpoint(run_dir, model, optimizer, generator)
-            log(f"resuming after epoch {state.epoch}")
+            log(describe_position(state, -(-len(sets["train"]) // t.batch_size)))
         stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
         callbacks = list(extra) + schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
                                             len(sets["train"]), t.batch_size, state)
         callbacks += [stopper] if stopper else []
-        callbacks.append(Checkpointer(run_dir, model, optimizer, generator))
+        callbacks.append(Checkpointer(run_dir, model, optimizer, generator, every_s=60 * t.checkpoint_minutes))
         # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
         # drawn per sample and epoch), or the backbone runs on every augmented batch.
         on_the_fly = t.augment != "none" and not t.cache_views
@@ -197,12 +198,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], c
 def schedule_callbacks(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n: int,
               batch_size: int, state: State) -> list[Callback]:
     """The stage's LR schedule over its own steps. Its first step is derived from the state it
-    starts or resumes from (checkpoints fall on epoch ends), whatever steps an earlier stage took."""
+    starts or resumes from (epochs done and batches of the next), whatever steps an earlier stage took."""
     n_batches = -(-n // batch_size)
     if kind == "constant" and not warmup_epochs:
         return []
     return [LRSchedule(optimizer, kind, epochs * n_batches, int(warmup_epochs * n_batches),
-                       offset=state.step - (state.epoch - first_epoch) * n_batches)]
+                       offset=state.step - state.batch_in_epoch - (state.epoch - first_epoch) * n_batches)]
 
 
 def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state: State | None):
@@ -213,10 +214,11 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     optimizer = make_optimizer(optimizer_groups(model, groups, ft.lr, ft.lr_decay, ft.weight_decay),
                                ft.optimizer, ft.lr, ft.weight_decay)
     resumed = state is None
-    if resumed:
-        done = checkpoint_epoch(run_dir)
-        state = load_checkpoint(run_dir, model, optimizer, generator, optimizer_state=done > t.epochs)
-        log(f"resuming after epoch {state.epoch}")
+    if resumed:  # stage 2's optimizer is in the checkpoint once a step of it was taken
+        meta = checkpoint_meta(run_dir)
+        state = load_checkpoint(run_dir, model, optimizer, generator,
+                                optimizer_state=meta["epoch"] > t.epochs or meta.get("batch", 0) > 0)
+        log(describe_position(state, -(-len(sets["train"]) // (ft.batch_size or t.batch_size))))
     # the average starts from the weights stage 2 starts from, or goes on from the checkpoint's
     ema = WeightEMA(model, ft.ema, checkpoint_tensors(run_dir) if resumed else None) if ft.ema else None
     unfreezer = _Unfreezer(model, groups, ft.unfreeze, t.epochs)
@@ -231,7 +233,8 @@ def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state:
     callbacks = list(extra) + schedule_callbacks(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
                                         len(sets["train"]), ft.batch_size or t.batch_size, state)
     callbacks += [unfreezer] + ([ema] if ema else []) + ([stopper] if stopper else [])
-    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True, tensors=ema and ema.state))
+    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True, tensors=ema and ema.state,
+                                  every_s=60 * t.checkpoint_minutes))
     log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
         f"augment {ft.augment}" + (f", weight average (EMA) decay {ft.ema}" if ema else ""))
     return _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator,
@@ -313,12 +316,14 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
         module = torch.compile(module)
 
     def batches(images, shuffle, bs):
+        start = 0
+        if shuffle:  # where the order comes from and how far a resumed epoch got: a checkpoint
+            state.epoch_rng, start = generator.get_state(), state.batch_in_epoch  # may fall within it
         order = epoch_order(images.labels, generator, t.sampler) if shuffle else range(len(images))
-        if shuffle and augment:
-            augment.reseed(t.seed * 1000 + state.epoch)
-        out = image_batches(images, order, bs, spec.image_size, spec.mean, spec.std,
+        out = image_batches(images, order[start * bs:], bs, spec.image_size, spec.mean, spec.std,
                             cfg.backbone.channels_last, augment=augment if shuffle else None,
-                            pin=device_of(model).type == "cuda")
+                            pin=device_of(model).type == "cuda", augment_seed=t.seed * 1000 + state.epoch,
+                            first_batch=start)
         return (mix(x, y) for x, y in out) if shuffle and mix else out
     fit(Replicated(module), lambda: shard(batches(sets["train"], True, batch_size)),
         -(-len(sets["train"]) // batch_size),
