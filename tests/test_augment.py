@@ -5,7 +5,9 @@ import torch
 
 from graftnet import config
 from graftnet.data.augment import PRESETS, make_augment
+from graftnet.data.images import ImageSet
 from graftnet.errors import ConfigError
+from graftnet.train.features import image_batches
 from graftnet.train.pipeline import train
 
 from .conftest import tiny_overrides
@@ -55,6 +57,27 @@ def test_every_preset_keeps_shapes_and_dtypes(name):
     out = aug.images(imgs)
     assert [o.shape for o in out] == [i.shape for i in imgs] and out[0].dtype == torch.uint8
     assert aug.batch(_batch()).shape == (6, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["paper", "randaugment"])
+def test_an_epoch_resumed_part_way_draws_the_same_batches(name):
+    """Each batch's augmentation is seeded from its index in the epoch, so the batches of an epoch
+    resumed at batch 3 are the last batches of the whole epoch, whether the preset draws in the
+    prefetch thread (paper) or from the global generator in order (randaugment)."""
+    torch.manual_seed(0)
+    images = ImageSet([torch.randint(0, 255, (3, 24, 24), dtype=torch.uint8) for _ in range(20)],
+                      torch.arange(20) % 2, [str(i) for i in range(20)], ["a", "b"])
+    order = torch.randperm(20)
+
+    def epoch(start):
+        out = image_batches(images, order[start * 4:], 4, 32, [0.5] * 3, [0.5] * 3, False,
+                            augment=make_augment(name), augment_seed=7, first_batch=start)
+        return [x for x, _ in out]
+    whole, resumed = epoch(0), epoch(3)
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(whole[3:], resumed))
+    other, _ = next(image_batches(images, order[12:], 4, 32, [0.5] * 3, [0.5] * 3, False,
+                                  augment=make_augment(name), augment_seed=8, first_batch=3))
+    assert not torch.equal(whole[3], other)  # the seed matters: augmentation did draw
 
 
 def test_cached_views_train_from_k_views(image_folder, tmp_path):

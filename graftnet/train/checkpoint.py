@@ -23,6 +23,7 @@ from safetensors import safe_open
 from ..errors import GraftError
 from ..io import save_tensors
 from ..model import trainable_state
+from ..progress import log
 from ..run import write_history
 from .distributed import is_main, sum_across, world
 from .loop import Callback, State
@@ -90,11 +91,15 @@ class Checkpointer(Callback):
         self.last = time.monotonic()
         if not is_main():
             return
+        t0 = time.perf_counter()
         weights = self.model.state_dict() if self.full else trainable_state(self.model)
         save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra,
                         self.tensors() if self.tensors else None, partial)
         if partial is None:
             write_history(self.run_dir, state.history)
+        else:  # say so: a user about to stop a long epoch knows what a resume keeps
+            log(f"checkpoint within epoch {state.epoch + 1}, after batch {state.batch_in_epoch} "
+                f"({time.perf_counter() - t0:.1f}s)")
 
 
 def _param_names(opt_state: dict) -> dict[int, str]:
