@@ -129,6 +129,19 @@ def test_finetune_trains_only_unfrozen_groups(image_folder, tmp_path):
     assert [r.get("stage") for r in history] == [None, "fine-tuning", "fine-tuning"]  # marked on the curves
 
 
+def _resume_like(killed, ref, env):
+    """Resume `killed` in a new process; its final weights must be `ref`'s. Returns its model and
+    both histories."""
+    resumed = _graft("finetune", "--resume", str(killed), env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, _ = load_model(ref)
+    b, _ = load_model(killed)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+    history = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, killed)]
+    return b, *history
+
+
 def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folder, tmp_path):
     """Killed mid-epoch in stage 2 (gradual unfreezing, cosine schedule, a weight average), `--resume`
     rebuilds the optimizer groups by name with their rates and moments, goes on with the same
@@ -148,14 +161,7 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
         assert groups[-1]["name"] == "head" and len(groups) > 3
         assert any(k.startswith("optim/extractor.model.") for k in f.keys())  # moments by name
         assert any(k.startswith("extra/extractor.model.") for k in f.keys())  # the average
-    resumed = _graft("finetune", "--resume", str(killed), env=env)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    a, _ = load_model(tmp_path / "runs" / "ref")
-    b, _ = load_model(killed)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
-    ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
-    hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    b, ha, hb = _resume_like(killed, tmp_path / "runs" / "ref", env)
     assert [r["lr"] for r in ha] == pytest.approx([r["lr"] for r in hb])
     assert [r["val_acc"] for r in ha] == pytest.approx([r["val_acc"] for r in hb])
     with safe_open(str(killed / "checkpoint" / "last.safetensors"), "pt") as f:
@@ -198,14 +204,7 @@ def test_sigkill_within_an_epoch_then_resume_matches_uninterrupted(image_folder,
     proc.wait()
     epoch, batch = _position(killed)
     assert epoch == 2 and 0 < batch < 15, f"not killed within the second fine-tuning epoch: {epoch}, {batch}"
-    resumed = _graft("finetune", "--resume", str(killed), env=env)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    a, _ = load_model(tmp_path / "runs" / "ref")
-    b, _ = load_model(killed)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
-    ha = [json.loads(x) for x in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
-    hb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    _, ha, hb = _resume_like(killed, tmp_path / "runs" / "ref", env)
     assert [r["epoch"] for r in hb] == [1, 2, 3, 4]
     for key in ("train_loss", "train_acc", "val_acc", "lr"):
         assert [r[key] for r in ha] == pytest.approx([r[key] for r in hb], rel=1e-5), key
