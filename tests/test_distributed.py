@@ -17,7 +17,7 @@ from graftnet.cli import main
 from graftnet.model import load_model
 
 from .conftest import ROOT, TINY
-from .test_finetune import _position
+from .test_train import _position
 
 
 def _args(data, tmp_path, name):

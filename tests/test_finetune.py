@@ -24,7 +24,7 @@ from graftnet.train.loop import make_optimizer
 from graftnet.train.pipeline import train
 
 from .conftest import TINY, tiny_overrides
-from .test_train import _graft, kill_after_epoch
+from .test_train import _graft, _position, kill_after_epoch
 
 
 def _grafted(body: nn.Module, size: int = 32) -> GraftedModel:
@@ -172,16 +172,6 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
                                                                                       trained[head])
 
 
-def _position(run) -> tuple[int, int]:
-    """(epochs done, batches of the next done) of run's checkpoint; (0, 0) before the first."""
-    try:
-        with safe_open(str(run / "checkpoint" / "last.safetensors"), "pt") as f:
-            meta = json.loads(f.metadata()["graftnet"])
-        return meta["epoch"], meta.get("batch", 0)
-    except Exception:  # not written yet
-        return 0, 0
-
-
 def test_sigkill_within_an_epoch_then_resume_matches_uninterrupted(image_folder, tmp_path):
     """With checkpoints within epochs (here after every batch), a run killed part-way through a
     fine-tuning epoch goes on from the batch after its last checkpoint: the same order, the same
@@ -197,8 +187,7 @@ def test_sigkill_within_an_epoch_then_resume_matches_uninterrupted(image_folder,
     killed = tmp_path / "runs" / "killed"
     proc = _graft(*args, "--name", "killed", "--checkpoint-minutes", "1e-9", env=env)
     deadline = time.time() + 300
-    while not (_position(killed)[0] == 2 and _position(killed)[1] >= 2) and proc.poll() is None \
-            and time.time() < deadline:
+    while _position(killed) < (2, 2) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

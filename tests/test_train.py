@@ -101,26 +101,25 @@ def _graft(*args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _epoch_of(run: Path) -> int:
-    ckpt = run / "checkpoint" / "last.safetensors"
-    if not ckpt.is_file():
-        return 0
+def _position(run: Path) -> tuple[int, int]:
+    """(epochs done, batches of the next done) of run's checkpoint; (0, 0) before the first."""
     try:
-        with safe_open(str(ckpt), "pt") as f:
-            return json.loads(f.metadata()["graftnet"])["epoch"]
-    except Exception:
-        return 0
+        with safe_open(str(run / "checkpoint" / "last.safetensors"), "pt") as f:
+            meta = json.loads(f.metadata()["graftnet"])
+        return meta["epoch"], meta.get("batch", 0)
+    except Exception:  # not written yet
+        return 0, 0
 
 
 def kill_after_epoch(proc, run: Path, epoch: int) -> int:
     """SIGKILL `proc` once `run` has checkpointed `epoch`; returns the epoch the run had completed
     when it died."""
     deadline = time.time() + 300
-    while _epoch_of(run) < epoch and proc.poll() is None and time.time() < deadline:
+    while _position(run)[0] < epoch and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return _epoch_of(run)
+    return _position(run)[0]
 
 
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(image_folder, tmp_path):
