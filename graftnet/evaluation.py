@@ -1,6 +1,8 @@
 """Evaluate and predict with a finished run, and write a run's closing metrics, plots and report."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from .data.images import ImageSet, config_splits, decode, load_images, square_ui
 from .data.pixels import list_images
 from .data.sources import open_source
 from .errors import DataError, GraftError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec
@@ -37,6 +39,8 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
     atomic_write_json(run_dir / f"{prefix}test_metrics.json", m)
+    if len(test.keys) == len(logits):
+        write_predictions(run_dir, prefix, logits, labels, test.keys, spec.classes)
     console.print(metrics_table(m, spec.classes))
     console.print(confusion_table(m, spec.classes))
     images, tables, extra = {}, [], {}
@@ -91,6 +95,28 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
                  json.loads(env_path.read_text()) if env_path.is_file() else None, tables)
     log(f"test accuracy {m['accuracy']:.4f}; report: {run_dir / (prefix + 'report.html')}")
     return m
+
+
+def write_predictions(run_dir: Path, prefix: str, logits: torch.Tensor, labels: torch.Tensor,
+                      keys: list[str], classes: list[str]) -> None:
+    """Per-image results, so every number in test_metrics.json can be checked and mistakes found:
+    test_predictions.csv (file, true and predicted class, their probabilities; sorted as the test
+    split is) and test_logits.safetensors (the raw logits and labels in the same order, for
+    calibration or for combining runs without scoring the images again)."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    probs = logits.softmax(1)
+    conf, preds = probs.max(1)
+    p_true = probs.gather(1, labels.clamp(min=0).view(-1, 1)).squeeze(1)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["file", "true", "predicted", "correct", "p_predicted", "p_true"])
+    for key, y, p, c, t in zip(keys, labels.tolist(), preds.tolist(), conf.tolist(), p_true.tolist()):
+        known = 0 <= y < len(classes)  # unlabeled images (label -1) have no true class
+        writer.writerow([key, classes[y] if known else "", classes[p], int(p == y), f"{c:.6f}",
+                         f"{t:.6f}" if known else ""])
+    atomic_write_text(run_dir / f"{prefix}test_predictions.csv", out.getvalue())
+    save_tensors(run_dir / f"{prefix}test_logits.safetensors", {"logits": logits, "labels": labels},
+                 {"classes": json.dumps(classes), "rows": "as in test_predictions.csv"})
 
 
 def validation_logits(model, spec: ModelSpec, cfg: RunConfig,

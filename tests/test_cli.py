@@ -31,6 +31,7 @@ def test_train_evaluate_predict_on_cifar_slice(tmp_path, capsys, monkeypatch):
     # the evaluation's own environment (its command), and the training run's beside it
     assert json.loads((folder / "environment.json").read_text())["command"] == f"graft evaluate {run}"
     assert (folder / "training_environment.json").read_bytes() == (run / "environment.json").read_bytes()
+    _check_predictions(folder, result, n_per_class=30)
 
     # predict: a folder of images -> JSON with class and probabilities
     import zipfile
@@ -50,6 +51,26 @@ def test_train_evaluate_predict_on_cifar_slice(tmp_path, capsys, monkeypatch):
     assert main(["predict", str(run), str(folder / "cifar10_test_ship_0000.jpg")]) == 0
     out = capsys.readouterr().out
     assert "predictions (1 image)" in out and "ship_0000" in out
+
+
+def _check_predictions(folder, metrics, n_per_class):
+    """The per-image files agree with the metrics: one row per test image, in the logits' order."""
+    import csv
+
+    from safetensors import safe_open
+    rows = list(csv.DictReader((folder / "test_predictions.csv").open()))
+    with safe_open(folder / "test_logits.safetensors", "pt") as f:
+        logits, labels = f.get_tensor("logits"), f.get_tensor("labels").tolist()
+        classes = json.loads(f.metadata()["classes"])
+    assert len(rows) == metrics["n"] == len(logits) == len(labels)
+    assert len({r["file"] for r in rows}) == len(rows)
+    for c in classes:  # the test split's files, each under its own class's folder
+        assert sum(r["true"] == c for r in rows) == n_per_class
+    assert all(r["file"].startswith(f"cifar10/test/{r['true']}/") for r in rows)
+    assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(metrics["accuracy"], abs=1e-9)
+    for r, p, y in zip(rows, logits.argmax(1).tolist(), labels):
+        assert (r["true"], r["predicted"], int(r["correct"])) == (classes[y], classes[p], int(p == y))
+        assert float(r["p_predicted"]) >= float(r["p_true"]) - 1e-6
 
 
 def test_backbones_lists_offline_entries(capsys):
