@@ -31,8 +31,8 @@ TRAIN_FLAGS = {
 
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
-COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.serve", "graftnet.export.commands",
-                              "graftnet.compress.cli"]
+COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.compare", "graftnet.serve",
+                              "graftnet.export.commands", "graftnet.compress.cli"]
 EXTRA_COMMANDS: dict = {}
 
 
@@ -198,7 +198,7 @@ def cmd_finetune(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluation import evaluate_run
     m = evaluate_run(args.run, args.data, tta=args.tta)
-    print(json.dumps({"accuracy": m["accuracy"], **m["top_k"], "n": m["n"]}))
+    print(json.dumps({"accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"], **m["top_k"], "n": m["n"]}))
 
 
 def cmd_predict(args) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from graftnet.metrics import classification_metrics, confusion_table, metrics_table
+from graftnet.metrics import classification_metrics, confusion_table, metrics_table, wilson_interval
 from graftnet.report.html import write_report
 from graftnet.report.plots import plot_confusion, plot_curves, plot_samples, stage_marks
 
@@ -31,6 +31,7 @@ def test_metrics_hand_computed():
     assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert m["n"] == 6
     assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["accuracy_ci95"] == pytest.approx([0.3000, 0.9032], abs=1e-4)  # Wilson, 4 of 6
     # top5 is dropped (only 3 classes); sample 4 (true 1) has runner-up 0, so top2 misses once.
     assert m["top_k"] == pytest.approx({"top1": 4 / 6, "top2": 5 / 6})
 
@@ -46,6 +47,15 @@ def test_metrics_hand_computed():
     expected_loss = -torch.log_softmax(logits, dim=1)[torch.arange(6), labels].mean()
     assert m["loss"] == pytest.approx(float(expected_loss))
     json.dumps(m, allow_nan=False)  # must be plain JSON
+
+
+def test_wilson_interval_textbook_values():
+    # Wilson score intervals worked by hand: 50 of 100, 0 of 10, 10 of 10 correct
+    assert wilson_interval(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    lo, hi = wilson_interval(9337, 10_000)  # a CIFAR-10 test set: about +-0.5 points
+    assert 0.0045 < 0.9337 - lo < 0.0055 and 0.0040 < hi - 0.9337 < 0.0050
 
 
 def test_metrics_zero_division_gives_zero():
@@ -117,6 +127,7 @@ def test_report_html(tmp_path):
     assert "b&amp;b" in html and "Run &lt;1&gt;" in html
     assert "Gone plot" not in html  # missing image skipped, not a broken link
     assert "backbone: efficientnet_lite0" in html
+    assert "accuracy 1.0000 (95% CI 0.3424–1.0000)" in html  # Wilson interval, 2 of 2
     assert "://" not in html  # self-contained: no external resources
 
 

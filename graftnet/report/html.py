@@ -92,7 +92,9 @@ def write_report(path: str | Path, title: str, summary: dict, config: dict, hist
         rows = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
                 for r in test["per_class"]]
         macro = test["macro"]
-        line = f"n = {test['n']}, accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, {top_k}"
+        ci = test.get("accuracy_ci95")
+        ci = f" (95% CI {ci[0]:.4f}–{ci[1]:.4f})" if ci else ""
+        line = f"n = {test['n']}, accuracy {test['accuracy']:.4f}{ci}, loss {test['loss']:.4f}, {top_k}"
         parts += [f"<h2>Test metrics</h2><p>{escape(line)}</p>",
                   _table(["class", "precision", "recall", "F1", "support"], rows,
                          total=["macro", macro["precision"], macro["recall"], macro["f1"], test["n"]])]
