@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import GraftError
+from .metrics import Z95, wilson_interval
 
 PREDICTIONS = "test_predictions.csv"
 
@@ -70,20 +71,30 @@ def compare(a: str | Path, b: str | Path) -> dict:
     return {"a": str(a), "b": str(b), "n": n, "accuracy_a": (both + only_a) / n,
             "accuracy_b": (both + only_b) / n, "both_right": both, "only_a_right": only_a,
             "only_b_right": only_b, "both_wrong": n - both - only_a - only_b,
-            "difference": diff, "difference_ci95": [diff - 1.959964 * se, diff + 1.959964 * se],
+            "difference": diff, "difference_ci95": [diff - Z95 * se, diff + Z95 * se],
             "mcnemar_p": mcnemar_exact(only_a, only_b)}
+
+
+def label(path: str | Path) -> str:
+    """A short name: the run folder's, with the evaluation's (runs/a/evaluations/x -> "a: x")."""
+    path = Path(path)
+    if path.name == PREDICTIONS:
+        path = path.parent
+    if path.parent.name == "evaluations":
+        return f"{path.parent.parent.name}: {path.name}"
+    return path.name
 
 
 def print_comparison(r: dict) -> None:
     from rich.table import Table
     console = Console(highlight=False)  # the result: stdout, unlike progress and logs
     table = Table(title=f"paired comparison on {r['n']} test images")
-    table.add_column("")
-    table.add_column("A", justify="right")
-    table.add_column("B", justify="right")
-    table.add_row("", r["a"], r["b"])
-    table.add_row("accuracy", f"{r['accuracy_a']:.4f}", f"{r['accuracy_b']:.4f}")
-    table.add_row("right where the other is wrong", str(r["only_a_right"]), str(r["only_b_right"]))
+    for col in ("", "model", "accuracy", "95% CI", "only it right"):
+        table.add_column(col, justify="left" if col in ("", "model") else "right")
+    for side in ("a", "b"):
+        lo, hi = wilson_interval(r["both_right"] + r[f"only_{side}_right"], r["n"])
+        table.add_row(side.upper(), label(r[side]), f"{r[f'accuracy_{side}']:.4f}", f"{lo:.4f}-{hi:.4f}",
+                      str(r[f"only_{side}_right"]))
     console.print(table)
     lo, hi = r["difference_ci95"]
     verdict = "a real difference at the 5% level" if r["mcnemar_p"] < 0.05 else \

@@ -51,7 +51,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> list[float]:
+Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> list[float]:
     """95% Wilson score interval of an accuracy measured on n images: how far it could move on
     another test set of the same size (10,000 images: about +-0.5 points at 93%). Wilson, not the
     normal approximation, so that it stays inside [0, 1] near 100% and on small test sets."""

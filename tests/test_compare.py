@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graftnet.cli import main
-from graftnet.compare import compare, mcnemar_exact
+from graftnet.compare import compare, label, mcnemar_exact
 from graftnet.errors import GraftError
 from graftnet.evaluation import write_predictions
 
@@ -50,6 +50,8 @@ def test_compare_counts_the_images_each_model_alone_gets_right(tmp_path, capsys)
     assert main(["compare", str(a), str(c)]) == 0
     out = capsys.readouterr().out
     assert "+25.00 points" in out and "a real difference" in out
+    assert label(Path("runs/r/evaluations/x-tta/test_predictions.csv")) == "r: x-tta"
+    assert label(Path("runs/r")) == label(Path("runs/r/test_predictions.csv")) == "r"
 
 
 def test_compare_refuses_different_images_or_labels(tmp_path):
