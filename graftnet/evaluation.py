@@ -84,8 +84,9 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
                      run_dir / "samples.png")
         images["Training samples"] = run_dir / "samples.png"
     env_path = run_dir / "environment.json"
-    summary = {"test accuracy": f"{m['accuracy']:.4f}", **{k: f"{v:.4f}" for k, v in m["top_k"].items()
-                                                           if k != "top1"},
+    lo, hi = m["accuracy_ci95"]
+    summary = {"test accuracy": f"{m['accuracy']:.4f}", "95% interval (Wilson)": f"{lo:.4f}–{hi:.4f}",
+               **{k: f"{v:.4f}" for k, v in m["top_k"].items() if k != "top1"},
                "test images": m["n"], "backbone": spec.backbone, "input": f"{spec.image_size}px",
                "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history),
                **({"started from": cfg.train.init} if cfg.train.init else {}), **extra,

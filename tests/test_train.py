@@ -45,6 +45,8 @@ def test_head_learns_and_run_folder_is_complete(image_folder, tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # curves, confusion, predictions, samples inline
+    lo, hi = metrics["accuracy_ci95"]
+    assert lo < metrics["accuracy"] <= hi and f"{lo:.4f}–{hi:.4f}" in html  # the interval's card
 
 
 def test_feature_cache_is_reused_by_another_head(image_folder, tmp_path):
