@@ -73,6 +73,11 @@ class TrainConfig:
     flip_views: bool = False         # cache flipped images too: training draws one view per sample,
                                      # evaluation averages the logits of both
     eval_batch_size: int = 256
+    micro_batch: int = 0             # images per forward/backward pass: a larger batch is split and its
+                                     # gradients accumulated, the same step. 0: on a CPU chunks of 32
+                                     # (up to 128 px) or 16 (larger), whose activations stay in cache
+                                     # (about 2x faster here, BENCHMARKS.md section 7), unless BatchNorm
+                                     # trains on batch statistics; on a GPU whole batches
     device: str = "auto"             # auto (the GPU when there is one) | cpu | cuda
     compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
                                      # on-the-fly augmentation); off by default: see BENCHMARKS.md
@@ -273,6 +278,8 @@ def validate(cfg: RunConfig) -> None:
     if ft.epochs < 0 or ft.lr <= 0 or not 0 < ft.lr_decay <= 1 or ft.batch_size < 0 or ft.warmup_epochs < 0:
         raise ConfigError("finetune: epochs and batch_size must be >= 0, lr > 0, lr_decay in (0, 1], "
                           "warmup_epochs >= 0")
+    if cfg.train.micro_batch < 0:
+        raise ConfigError(f"train.micro_batch: must be >= 0 (0: chosen by device), got {cfg.train.micro_batch}")
     if not cfg.train.checkpoint_minutes >= 0:
         raise ConfigError(f"train.checkpoint_minutes: must be >= 0 (0: at epoch ends only), "
                           f"got {cfg.train.checkpoint_minutes}")

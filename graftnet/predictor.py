@@ -71,7 +71,8 @@ class RunPredictor:
         s, b = self.spec, self.cfg.backbone
         out = [self.model.mlp(compute_features(self.model, images, s.image_size, s.mean, s.std, batch_size,
                                                b.precision, b.channels_last, flip=flip,
-                                               description=f"{description}: {self.run_dir.name}").float())
+                                               description=f"{description}: {self.run_dir.name}",
+                                               micro_batch=self.cfg.train.micro_batch).float())
                for flip in self.views]
         return sum(out) / len(out)
 

@@ -1,5 +1,6 @@
-"""DDP under torchrun: 2 CPU processes (gloo) train like 1 with the same global batch, only rank 0
-writes, and a run killed on 2 processes within an epoch resumes on 1."""
+"""DDP under torchrun: 2 CPU processes (gloo) train like 1 with the same global batch (also when
+each splits its slice into chunks), only rank 0 writes, and a run killed on 2 processes within an
+epoch resumes on 1."""
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +66,8 @@ def test_two_processes_match_one_and_resume_on_one(image_folder, tmp_path):
     runs = tmp_path / "runs"
     assert main(_args(image_folder, tmp_path, "one")) == 0
 
-    two = _torchrun(_args(image_folder, tmp_path, "two"))
+    # each process's slice of 2 images in chunks of 1, gradients accumulated, all-reduced once
+    two = _torchrun(_args(image_folder, tmp_path, "two") + ["--micro-batch", "1"])
     out, err = two.communicate(timeout=600)
     assert two.returncode == 0, err[-3000:]
     _assert_same(runs / "one", runs / "two", atol=2e-4)

@@ -228,3 +228,34 @@ def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_fold
         train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
             **frozen, "head.hidden": [16], "name": "mismatch"})))
     assert not (tmp_path / "runs" / "mismatch").exists()
+
+
+def _weights(run):
+    return load_model(run)[0].state_dict()
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_micro_batches_take_the_whole_batch_step(image_folder, tmp_path, monkeypatch, bn):
+    """Batches of 8 in chunks of 3 (3 + 3 + 2, gradients accumulated): with BatchNorm on its running
+    statistics (fine-tuning's default) the same weights and train loss as whole batches. With
+    BatchNorm on batch statistics chunks change the step, so the default (here: a device that
+    would chunk by 3) keeps batches whole there, and chunks them where that is exact."""
+    import graftnet.train.pipeline as pipeline
+
+    def run(name, micro):
+        return train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
+            "train.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "top:2", "finetune.bn": bn,
+            "finetune.lr": 3e-3, "finetune.augment": "flip", "backbone.precision": "fp32",
+            "train.micro_batch": micro, "name": name})))
+    whole, chunked = _weights(run("whole", 8)), _weights(run("chunked", 3))
+    monkeypatch.setattr(pipeline, "chunk_size", lambda device, size, requested: requested or 3)
+    default = _weights(run("default", 0))
+    same = lambda a, b: all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)  # noqa: E731
+    if bn == "eval":
+        assert same(whole, chunked) and same(whole, default)
+        losses = [[json.loads(x)["train_loss"] for x in (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines()]
+                  for n in ("whole", "chunked")]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    else:
+        assert not same(whole, chunked)  # each chunk normalised with its own statistics
+        assert same(whole, default)

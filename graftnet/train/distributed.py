@@ -9,6 +9,7 @@ number of processes. Without torchrun (WORLD_SIZE unset or 1) everything here is
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -94,6 +95,11 @@ class Replicated(nn.Module):
         if self._ddp is not None:
             self._ddp.training = mode
         return self
+
+    def no_sync(self):
+        """Skip DDP's gradient all-reduce for this backward (the chunks of a batch before its last:
+        the last one's all-reduce then averages the accumulated gradients)."""
+        return self._ddp.no_sync() if self._ddp is not None and world() > 1 else contextlib.nullcontext()
 
     def forward(self, x):
         if world() == 1:

@@ -10,6 +10,7 @@ batches iterable yields only the rest.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ..errors import TrainingDiverged
 from ..progress import bar, log
 from .balance import epoch_order
 from .distributed import sum_across
-from .features import autocast, device_of
+from .features import autocast, chunks, device_of
 
 
 @dataclass
@@ -61,7 +62,12 @@ class Callback:
 
 def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimizer, state: State,
                     callbacks: list[Callback] = (), precision: str = "fp32",
-                    loss_fn: Callable = F.cross_entropy) -> dict:
+                    loss_fn: Callable = F.cross_entropy, micro_batch: int = 0) -> dict:
+    """`micro_batch` > 0: each batch goes forward and backward in chunks of at most that many
+    images, gradients accumulated (each chunk's mean loss weighted by its share of the batch), then
+    one optimizer step: the step of the whole batch, with a chunk's activations small enough to stay
+    in a CPU's cache. Exact where nothing couples the images of a batch: BatchNorm on running
+    statistics (fine-tuning's default), an unweighted or label-smoothed loss."""
     model.train()
     sums = state.partial = state.partial or {"loss": 0.0, "correct": 0, "seen": 0, "labeled": 0, "seconds": 0.0}
     t0 = time.perf_counter() - sums["seconds"]
@@ -69,26 +75,23 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
     with bar(n_batches, f"epoch {state.epoch + 1}", done=state.batch_in_epoch) as advance:
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with autocast(precision, dev.type):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            state.batch = (x, y, logits)  # a teacher in the loop scores the very inputs trained on
-            for cb in callbacks:
-                loss = cb.after_loss(state, loss)
-            state.batch = None
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    "training stopped, the last checkpoint is kept. Lower the learning rate or check "
-                    "the data", state.step + 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = list(zip(chunks(x, micro_batch), chunks(y, micro_batch)))
+            batch_loss, all_logits = 0.0, []
+            for i, (xs, ys) in enumerate(parts):
+                # under DDP, gradients are averaged across processes once, after the last chunk
+                last = i == len(parts) - 1
+                with (contextlib.nullcontext() if last else getattr(model, "no_sync", contextlib.nullcontext)()):
+                    loss = _chunk_loss(model, xs, ys, state, callbacks, precision, loss_fn, all_logits)
+                    (loss * (len(ys) / len(y)) if len(parts) > 1 else loss).backward()
+                batch_loss += loss.item() * len(ys)
             optimizer.step()
             state.step += 1
             state.batch_in_epoch += 1
+            logits = torch.cat(all_logits)
             hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
             known = hard >= 0  # label -1: an unlabeled image (distillation's transfer set)
-            sums["loss"] += loss.item() * len(y)
+            sums["loss"] += batch_loss
             sums["correct"] += (logits.argmax(1) == hard)[known].sum().item()
             sums["seen"] += len(y)
             sums["labeled"] += known.sum().item()
@@ -103,22 +106,42 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             "seconds": time.perf_counter() - t0}
 
 
+def _chunk_loss(model, x, y, state: State, callbacks, precision: str, loss_fn, all_logits: list) -> torch.Tensor:
+    """Forward one chunk; its mean loss with the callbacks' terms, checked to be finite."""
+    with autocast(precision, device_of(model).type):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y)
+    state.batch = (x, y, logits)  # a teacher in the loop scores the very inputs trained on
+    for cb in callbacks:
+        loss = cb.after_loss(state, loss)
+    state.batch = None
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
+            "training stopped, the last checkpoint is kept. Lower the learning rate or check "
+            "the data", state.step + 1)
+    all_logits.append(logits.detach())
+    return loss
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Iterable, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, batches: Iterable, precision: str = "fp32",
+                   micro_batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     logits, labels = [], []
     dev = device_of(model)
     for x, y in batches:
-        with autocast(precision, dev.type):
-            logits.append(model(x.to(dev, non_blocking=True)).float().cpu())
+        for xs in chunks(x.to(dev, non_blocking=True), micro_batch):
+            with autocast(precision, dev.type):
+                logits.append(model(xs).float().cpu())
         labels.append(y)
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32") -> dict:
-    logits, labels = predict_logits(model, batches, precision)
+def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32", micro_batch: int = 0) -> dict:
+    logits, labels = predict_logits(model, batches, precision, micro_batch)
     if len(labels) == 0:
         return {"loss": math.nan, "acc": math.nan}
     return {"loss": F.cross_entropy(logits, labels).item(),
@@ -128,14 +151,19 @@ def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32") -> di
 def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         make_val: Callable[[], Iterable] | None, optimizer, epochs: int, state: State,
         callbacks: list[Callback] = (), precision: str = "fp32",
-        loss_fn: Callable = F.cross_entropy) -> State:
-    """Train from state.epoch to `epochs`; a resumed run passes its restored state."""
+        loss_fn: Callable = F.cross_entropy, micro_batch: int = 0,
+        eval_micro_batch: int | None = None) -> State:
+    """Train from state.epoch to `epochs`; a resumed run passes its restored state. `micro_batch`:
+    images per forward and backward pass (train_one_epoch; 0: whole batches); `eval_micro_batch`
+    the same for validation (default: micro_batch)."""
+    eval_micro_batch = micro_batch if eval_micro_batch is None else eval_micro_batch
     while state.epoch < epochs and not state.stop:
-        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn)
+        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn,
+                                micro_batch)
         t0 = time.perf_counter()
         for cb in callbacks:
             cb.before_eval(state)
-        val = evaluate(model, make_val(), precision) if make_val else {"loss": math.nan, "acc": math.nan}
+        val = evaluate(model, make_val(), precision, eval_micro_batch) if make_val else {"loss": math.nan, "acc": math.nan}
         for cb in callbacks:
             cb.after_eval(state)
         state.epoch += 1

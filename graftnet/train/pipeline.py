@@ -35,7 +35,7 @@ from .distributed import Replicated, barrier, is_main, shard
 from .checkpoint import (FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, checkpoint_meta, checkpoint_tensors,
                          describe_position, load_checkpoint)
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
-from .features import cached_features, device_of, image_batches, pick_device, resolve_precision
+from .features import cached_features, chunk_size, device_of, image_batches, pick_device, resolve_precision
 from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
 
 
@@ -95,7 +95,7 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
         model, images, feature_parts(spec, cfg), source.fingerprint,
         cache_root(cfg.cache_dir) if cfg.train.cache_features else None,
         size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
-        precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
+        micro_batch=cfg.train.micro_batch, precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
         description=f"backbone: {label}", augment=augment,
         view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
     log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
@@ -325,14 +325,23 @@ def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss
                             pin=device_of(model).type == "cuda", augment_seed=t.seed * 1000 + state.epoch,
                             first_batch=start)
         return (mix(x, y) for x, y in out) if shuffle and mix else out
+    chunk = chunk_size(device_of(model).type, spec.image_size, t.micro_batch)
     fit(Replicated(module), lambda: shard(batches(sets["train"], True, batch_size)),
         -(-len(sets["train"]) // batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-        optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn)
+        optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn,
+        micro_batch=chunk if t.micro_batch or not _batch_statistics(module) else 0, eval_micro_batch=chunk)
     if ema:
         ema.finish()
     if stopper:
         stopper.restore(state)
     if not predict or not is_main():
         return None, None
-    return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision)
+    return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision, chunk)
+
+
+def _batch_statistics(module: FineTuneMode) -> bool:
+    """Whether BatchNorm in a trained group normalises with the batch's statistics (finetune.bn
+    frozen or train): chunks of a batch would then each see their own, so train.micro_batch's
+    default (0) keeps batches whole; a value set explicitly chunks them anyway."""
+    return module.bn != "eval" and any(p.requires_grad for p in module.model.extractor.parameters())
