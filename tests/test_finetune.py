@@ -244,7 +244,7 @@ def test_micro_batches_take_the_whole_batch_step(image_folder, tmp_path, monkeyp
 
     def run(name, micro):
         return train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
-            "train.epochs": 1, "finetune.epochs": 2, "finetune.unfreeze": "top:2", "finetune.bn": bn,
+            "train.epochs": 1, "finetune.epochs": 1, "finetune.unfreeze": "top:2", "finetune.bn": bn,
             "finetune.lr": 3e-3, "finetune.augment": "flip", "backbone.precision": "fp32",
             "train.micro_batch": micro, "name": name})))
     whole, chunked = _weights(run("whole", 8)), _weights(run("chunked", 3))
