@@ -93,7 +93,8 @@ def _train_parser(sub, name: str = "train",
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model trained on images")
     g.add_argument("--micro-batch", type=int, metavar="N",
                    help="images per forward/backward pass, gradients accumulated over the batch "
-                        "(default 0: 16-32 on a CPU, where it runs about 2x faster; whole batches on a GPU)")
+                        "(default 0: 8-32 by input size on a CPU, where it runs up to 2x faster; whole "
+                        "batches on a GPU)")
     p.add_argument("--init", metavar="RUN", help="start from a finished run's weights (same backbone "
                    "and head), e.g. to go on at a larger --image-size; other classes: backbone only")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")

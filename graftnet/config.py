@@ -75,9 +75,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     micro_batch: int = 0             # images per forward/backward pass: a larger batch is split and its
                                      # gradients accumulated, the same step. 0: on a CPU chunks of 32
-                                     # (up to 128 px) or 16 (larger), whose activations stay in cache
-                                     # (about 2x faster here, BENCHMARKS.md section 7), unless BatchNorm
-                                     # trains on batch statistics; on a GPU whole batches
+                                     # (up to 128 px), 16 (to 160 px) or 8, whose activations stay in
+                                     # cache (about 2x faster here, BENCHMARKS.md section 7), unless
+                                     # BatchNorm trains on batch statistics; on a GPU whole batches
     device: str = "auto"             # auto (the GPU when there is one) | cpu | cuda
     compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
                                      # on-the-fly augmentation); off by default: see BENCHMARKS.md

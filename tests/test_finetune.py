@@ -259,3 +259,11 @@ def test_micro_batches_take_the_whole_batch_step(image_folder, tmp_path, monkeyp
     else:
         assert not same(whole, chunked)  # each chunk normalised with its own statistics
         assert same(whole, default)
+
+
+def test_chunk_size_by_device_and_input_size():
+    from graftnet.train.features import chunk_size, chunks
+    assert [chunk_size("cpu", s) for s in (32, 128, 160, 192, 224)] == [32, 32, 16, 8, 8]
+    assert chunk_size("cuda", 224) == 0 and chunk_size("cpu", 224, 64) == 64 == chunk_size("cuda", 32, 64)
+    x = torch.arange(10)
+    assert [len(c) for c in chunks(x, 4)] == [4, 4, 2] and chunks(x, 0)[0] is x and chunks(x, 10)[0] is x

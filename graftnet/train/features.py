@@ -58,15 +58,15 @@ def pick_device(name: str) -> torch.device:
 def chunk_size(device: str, image_size: int, requested: int = 0) -> int:
     """Images per forward (and backward) pass; 0: the whole batch. `requested` > 0 is taken as it
     is. Else on a CPU, chunks small enough that a layer's activations stay in the processor's
-    cache: Lite0's depthwise convolutions are bound by memory traffic, and on this project's 2-core
-    CPU a fine-tuning step ran 1.5x (128 px) to 2.2x (192 px) faster in chunks of 16-32 than on a
-    batch of 128, inference about 2x faster than in batches of 256 (BENCHMARKS.md section 7). A GPU
-    wants the whole batch."""
+    cache: Lite0's depthwise convolutions are bound by memory traffic. On this project's 2-core CPU
+    (bench/micro_batch.py, BENCHMARKS.md section 7) a fine-tuning step on a batch of 128 ran 1.5x
+    (128 px) to 2.3x (192 px) faster in these chunks, inference 1.5-2.5x faster than in batches of
+    256; at 64 px training gained nothing and lost nothing. A GPU wants the whole batch."""
     if requested > 0:
         return requested
     if device != "cpu":
         return 0
-    return 32 if image_size <= 128 else 16
+    return 32 if image_size <= 128 else 16 if image_size <= 160 else 8
 
 
 def chunks(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
