@@ -32,7 +32,8 @@ from graftnet.metrics import wilson_interval  # noqa: E402
 
 def load(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     with safe_open(folder / "test_logits.safetensors", "pt") as f:
-        logits, labels, classes = f.get_tensor("logits"), f.get_tensor("labels"), json.loads(f.metadata()["classes"])
+        logits, labels = f.get_tensor("logits"), f.get_tensor("labels")
+        classes = json.loads(f.metadata()["classes"])
     with (folder / "test_predictions.csv").open(newline="") as f:
         keys = [r["file"] for r in csv.DictReader(f)]
     if len(keys) != len(logits):

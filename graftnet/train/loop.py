@@ -163,7 +163,8 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         t0 = time.perf_counter()
         for cb in callbacks:
             cb.before_eval(state)
-        val = evaluate(model, make_val(), precision, eval_micro_batch) if make_val else {"loss": math.nan, "acc": math.nan}
+        val = evaluate(model, make_val(), precision, eval_micro_batch) if make_val else \
+            {"loss": math.nan, "acc": math.nan}
         for cb in callbacks:
             cb.after_eval(state)
         state.epoch += 1

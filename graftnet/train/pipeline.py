@@ -95,8 +95,8 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
         model, images, feature_parts(spec, cfg), source.fingerprint,
         cache_root(cfg.cache_dir) if cfg.train.cache_features else None,
         size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
-        micro_batch=cfg.train.micro_batch, precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last, flip=flip,
-        description=f"backbone: {label}", augment=augment,
+        micro_batch=cfg.train.micro_batch, precision=cfg.backbone.precision,
+        channels_last=cfg.backbone.channels_last, flip=flip, description=f"backbone: {label}", augment=augment,
         view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
     log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
     if shared and is_main():
