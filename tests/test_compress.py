@@ -196,6 +196,45 @@ def test_prune_recovery_learns_from_transfer_images_labeled_by_the_unpruned_mode
         prune_run(run, PruneSettings(transfer=str(extra)))
 
 
+@pytest.mark.parametrize("transfer", [False, True])
+def test_prune_recovery_in_chunks_takes_the_whole_batch_step(trained, tmp_path, monkeypatch, transfer):
+    """Recovery with distillation, batches of 8 in chunks of 3: each chunk's teacher logits travel
+    with it, so the pruned model and its losses are those of whole batches. The default chunks
+    (here: a device that would chunk by 3) except where the loss is a mean over the labeled
+    images only (transfer images among them): there batches stay whole."""
+    import shutil
+
+    import yaml
+
+    import graftnet.compress.source as source
+    run, _ = trained
+    extra = make_folder(tmp_path / "extra", n=4, seed=5)
+    settings = dict(method="structured", amount=0.3, finetune_epochs=1, lr=5e-3, calibrate=0,
+                    importance_images=16, distill=0.7, **({"transfer": str(extra)} if transfer else {}))
+    chunks_used = []
+    fit = source.fit
+    monkeypatch.setattr(source, "fit", lambda *a, **k: chunks_used.append(k["micro_batch"]) or fit(*a, **k))
+    monkeypatch.setattr(source, "chunk_size", lambda device, size, requested: requested or 3)
+
+    def pruned(micro):
+        copy = tmp_path / f"source-{micro}"
+        shutil.copytree(run, copy)
+        cfg = yaml.safe_load((copy / "config.yaml").read_text())
+        cfg["train"]["micro_batch"] = micro
+        (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+        out = prune_run(copy, PruneSettings(**settings), out=str(tmp_path), name=f"pruned-{micro}")
+        history = [json.loads(x)["train_loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return load_model(out)[0].state_dict(), history
+    (whole, whole_loss), (chunked, chunked_loss), (default, _) = pruned(8), pruned(3), pruned(0)
+    assert chunks_used == [8, 3, 0 if transfer else 3]
+    same = lambda a, b: all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)  # noqa: E731
+    assert same(whole, default)
+    if transfer:
+        assert not same(whole, chunked)  # each chunk's hard term averaged over its own labeled images
+    else:
+        assert same(whole, chunked) and chunked_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
 class _Killed(Exception):
     pass
 

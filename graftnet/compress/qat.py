@@ -146,8 +146,10 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
         torch.manual_seed(s.seed)
         sim = Simulation(model, s.momentum)
         state = State()
+        # whole batches: each forward moves the activation ranges' average (InputQuant), so chunks
+        # would change what the simulation learns
         finetune(run, model, s.epochs, s.lr, s.batch_size or run.cfg.train.batch_size, state, [],
-                 torch.Generator().manual_seed(s.seed), bn="eval")
+                 torch.Generator().manual_seed(s.seed), bn="eval", chunked=False)
         sim.bake()
         for p in model.parameters():
             p.requires_grad_(False)

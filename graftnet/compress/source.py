@@ -16,7 +16,7 @@ from ..errors import GraftError
 from ..model import load_model
 from ..predictor import RunPredictor
 from ..train.checkpoint import Checkpointer, load_checkpoint
-from ..train.features import image_batches
+from ..train.features import chunk_size, device_of, image_batches
 from ..train.loop import Callback, State, fit, make_optimizer
 
 
@@ -41,28 +41,28 @@ class Run:
         return (self.logits(model, split).argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
 
     def batches(self, split: str, batch_size: int, generator: torch.Generator | None, augment=None,
-                targets: torch.Tensor | None = None, current: dict | None = None):
-        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image),
-        current["targets"] holds the rows of the batch being yielded, for the loss."""
+                targets: torch.Tensor | None = None):
+        """(x, y) batches of a split, shuffled with a generator; with `targets` (one row per image)
+        (x, y, rows of targets): they travel with the batch, through the loop's chunks, to the loss."""
         images = self.sets[split]
         order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
         out = image_batches(images, order, batch_size, self.spec.image_size, self.spec.mean, self.spec.std,
                             self.cfg.backbone.channels_last, augment=augment)
-        for i, batch in zip(range(0, len(order), batch_size), out):
-            if targets is not None:
-                current["targets"] = targets[order[i:i + batch_size]]
-            yield batch
+        for i, (x, y) in zip(range(0, len(order), batch_size), out):
+            yield (x, y) if targets is None else (x, y, targets[order[i:i + batch_size]])
 
 
 def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
              callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
              alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval",
              checkpoint: Path | None = None, extra: dict | None = None, resume: bool = False,
-             split: str = "train") -> None:
+             split: str = "train", chunked: bool = True) -> None:
     """Train every parameter of `model` on the run's images of `split` for `epochs` more epochs,
     BatchNorm in mode `bn` (see PruneSettings); with `teacher` (logits of the unpruned model per
     image of the split) the loss is distillation. With `checkpoint` (a run folder) every epoch is
-    checkpointed there with `extra`; `resume` first restores the optimizer's moments from it."""
+    checkpointed there with `extra`; `resume` first restores the optimizer's moments from it.
+    Batches go forward and backward in chunks (the run's train.micro_batch, 0: chosen by device)
+    where that leaves the step unchanged; `chunked=False` keeps them whole unless the run asks."""
     if epochs <= 0:
         return
     from ..train.finetune import FineTuneMode
@@ -79,14 +79,19 @@ def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int
         callbacks = [*callbacks, Checkpointer(checkpoint, model, optimizer, generator, full=True, extra=extra)]
     augment = make_augment(run.cfg.train.augment)
     n = len(run.sets[split])
-    current: dict = {}
+    requested = run.cfg.train.micro_batch
+    chunk = chunk_size(device_of(model).type, run.spec.image_size, requested)
+    # Chunks would change the step where BatchNorm uses batch statistics, and where the loss is a
+    # mean over the labeled images of a batch only (unlabeled transfer images among them).
+    exact = chunked and bn == "eval" and bool((run.sets[split].labels >= 0).all())
 
-    def loss_fn(logits, y):
-        return kd_loss(logits, current.get("targets"), y, temperature, alpha, run.cfg.train.label_smoothing)
+    def loss_fn(logits, y, targets=None):
+        return kd_loss(logits, targets, y, temperature, alpha, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(FineTuneMode(model, bn), lambda: run.batches(split, batch_size, generator, augment, teacher, current),
+    fit(FineTuneMode(model, bn), lambda: run.batches(split, batch_size, generator, augment, teacher),
         -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
-        run.cfg.backbone.precision, loss_fn)
+        run.cfg.backbone.precision, loss_fn, micro_batch=chunk if requested or exact else 0,
+        eval_micro_batch=chunk)
     model.eval()
 
 

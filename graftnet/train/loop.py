@@ -4,7 +4,9 @@ Events (methods a callback may define): `after_loss(state, loss) -> loss` (disti
 terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning
 re-applies masks), `before_eval(state)` and `after_eval(state)` around each validation pass (a
 weight average swaps itself in and out), `after_epoch(state, row)` (checkpoints, early stopping sets
-`state.stop`). Batches are any iterable of (x, y). A run resumed from a checkpoint taken within an
+`state.stop`). Batches are any iterable of (x, y), or of (x, y, targets) where targets holds a
+row per image for the loss (a teacher's logits): it is split into chunks with the batch and passed
+as `loss_fn(logits, y, targets)`. A run resumed from a checkpoint taken within an
 epoch comes with `state.batch_in_epoch` batches of it done and their sums in `state.partial`; its
 batches iterable yields only the rest.
 """
@@ -67,22 +69,24 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
     images, gradients accumulated (each chunk's mean loss weighted by its share of the batch), then
     one optimizer step: the step of the whole batch, with a chunk's activations small enough to stay
     in a CPU's cache. Exact where nothing couples the images of a batch: BatchNorm on running
-    statistics (fine-tuning's default), an unweighted or label-smoothed loss."""
+    statistics (fine-tuning's default), a loss that is a plain mean over the images (unweighted,
+    label-smoothed, distillation's soft term; not a mean over the labeled images only)."""
     model.train()
     sums = state.partial = state.partial or {"loss": 0.0, "correct": 0, "seen": 0, "labeled": 0, "seconds": 0.0}
     t0 = time.perf_counter() - sums["seconds"]
     dev = device_of(model)
     with bar(n_batches, f"epoch {state.epoch + 1}", done=state.batch_in_epoch) as advance:
-        for x, y in batches:
+        for x, y, *targets in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            targets = [t.to(dev, non_blocking=True) for t in targets]
             optimizer.zero_grad(set_to_none=True)
-            parts = list(zip(chunks(x, micro_batch), chunks(y, micro_batch)))
+            parts = list(zip(*(chunks(t, micro_batch) for t in (x, y, *targets))))
             batch_loss, all_logits = 0.0, []
-            for i, (xs, ys) in enumerate(parts):
+            for i, (xs, ys, *ts) in enumerate(parts):
                 # under DDP, gradients are averaged across processes once, after the last chunk
                 last = i == len(parts) - 1
                 with (contextlib.nullcontext() if last else getattr(model, "no_sync", contextlib.nullcontext)()):
-                    loss = _chunk_loss(model, xs, ys, state, callbacks, precision, loss_fn, all_logits)
+                    loss = _chunk_loss(model, xs, ys, ts, state, callbacks, precision, loss_fn, all_logits)
                     (loss * (len(ys) / len(y)) if len(parts) > 1 else loss).backward()
                 batch_loss += loss.item() * len(ys)
             optimizer.step()
@@ -106,11 +110,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             "seconds": time.perf_counter() - t0}
 
 
-def _chunk_loss(model, x, y, state: State, callbacks, precision: str, loss_fn, all_logits: list) -> torch.Tensor:
+def _chunk_loss(model, x, y, targets: list, state: State, callbacks, precision: str, loss_fn,
+                all_logits: list) -> torch.Tensor:
     """Forward one chunk; its mean loss with the callbacks' terms, checked to be finite."""
     with autocast(precision, device_of(model).type):
         logits = model(x)
-    loss = loss_fn(logits.float(), y)
+    loss = loss_fn(logits.float(), y, *targets)
     state.batch = (x, y, logits)  # a teacher in the loop scores the very inputs trained on
     for cb in callbacks:
         loss = cb.after_loss(state, loss)
