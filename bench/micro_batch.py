@@ -1,10 +1,10 @@
 """Micro-batches on a CPU: one batch forward and backward in chunks, against the batch whole.
 
-    python bench/micro_batch.py [--sizes 128 160 192 224] [--micros 0 64 32 16 8] [--reps 3]
+    python bench/micro_batch.py [--sizes 128 160 192 224] [--micros 0 64 32 16 8] [--reps 3] [--groups 5]
 
 For each input size: images/s of `graft finetune`'s training step on the recipe's model (Lite0,
-multi-stage features, head [256]; the top 5 backbone groups trained, BatchNorm on running
-statistics, AdamW), a batch of 128 through the product's `train_one_epoch` with `micro_batch`
+multi-stage features, head [256]; the top --groups backbone groups trained (all 8: the step of
+pruning's recovery fine-tune), BatchNorm on running statistics, AdamW), a batch of 128 through the product's `train_one_epoch` with `micro_batch`
 0 (whole) and each chunk size; and of inference (`predict_logits`, the validation and test passes)
 on a batch of 256, whole and chunked. Variants interleaved, median of --reps after a warm-up, all
 against the whole batch of the same run. Random pixels: speed does not depend on them. Writes
@@ -36,11 +36,11 @@ from graftnet.train.loop import State, predict_logits, train_one_epoch  # noqa: 
 RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 
 
-def measure(size: int, micros: list[int], reps: int, batch: int, eval_batch: int) -> dict:
+def measure(size: int, micros: list[int], reps: int, batch: int, eval_batch: int, groups: int) -> dict:
     cfg = config.resolve(RECIPE, {"backbone.image_size": size, "backbone.precision": "fp32"})
     model, _ = build_model(cfg, [str(i) for i in range(10)])
     model = model.to(memory_format=torch.channels_last)
-    set_trainable(model, all_groups(model), 5)
+    set_trainable(model, all_groups(model), groups)
     module = FineTuneMode(model, "eval")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-7)
     g = torch.Generator().manual_seed(0)
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--eval-batch", type=int, default=256)
+    ap.add_argument("--groups", type=int, default=5, help="top backbone groups trained")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "micro_batch.json"))
     args = ap.parse_args()
     results = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -84,10 +85,10 @@ def main() -> None:
                "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args), "sizes": {}}
     for size in args.sizes:
         print(f"{size} px", flush=True)
-        results["sizes"][str(size)] = measure(size, args.micros, args.reps, args.batch, args.eval_batch)
+        results["sizes"][str(size)] = measure(size, args.micros, args.reps, args.batch, args.eval_batch, args.groups)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for kind, title, n in (("train", "training step", args.batch), ("infer", "inference", args.eval_batch)):
-        print(f"\n| {title}, batch {n}, images/s | " + " | ".join(
+        print(f"\n| {title}, batch {n}, top {args.groups} groups trained, images/s | " + " | ".join(
             "whole" if m == 0 else f"chunks of {m}" for m in args.micros) + " |")
         print("|---|" + "---:|" * len(args.micros))
         for size, r in results["sizes"].items():
