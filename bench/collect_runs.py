@@ -37,11 +37,14 @@ def evaluations(run: Path) -> dict:
 
 def summary(run: Path) -> dict:
     env = json.loads((run / "environment.json").read_text())
-    test = json.loads((run / "test_metrics.json").read_text())
+    # a run still training (or killed) has no test score yet: its history so far is still worth keeping
+    done = (run / "test_metrics.json").is_file()
+    test = json.loads((run / "test_metrics.json").read_text()) if done else {}
     history = read_history(run)
     return {"run": str(run), "command": env.get("command"), "started": env.get("time"),
             "environment": env, "config": yaml.safe_load((run / "config.yaml").read_text()),
-            "test_accuracy": test["accuracy"], "n_test": test["n"], "top_k": test.get("top_k"),
+            "finished": done, "test_accuracy": test.get("accuracy"), "n_test": test.get("n"),
+            "top_k": test.get("top_k"),
             "history": history, "epoch_seconds_sum": sum(r["seconds"] for r in history),
             "evaluations": evaluations(run)}
 
@@ -55,8 +58,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     for r in rows:
-        print(f"{r['run']}: test {100 * r['test_accuracy']:.2f}% ({r['n_test']}), "
-              f"epochs {len(r['history'])}, {r['epoch_seconds_sum']:.0f} s in epochs")
+        test = f"test {100 * r['test_accuracy']:.2f}% ({r['n_test']})" if r["finished"] else "not finished"
+        print(f"{r['run']}: {test}, epochs {len(r['history'])}, {r['epoch_seconds_sum']:.0f} s in epochs")
     print(f"wrote {args.out}")
 
 
