@@ -254,14 +254,20 @@ def cmd_backbones(args) -> None:
     from rich.console import Console
     from rich.table import Table
     from .backbones import list_specs
+    from .backbones.fetched import IMAGENET_MEAN, IMAGENET_STD
+    # No outer edge: the six columns then fit an 80-column terminal without cutting names.
     table = Table(title="registered backbones", caption="any timm architecture name works too: "
-                  "hub weights when online, --weights FILE offline")
-    for col in ("name", "timm model", "input", "mean/std", "weights", "offline"):
-        table.add_column(col, no_wrap=col == "name")
+                  "hub weights when online, --weights FILE offline", show_edge=False, pad_edge=False)
+    for col in ("name", "timm model", "px", "mean/std", "weights", "offline"):
+        table.add_column(col, no_wrap=True)
     for s in list_specs():
-        stats = "/".join(f"{v:g}" for v in s.mean[:1] + s.std[:1]) if len(set(s.mean + s.std)) <= 2 \
-            else f"{s.mean}/{s.std}"
-        table.add_row(s.name, s.timm_name, f"{s.input_size}px", stats, s.weights.split(":")[0],
+        if (tuple(s.mean), tuple(s.std)) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)):
+            stats = "ImageNet"
+        elif len(set(s.mean)) == 1 and len(set(s.std)) == 1:
+            stats = f"{s.mean[0]:g}/{s.std[0]:g}"
+        else:
+            stats = f"{s.mean}/{s.std}"
+        table.add_row(s.name, s.timm_name, str(s.input_size), stats, s.weights.split(":")[0],
                       "[green]yes[/]" if s.offline_ready() else "[red]no[/]")
     Console().print(table)
 

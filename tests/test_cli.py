@@ -73,12 +73,14 @@ def _check_predictions(folder, metrics, n_per_class):
         assert float(r["p_predicted"]) >= float(r["p_true"]) - 1e-6
 
 
-def test_backbones_lists_offline_entries(capsys):
+def test_backbones_lists_offline_entries(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")   # a plain terminal: no name may be cut short
     assert main(["backbones"]) == 0
     out = capsys.readouterr().out
     for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        assert n in out
-    assert "yes" in out
+        assert f"{n} " in out and f"tf_{n} " in out
+    vgg = next(line for line in out.splitlines() if line.startswith("vgg16 "))
+    assert "ImageNet" in vgg and "offline" in out and "yes" in out
 
 
 def test_preview_writes_png(split_folder, tmp_path):
