@@ -255,11 +255,12 @@ def cmd_backbones(args) -> None:
     from rich.table import Table
     from .backbones import list_specs
     from .backbones.fetched import IMAGENET_MEAN, IMAGENET_STD
-    # No outer edge: the six columns then fit an 80-column terminal without cutting names.
+    # No outer edge: the six columns then fit an 80-column terminal without cutting names. Only
+    # mean/std may wrap: a user's per-channel statistics would otherwise be cut to an ellipsis.
     table = Table(title="registered backbones", caption="any timm architecture name works too: "
                   "hub weights when online, --weights FILE offline", show_edge=False, pad_edge=False)
     for col in ("name", "timm model", "px", "mean/std", "weights", "offline"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=col != "mean/std")
     for s in list_specs():
         if (tuple(s.mean), tuple(s.std)) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)):
             stats = "ImageNet"
