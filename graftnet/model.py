@@ -87,12 +87,24 @@ def init_from_run(model: GraftedModel, spec: ModelSpec, run_dir: str | Path) -> 
             f"({src_spec.features} features, head {src_spec.head.get('hidden')}, pool "
             f"{src_spec.head.get('pool')}{', channel-pruned' if src_spec.pruned else ''}) against "
             f"{spec.backbone} ({spec.features} features, head {spec.head.get('hidden')}, pool "
-            f"{spec.head.get('pool')}); " + "; ".join((wrong + missing or ["another backbone"])[:3]))
+            f"{spec.head.get('pool')}); " + "; ".join((wrong + missing or ["another backbone"])[:3])
+            + _same_model_hint(src_spec, spec))
     model.load_state_dict(state, strict=same_classes)
     from .backbones.registry import file_digest
     spec.weights_id = f"{spec.weights_id}+init:{file_digest(Path(run_dir) / 'model.safetensors')}"
     return (f"weights from {run_dir}" + ("" if same_classes else
             " (the backbone only: its classes differ from this data's, the head starts afresh)"))
+
+
+def _same_model_hint(src: ModelSpec, own: ModelSpec) -> str:
+    """The command-line flags that would build the source run's model, for those that differ: the
+    usual cause is a recipe naming one backbone and --init a run of another."""
+    pairs = [("--backbone", src.backbone, own.backbone), ("--features", src.features, own.features),
+             ("--pool", src.head.get("pool"), own.head.get("pool")),
+             ("--hidden", src.head.get("hidden"), own.head.get("hidden"))]
+    flags = [f"{flag} " + (f"'{','.join(map(str, there or []))}'" if flag == "--hidden" else str(there))
+             for flag, there, here in pairs if there != here]
+    return f"\nto build that run's model here, add: {' '.join(flags)}" if flags else ""
 
 
 def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:

@@ -224,7 +224,8 @@ def test_init_from_a_run_at_another_size_other_classes_and_a_mismatch(image_fold
     ca = {k: v for k, v in a.state_dict().items() if k.startswith("extractor.")}
     assert all(torch.allclose(v.float(), c.state_dict()[k].float(), atol=1e-6) for k, v in ca.items())
     assert c.mlp[-1].out_features == 4
-    with pytest.raises(GraftError, match=r"src: its model cannot start this run.*mlp\..*\(32,"):
+    with pytest.raises(GraftError, match=r"(?s)src: its model cannot start this run.*mlp\..*\(32,"
+                       r".*to build that run's model here, add: --hidden '32'$"):
         train(config.resolve(None, tiny_overrides(image_folder, tmp_path, **{
             **frozen, "head.hidden": [16], "name": "mismatch"})))
     assert not (tmp_path / "runs" / "mismatch").exists()
