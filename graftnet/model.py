@@ -99,11 +99,11 @@ def init_from_run(model: GraftedModel, spec: ModelSpec, run_dir: str | Path) -> 
 def _same_model_hint(src: ModelSpec, own: ModelSpec) -> str:
     """The command-line flags that would build the source run's model, for those that differ: the
     usual cause is a recipe naming one backbone and --init a run of another."""
+    def widths(spec: ModelSpec) -> str:  # --hidden's syntax: comma-separated, '' for none
+        return "'" + ",".join(map(str, spec.head.get("hidden") or [])) + "'"
     pairs = [("--backbone", src.backbone, own.backbone), ("--features", src.features, own.features),
-             ("--pool", src.head.get("pool"), own.head.get("pool")),
-             ("--hidden", src.head.get("hidden"), own.head.get("hidden"))]
-    flags = [f"{flag} " + (f"'{','.join(map(str, there or []))}'" if flag == "--hidden" else str(there))
-             for flag, there, here in pairs if there != here]
+             ("--pool", src.head.get("pool"), own.head.get("pool")), ("--hidden", widths(src), widths(own))]
+    flags = [f"{flag} {there}" for flag, there, here in pairs if there != here]
     return f"\nto build that run's model here, add: {' '.join(flags)}" if flags else ""
 
 
