@@ -1,6 +1,6 @@
 """Ensembles of finished runs: average the members' class probabilities, optionally weighted.
 
-    graft ensemble runs/a runs/b runs/c --data DATA [--weighted] [--out runs] [--name ens]
+    graft ensemble runs/a runs/b runs/c --data DATA [--weighted] [--tta] [--out runs] [--name ens]
 
 Each member preprocesses the raw images itself (own backbone, input size, mean and std), so members
 may differ in all of these; they must share the class list. The ensemble's logits are the log of the
@@ -10,6 +10,9 @@ Weights (--weighted) minimise the ensemble's negative log-likelihood on the vali
 the probability simplex (w = softmax(a), fitted with L-BFGS). The mixture's NLL is convex in w, so
 this finds the best weights without a grid, and it needs only M - 1 free numbers: little room to
 overfit a validation split of a few hundred images. Without --weighted the weights are equal.
+With --tta every member scores each image and its mirror (flip test-time augmentation) when the
+ensemble is weighted, tested, and whenever it is loaded again: the saved ensemble predicts and serves
+the way it was scored.
 
 The ensemble is saved as a run folder: ensemble.json (members, weights, their accuracies),
 config.yaml (its data section defines the splits; the rest is the first member's, and a comment on
@@ -90,6 +93,7 @@ class EnsemblePredictor:
 
     def info(self) -> dict:
         return {"kind": "ensemble", "run": str(self.run_dir), "backbone": self.spec.backbone,
+                "tta": all(m.info()["tta"] for m in self.members),
                 "image_size": self.image_size, "classes": self.classes,
                 "members": [{**m.info(), "weight": round(float(w), 6)}
                             for m, w in zip(self.members, self.weights)]}
@@ -113,7 +117,7 @@ def check_classes(members: list) -> None:
 
 
 def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
-    from .predictor import load_predictor
+    from .predictor import flip_tta, load_predictor
     run_dir = Path(run_dir)
     try:
         spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
@@ -121,8 +125,9 @@ def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
         weights = torch.tensor([float(m["weight"]) for m in spec["members"]])
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise GraftError(f"{run_dir / ENSEMBLE_FILE}: not a valid ensemble file ({e})") from None
-    return EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
-                             resolve(run_dir / "config.yaml"))
+    ensemble = EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
+                                 resolve(run_dir / "config.yaml"))
+    return flip_tta(ensemble) if spec.get("tta") else ensemble  # scored with mirrors: predicts so too
 
 
 def _member_path(run_dir: Path, member: dict) -> Path:
@@ -163,14 +168,16 @@ def _check_data_configs(members: list) -> None:
 
 
 def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bool = False,
-                   out: str | Path = "runs", name: str | None = None, batch_size: int = 128) -> Path:
-    """Score every member on the data's validation and test splits, weight, report, save a run folder."""
+                   out: str | Path = "runs", name: str | None = None, batch_size: int = 128,
+                   tta: bool = False) -> Path:
+    """Score every member on the data's validation and test splits, weight, report, save a run
+    folder. `tta`: every member also scores each image's mirror, now and whenever it is loaded."""
     from .evaluation import finish_evaluation
-    from .predictor import load_predictor
+    from .predictor import flip_tta, load_predictor
     from .run import new_run_dir, write_environment
     if len(runs) < 2:
         raise GraftError("an ensemble needs at least two runs")
-    members = [load_predictor(r) for r in runs]
+    members = [flip_tta(load_predictor(r)) if tta else load_predictor(r) for r in runs]
     check_classes(members)
     _check_data_configs(members)
     cfg = copy.deepcopy(members[0].cfg)
@@ -196,26 +203,27 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
     logits = combine(test_logits, weights)
     accuracy = lambda l: (l.argmax(1) == test.labels).sum().item() / max(1, len(test))  # noqa: E731
     accs = [accuracy(l) for l in test_logits]
-    _print_table(members, weights, accs, accuracy(logits))
+    _print_table(members, weights, accs, accuracy(logits), tta)
 
     run_dir = new_run_dir(str(out), name, "ensemble")
     ensemble.run_dir = run_dir
     save_yaml(cfg, run_dir / "config.yaml", header=ENSEMBLE_CONFIG_NOTE)
     write_environment(run_dir, cfg.train.seed)
     atomic_write_json(run_dir / ENSEMBLE_FILE, {
-        "method": "weights minimise validation NLL" if weighted else "equal weights",
+        "method": "weights minimise validation NLL" if weighted else "equal weights", "tta": tta,
         "data": cfg.data.path, "classes": ensemble.classes,
         "members": [{"path": os.path.relpath(Path(m.run_dir).resolve(), run_dir.resolve()),
                      "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
                      "backbone": m.spec.backbone, "image_size": m.image_size, "test_accuracy": a}
                     for m, w, a in zip(members, weights, accs)]})
-    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None)
+    cards = {"test-time augmentation": "flip (every member: image and mirror, logits averaged)"}
+    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None, cards=cards if tta else None)
     return run_dir
 
 
-def _print_table(members, weights, accs, ensemble_acc) -> None:
+def _print_table(members, weights, accs, ensemble_acc, tta: bool = False) -> None:
     from rich.table import Table
-    table = Table(title="ensemble: test accuracy")
+    table = Table(title="ensemble: test accuracy" + " (each image and its mirror)" * tta)
     for col in ("member", "backbone", "input", "weight", "test accuracy"):
         table.add_column(col, justify="right" if col in ("weight", "test accuracy") else "left")
     for m, w, a in zip(members, weights, accs):
@@ -230,9 +238,11 @@ def add_commands(sub) -> dict:
     p.add_argument("--data", help="data to weight and test on (default: the first member's)")
     p.add_argument("--weighted", action="store_true",
                    help="fit weights minimising validation NLL (default: equal weights)")
+    p.add_argument("--tta", action="store_true", help="every member scores each image and its mirror and "
+                   "averages the logits, here and whenever the ensemble predicts or serves")
     p.add_argument("--out", default="runs", help="parent folder of the ensemble's run folder")
     p.add_argument("--name", help="run folder name (default ensemble-<time>)")
 
     def cmd_ensemble(args) -> None:
-        print(build_ensemble(args.runs, args.data, args.weighted, args.out, args.name))
+        print(build_ensemble(args.runs, args.data, args.weighted, args.out, args.name, tta=args.tta))
     return {"ensemble": cmd_ensemble}

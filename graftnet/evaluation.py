@@ -175,7 +175,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         if (run_dir / f).is_file():
             atomic_write_bytes(out / dest, (run_dir / f).read_bytes())
     write_environment(out, cfg.train.seed)
-    cards = {"test-time augmentation": "flip (image and mirror, logits averaged)"} if tta else None
+    # --tta, a run trained with flip_views, or an ensemble saved with --tta: each scores mirrors too
+    flipped = predictor.info()["tta"]
+    cards = {"test-time augmentation": "flip (image and mirror, logits averaged)"} if flipped else None
     return finish_evaluation(out, cfg, spec, read_history(run_dir), logits, images.labels, images, None,
                              threshold=run_threshold(run_dir), cards=cards,
                              title=f"graftnet run {run_dir.name}: evaluation on {out.name}")

@@ -43,7 +43,7 @@ class RunPredictor:
 
     def info(self) -> dict:
         return {"kind": "run", "run": str(self.run_dir), "backbone": self.spec.backbone,
-                "image_size": self.spec.image_size, "classes": self.classes}
+                "image_size": self.spec.image_size, "classes": self.classes, "tta": len(self.views) > 1}
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:

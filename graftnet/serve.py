@@ -4,7 +4,8 @@
                     as the body with an image/* content type; ?top=K (default 3).
                     -> {"class", "probability", "top": [{"class", "probability"}, ...]}
     GET  /health    {"status": "ok"} once the model is loaded
-    GET  /info      classes, backbone, input size (and members with weights for an ensemble)
+    GET  /info      classes, backbone, input size, whether mirrors are scored too (`tta`: --tta, or
+                    an ensemble saved with --tta), and members with weights for an ensemble
 
 The model is loaded once, before the server binds its port, and warmed up with one image. Bad input
 gets a 4xx with a message, never a 500: a wrong content type 415, bytes that are no image 415, a
@@ -151,15 +152,18 @@ class MicroBatcher:
 
 
 def create_app(run_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, predictor=None,
-               max_batch: int = 16, wait_ms: float = 0.0):
-    """The FastAPI app serving one run or ensemble folder (loaded here, once)."""
+               max_batch: int = 16, wait_ms: float = 0.0, tta: bool = False):
+    """The FastAPI app serving one run or ensemble folder (loaded here, once). `tta`: score each
+    upload and its mirror (an ensemble saved with --tta does so without it)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
     from .evaluation import top_classes
-    from .predictor import load_predictor
+    from .predictor import flip_tta, load_predictor
     if predictor is None:
         predictor = load_predictor(run_dir)
+    if tta:
+        flip_tta(predictor)
     info = {**predictor.info(), "max_bytes": max_bytes}
 
     def probabilities(images: list) -> torch.Tensor:
@@ -220,13 +224,13 @@ def set_threads(threads: int) -> None:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
           max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = None, access_log: bool = False,
-          max_batch: int = 16, wait_ms: float = 0.0) -> None:
+          max_batch: int = 16, wait_ms: float = 0.0, tta: bool = False) -> None:
     import uvicorn
     from .progress import log
     if max_bytes <= 0:
         raise GraftError(f"--max-bytes {max_bytes}: must be positive")
     set_threads(threads or default_threads())
-    app = create_app(run_dir, max_bytes, max_batch=max_batch, wait_ms=wait_ms)
+    app = create_app(run_dir, max_bytes, max_batch=max_batch, wait_ms=wait_ms, tta=tta)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"[yellow]warning: listening on {host}: the server has no authentication[/]")
     log(f"serving {run_dir} at http://{host}:{port} (POST /predict, GET /health, GET /info)")
@@ -245,8 +249,10 @@ def add_commands(sub) -> dict:
                    help="largest micro-batch of concurrent requests per model pass (1: one at a time)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="how long a request may wait for others to join its batch (default 0)")
+    p.add_argument("--tta", action="store_true",
+                   help="score each image and its mirror and average (twice the work per request)")
 
     def cmd_serve(args) -> None:
         serve(args.run, args.host, args.port, args.max_bytes, args.threads, args.access_log,
-              args.max_batch, args.batch_wait_ms)
+              args.max_batch, args.batch_wait_ms, args.tta)
     return {"serve": cmd_serve}

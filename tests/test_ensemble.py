@@ -163,6 +163,19 @@ def test_flip_tta_averages_each_image_and_its_mirror(members, capsys):
     report = (folder / "report.html").read_text()
     assert "test-time augmentation" in report and "graftnet run tta: evaluation on data-tta" in report
     assert not (ens / "evaluations" / "data").exists()
+    # saved with --tta: the ensemble scores mirrors when built and whenever it is loaded again
+    assert main(["ensemble", str(a), str(b), "--data", str(data), "--tta", "--out", str(tmp / "runs"),
+                 "--name", "tta-saved"]) == 0
+    saved = tmp / "runs" / "tta-saved"
+    assert json.loads((saved / "ensemble.json").read_text())["tta"] is True
+    assert json.loads((saved / "test_metrics.json").read_text())["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    assert "each image and its mirror" in capsys.readouterr().err
+    loaded = load_predictor(saved)
+    assert loaded.info()["tta"] and all(m.views == [False, True] for m in loaded.members)
+    assert torch.allclose(loaded.logits(test), combine(by_member, weights), atol=1e-5)
+    assert evaluate_run(saved)["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    assert "test-time augmentation" in (saved / "evaluations" / "data" / "report.html").read_text()
+    assert not load_predictor(ens).info()["tta"]  # the plain ensemble stays plain
     # from the command line; an ONNX model has no mirror pass and says so
     assert main(["predict", str(a), str(data / "dog" / "003.png"), "--json", "--tta"]) == 0
     [r] = json.loads(capsys.readouterr().out)

@@ -134,6 +134,12 @@ def test_serves_an_ensemble(runs, tmp_path):
         r = c.post("/predict", files={"file": ("c.png", image.read_bytes(), "image/png")})
         assert r.status_code == 200
         assert r.json()["probability"] == pytest.approx(predict(ens, image)[0]["probability"], abs=1e-5)
+    with TestClient(serve.create_app(ens, tta=True)) as c:   # --tta: each upload and its mirror
+        assert c.get("/info").json()["tta"] and all(m["tta"] for m in c.get("/info").json()["members"])
+        r = c.post("/predict", files={"file": ("c.png", image.read_bytes(), "image/png")})
+        flipped = predict(ens, image, tta=True)[0]["probability"]
+        assert flipped != pytest.approx(predict(ens, image)[0]["probability"], abs=1e-4)
+        assert r.json()["probability"] == pytest.approx(flipped, abs=1e-5)
 
 
 def test_load_in_a_real_server_subprocess(runs):
