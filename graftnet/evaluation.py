@@ -88,7 +88,9 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     summary = {"test accuracy": f"{m['accuracy']:.4f}", "95% interval (Wilson)": f"{lo:.4f}–{hi:.4f}",
                **{k: f"{v:.4f}" for k, v in m["top_k"].items() if k != "top1"},
                "test images": m["n"], "backbone": spec.backbone, "input": f"{spec.image_size}px",
-               "features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history),
+               # an ensemble has members, not features or epochs of its own
+               **({"members": spec.feature_dim} if spec.timm_name == "ensemble" else
+                  {"features": f"{spec.features} ({spec.feature_dim})", "epochs": len(history)}),
                **({"started from": cfg.train.init} if cfg.train.init else {}), **extra,
                **(cards or {})}
     write_report(run_dir / f"{prefix}report.html", title or f"graftnet run {run_dir.name}", summary, to_dict(cfg),

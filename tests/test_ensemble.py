@@ -61,7 +61,9 @@ def test_ensemble_accuracy_matches_hand_computation(members, capsys):
     for m, run in zip(spec["members"], (a, b)):
         own = json.loads((run / "test_metrics.json").read_text())["accuracy"]
         assert m["test_accuracy"] == pytest.approx(own, abs=1e-9)
-    assert (ens / "report.html").is_file()
+    report = (ens / "report.html").read_text()   # its cards count members; it has no epochs of its own
+    assert '<div class="label">members</div><div class="value">2</div>' in report
+    assert '<div class="label">epochs</div>' not in report
     text = (ens / "config.yaml").read_text()  # says on top what applies, and still loads
     assert text.startswith("# An ensemble's config") and "ensemble.json lists the members" in text
     assert config.resolve(ens / "config.yaml").data.path == config.resolve(a / "config.yaml").data.path
