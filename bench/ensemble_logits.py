@@ -9,7 +9,8 @@ without --weighted), writes its own per-image files to --out, and is compared wi
 member by `graft compare`'s paired test. Scoring 10,000 CIFAR-10 test images at 192 px takes
 this 2-core CPU about 5 minutes per model and flip; this takes seconds, so ensembles of the runs
 of section 13 can be tried without re-running them. `graft ensemble` remains the way to build
-one that predicts and serves.
+one that predicts and serves (`--tta` for members scored with their mirrors, as the evaluation
+folders `RUN/evaluations/*-tta` were).
 """
 from __future__ import annotations
 
