@@ -92,11 +92,10 @@ class EnsemblePredictor:
         return max(m.image_size for m in self.members)  # each member shrinks to its own size
 
     def info(self) -> dict:
+        members = [{**m.info(), "weight": round(float(w), 6)} for m, w in zip(self.members, self.weights)]
         return {"kind": "ensemble", "run": str(self.run_dir), "backbone": self.spec.backbone,
-                "tta": all(m.info()["tta"] for m in self.members),
-                "image_size": self.image_size, "classes": self.classes,
-                "members": [{**m.info(), "weight": round(float(w), 6)}
-                            for m, w in zip(self.members, self.weights)]}
+                "tta": all(m["tta"] for m in members), "image_size": self.image_size,
+                "classes": self.classes, "members": members}
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         return combine([m(images) for m in self.members], self.weights)
@@ -216,8 +215,8 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
                      "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
                      "backbone": m.spec.backbone, "image_size": m.image_size, "test_accuracy": a}
                     for m, w, a in zip(members, weights, accs)]})
-    cards = {"test-time augmentation": "flip (every member: image and mirror, logits averaged)"}
-    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None, cards=cards if tta else None)
+    cards = {"test-time augmentation": "flip (every member: image and mirror, logits averaged)"} if tta else None
+    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None, cards=cards)
     return run_dir
 
 
