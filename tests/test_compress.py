@@ -26,7 +26,10 @@ def trained(tmp_path_factory):
     """One tiny trained run shared by the tests (a few seconds)."""
     tmp = tmp_path_factory.mktemp("compress")
     data = make_folder(tmp / "data", n=14)
-    run = train(config.resolve(None, tiny_overrides(data, tmp, **{"train.epochs": 4})))
+    # fp32: tests below compare chunked against whole-batch steps to 1e-5, which bf16 autocast (the
+    # "auto" choice on a CPU with AVX512-BF16 or AMX) would not hold
+    run = train(config.resolve(None, tiny_overrides(data, tmp, **{"train.epochs": 4,
+                                                                   "backbone.precision": "fp32"})))
     return run, tmp
 
 
