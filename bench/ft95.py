@@ -6,8 +6,8 @@
 BENCHMARKS.md section 13 reached its best result, 94.69% (five fine-tuned models, each scoring
 images and their mirrors, probabilities averaged), over many sessions, one `graft finetune` at a
 time, each stage starting from the last one's weights at a larger input (progressive resizing).
-Those run folders lived on one machine; this script is the chain as data, so it can be rebuilt
-anywhere, e.g. on a GPU, where `graft` moves to the GPU by itself.
+Those run folders lived on one machine and were lost with it; this script is the chain as data,
+so it can be rebuilt anywhere, e.g. on a GPU, where `graft` moves to the GPU by itself.
 
 Each step is skipped when its run folder holds a test score, continued with `--resume` when the
 folder exists without one (a killed run), else started: after a crash or a session's end, run the
@@ -126,7 +126,9 @@ def main() -> None:
               args.dry_run)
     if args.dry_run:
         return
-    rows = [{"run": s.name, "backbone": s.backbone, "input": s.size // 4 if args.smoke else s.size,
+    rows = [{"run": s.name, "backbone": s.backbone,
+             "command": "graft " + shlex.join(finetune_args(s, args.data, args.out, args.smoke) + extra),
+             "input": s.size // 4 if args.smoke else s.size,
              "from": s.init, "member": s.member, "test": test_accuracy(args.out / s.name),
              "test_tta": test_accuracy(args.out / s.name / "evaluations" / tta_folder) if s.member else None,
              "train_seconds": sum(r["seconds"] for r in read_history(args.out / s.name))}

@@ -39,6 +39,7 @@ def test_chain_runs_and_continues_where_it_stopped(tmp_path):
     assert ens["tta"] is True and [m["absolute"] for m in ens["members"]] == [str(out / m) for m in members]
     chain = json.loads((out / "chain.json").read_text())
     assert [r["run"] for r in chain["steps"]] == [s.name for s in CHAIN]
+    assert all(f"--name {r['run']} " in r["command"] for r in chain["steps"])
     assert all(r["test"] is not None and (r["test_tta"] is not None) == r["member"] for r in chain["steps"])
     assert chain["ensemble_tta"] == json.loads((out / "ensemble-tta" / "test_metrics.json").read_text())["accuracy"]
 
