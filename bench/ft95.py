@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graftnet import cli  # noqa: E402
+from graftnet.io import atomic_write_json  # noqa: E402
 from graftnet.run import read_history  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main() -> None:
             for s in CHAIN]
     result = {"data": args.data, "smoke": args.smoke, "steps": rows, "ensemble_tta": test_accuracy(ensemble),
               "section_13_result": RESULT, "wall_seconds_this_call": time.time() - t0}
-    (args.out / "chain.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out / "chain.json", result)
     print("\n| run | input | from | test | test, flip TTA | training |\n|---|---:|---|---:|---:|---:|")
     for r in rows:
         tta = f"{r['test_tta']:.2%}" if r["test_tta"] is not None else ""
