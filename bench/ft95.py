@@ -15,7 +15,8 @@ same command again. Then every member is evaluated with `--tta` and `graft ensem
 the ensemble as a run folder that predicts and serves. Writes OUT/chain.json (each step's command,
 test accuracy with and without TTA, training seconds) and prints a table.
 
-About 14 hours on this project's 2-core CPU (`hours` below: each step as measured in section 13).
+About 14 hours on this project's 2-core CPU (`hours` below: each step as measured in section 13),
+about 24 on the slower machine of the twentieth session.
 `--smoke N` runs every step on N images per class, one epoch per stage, inputs a quarter of the
 size: a check that the chain's commands still run (tests/test_ft95.py), not a result.
 """
@@ -67,12 +68,16 @@ CHAIN = [
 RESULT = 0.9469  # section 13's ensemble of the five members, all with flip TTA
 
 
+def input_size(step: Step, smoke: int) -> int:
+    return step.size // 4 if smoke else step.size
+
+
 def finetune_args(step: Step, data: str, out: Path, smoke: int) -> list[str]:
     """The section's command for a step: the paper recipe's head, then stage 2 with label
     smoothing 0.1, each earlier group's rate 0.8 times the next, cosine after a 0.2-epoch warmup."""
     args = ["finetune", "--config", str(ROOT / "recipes" / "paper-cifar10.yaml"), "--data", data,
             "--out", str(out), "--name", step.name, "--backbone", step.backbone,
-            "--image-size", str(step.size // 4 if smoke else step.size),
+            "--image-size", str(input_size(step, smoke)),
             "--finetune-epochs", str(1 if smoke else step.finetune_epochs), "--unfreeze", step.unfreeze,
             "--finetune-lr", str(step.lr), "--lr-decay", "0.8", "--label-smoothing", "0.1",
             "--finetune-augment", step.augment, "--bn", step.bn, "--set", "finetune.warmup_epochs=0.2",
@@ -110,8 +115,8 @@ def main() -> None:
     t0 = time.time()
     for step in CHAIN:
         run = args.out / step.name
-        if test_accuracy(run) is not None:
-            print(f"{step.name}: done ({test_accuracy(run):.2%}), skipped")
+        if (done := test_accuracy(run)) is not None:
+            print(f"{step.name}: done ({done:.2%}), skipped")
         elif (run / "config.yaml").is_file():
             graft(["finetune", "--resume", str(run)], args.dry_run, step.hours)
         else:
@@ -129,7 +134,7 @@ def main() -> None:
         return
     rows = [{"run": s.name, "backbone": s.backbone,
              "command": "graft " + shlex.join(finetune_args(s, args.data, args.out, args.smoke) + extra),
-             "input": s.size // 4 if args.smoke else s.size,
+             "input": input_size(s, args.smoke),
              "from": s.init, "member": s.member, "test": test_accuracy(args.out / s.name),
              "test_tta": test_accuracy(args.out / s.name / "evaluations" / tta_folder) if s.member else None,
              "train_seconds": sum(r["seconds"] for r in read_history(args.out / s.name))}
