@@ -36,7 +36,8 @@ from graftnet.compress.qat import QatSettings, qat_run  # noqa: E402
 from graftnet.export.exporter import export_run  # noqa: E402
 from graftnet.export.quantize import quantize_run  # noqa: E402
 from graftnet.export.runtime import OnnxClassifier, measure_latency, softmax  # noqa: E402
-from graftnet.train.pipeline import load_data, train  # noqa: E402
+from graftnet.train.inputs import load_data  # noqa: E402
+from graftnet.train.pipeline import train  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 

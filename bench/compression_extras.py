@@ -1,4 +1,5 @@
-"""What this session added to compression, measured on bench/compression.py's base model.
+"""Channel ranking, BatchNorm recalibration, QAT and transfer sets, measured on bench/compression.py's
+base model.
 
     python bench/compression.py          # once: trains bench/.work/compression/runs/base
     python bench/compression_extras.py [--parts sensitivity qat distill] [--transfer-max 8000]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import config  # noqa: E402
-from graftnet.train.pipeline import load_data  # noqa: E402
+from graftnet.train.inputs import load_data  # noqa: E402
 
 
 def photos(root: Path, n: int) -> Path:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The demo (`make demo`: recipes/paper-cifar10.yaml on all of CIFAR-10) with cold caches, timed
 # whole: batches of 256 through the backbone as before micro-batches (--micro-batch 256), then
-# the default chunks. BENCHMARKS.md section 1. Run from the project root; about 22 minutes here.
+# the default chunks. BENCHMARKS.md, end to end (make demo). Run from the project root; about 22 minutes here.
 set -euo pipefail
 W=bench/.work/demo-micro; rm -rf $W; mkdir -p $W
 for v in whole default; do

@@ -8,7 +8,7 @@ members' probabilities with equal weights (graftnet.ensemble.combine, what `graf
 without --weighted), writes its own per-image files to --out, and is compared with its best
 member by `graft compare`'s paired test. Scoring 10,000 CIFAR-10 test images at 192 px takes
 this 2-core CPU about 5 minutes per model and flip; this takes seconds, so ensembles of the runs
-of section 13 can be tried without re-running them. `graft ensemble` remains the way to build
+of BENCHMARKS.md's ensembles can be tried without re-running them. `graft ensemble` remains the way to build
 one that predicts and serves (`--tta` for members scored with their mirrors, as the evaluation
 folders `RUN/evaluations/*-tta` were).
 """

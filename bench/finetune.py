@@ -13,7 +13,7 @@ Parts (each skippable):
   augment     the paper's augmentation + dropout on the frozen backbone: on the fly (backbone on
               every augmented batch) against K cached views, and no augmentation; accuracy, time.
   groups      (with --groups N ...) fine-tuning steps with only the top N backbone groups unfrozen.
-Slices (--per-class) keep it inside a session on a 2-core CPU; the full set (--per-class 0)
+Slices (--per-class) keep it within a few hours on a 2-core CPU; the full set (--per-class 0)
 needs a GPU, where training and the throughput part run by themselves.
 Writes bench/results/finetune.json and prints markdown tables for BENCHMARKS.md.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import backbones, config  # noqa: E402
-from graftnet.train.features import autocast  # noqa: E402
+from graftnet.features import autocast  # noqa: E402
 from graftnet.train.pipeline import train  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"

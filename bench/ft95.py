@@ -3,20 +3,20 @@
     python bench/ft95.py [--data ../shared/datasets/cifar10-jpeg.zip] [--out bench/.work/ft95]
         [--dry-run] [--smoke N]
 
-BENCHMARKS.md section 13 reached its best result, 94.69% (five fine-tuned models, each scoring
-images and their mirrors, probabilities averaged), over many sessions, one `graft finetune` at a
+BENCHMARKS.md (fine-tuning CIFAR-10, ensembles) reached its best result, 94.69% (five fine-tuned models, each scoring
+images and their mirrors, probabilities averaged), over many separate runs, one `graft finetune` at a
 time, each stage starting from the last one's weights at a larger input (progressive resizing).
 Those run folders lived on one machine and were lost with it; this script is the chain as data,
 so it can be rebuilt anywhere, e.g. on a GPU, where `graft` moves to the GPU by itself.
 
 Each step is skipped when its run folder holds a test score, continued with `--resume` when the
-folder exists without one (a killed run), else started: after a crash or a session's end, run the
+folder exists without one (a killed run), else started: after a crash or a shut-down machine, run the
 same command again. Then every member is evaluated with `--tta` and `graft ensemble --tta` builds
 the ensemble as a run folder that predicts and serves. Writes OUT/chain.json (each step's command,
 test accuracy with and without TTA, training seconds) and prints a table.
 
-About 14 hours on this project's 2-core CPU (`hours` below: each step as measured in section 13),
-about 24 on the slower machine of the twentieth session.
+About 14 hours on this project's 2-core CPU (`hours` below: each step as measured in BENCHMARKS.md),
+about 24 on a slower machine of the same kind.
 `--smoke N` runs every step on N images per class, one epoch per stage, inputs a quarter of the
 size: a check that the chain's commands still run (tests/test_ft95.py), not a result.
 """
@@ -65,7 +65,7 @@ CHAIN = [
     Step("lite0-192-ra5-recipe", LITE0, 192, 5, 1.95, init="lite0-160-ra4-recipe"),
     Step("lite0-224-ra4-recipe", LITE0, 224, 4, 2.85, init="lite0-192-ra5-recipe"),
 ]
-RESULT = 0.9469  # section 13's ensemble of the five members, all with flip TTA
+RESULT = 0.9469  # BENCHMARKS.md's best ensemble of the five members, all with flip TTA
 
 
 def input_size(step: Step, smoke: int) -> int:
@@ -148,7 +148,7 @@ def main() -> None:
         print(f"| {r['run']} | {r['input']} px | {r['from'] or ''} | {r['test']:.2%} | {tta} | "
               f"{r['train_seconds'] / 60:.1f} min |")
     print(f"| ensemble of the {len(members)} members, all with flip TTA | | | | "
-          f"**{result['ensemble_tta']:.2%}** (section 13: {RESULT:.2%}) | |")
+          f"**{result['ensemble_tta']:.2%}** (BENCHMARKS.md: {RESULT:.2%}) | |")
 
 
 if __name__ == "__main__":

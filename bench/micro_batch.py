@@ -31,7 +31,7 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import config  # noqa: E402
 from graftnet.model import build_model  # noqa: E402
-from graftnet.train.features import chunk_size  # noqa: E402
+from graftnet.features import chunk_size  # noqa: E402
 from graftnet.train.finetune import FineTuneMode, all_groups, set_trainable  # noqa: E402
 from graftnet.train.loop import State, predict_logits, train_one_epoch  # noqa: E402
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import backbones, config  # noqa: E402
-from graftnet.train.features import autocast, native_bf16  # noqa: E402
+from graftnet.features import autocast, native_bf16  # noqa: E402
 from graftnet.train.pipeline import train  # noqa: E402
 
 

@@ -25,8 +25,8 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 
 from graftnet import config  # noqa: E402
 from graftnet.model import build_model  # noqa: E402
-from graftnet.train.features import compute_features  # noqa: E402
-from graftnet.train.pipeline import load_data  # noqa: E402
+from graftnet.features import compute_features  # noqa: E402
+from graftnet.train.inputs import load_data  # noqa: E402
 
 
 def main() -> None:

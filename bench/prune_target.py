@@ -4,7 +4,7 @@
                                  [--steps 2] [--prune-epochs 1] [--channels all|inner] [--base RUN]
                                  [--out bench/results/prune_target.json]
 
-Section 8's slice (1,800 training images) is too small for a pruned Lite0 to recover on. This
+The compression benchmark's slice (1,800 training images) is too small for a pruned Lite0 to recover on. This
 benchmark gives recovery the whole CIFAR-10 training split (`--per-class 0`), paying for it with a
 smaller input size so that it fits this CPU: the base is `recipes/paper-cifar10.yaml` (Lite0) at
 `--size` px, head on frozen features then `--ft-epochs` of `graft finetune`; the pruned model is
@@ -31,7 +31,8 @@ os.environ.setdefault("GRAFTNET_QUIET", "1")
 from graftnet import config  # noqa: E402
 from graftnet.compress.prune import PruneSettings, prune_run  # noqa: E402
 from graftnet.export.exporter import export_run  # noqa: E402
-from graftnet.train.pipeline import load_data, train  # noqa: E402
+from graftnet.train.inputs import load_data  # noqa: E402
+from graftnet.train.pipeline import train  # noqa: E402
 
 import compression  # noqa: E402  (bench/compression.py: the same scoring and table)
 

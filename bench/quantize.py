@@ -32,7 +32,8 @@ from graftnet.model import load_model  # noqa: E402
 # --explore: the alternatives to the default (u8s8, 7-bit weights), to show why it is the default
 VARIANTS = {"int8 static, 8-bit weights (u8s8)": dict(reduce_range=False),
             "int8 static, u8u8": dict(reduce_range=False, weight_type="uint8")}
-from graftnet.train.pipeline import load_data, train  # noqa: E402
+from graftnet.train.inputs import load_data  # noqa: E402
+from graftnet.train.pipeline import train  # noqa: E402
 
 
 def main() -> None:

@@ -15,10 +15,9 @@ import csv
 import math
 from pathlib import Path
 
-from rich.console import Console
-
 from .errors import GraftError
 from .metrics import Z95, wilson_interval
+from .progress import make_console
 
 PREDICTIONS = "test_predictions.csv"
 
@@ -87,7 +86,7 @@ def label(path: str | Path) -> str:
 
 def print_comparison(r: dict) -> None:
     from rich.table import Table
-    console = Console(highlight=False)  # the result: stdout, unlike progress and logs
+    console = make_console(highlight=False)  # the result: stdout, unlike progress and logs
     table = Table(title=f"paired comparison on {r['n']} test images")
     for col in ("", "model", "accuracy", "95% CI", "only it right"):
         table.add_column(col, justify="left" if col in ("", "model") else "right")

@@ -1,196 +1,195 @@
 """Typed configuration for every stage, loaded from and saved to YAML.
 
 A run folder always holds the resolved `config.yaml`; `graft train --config run/config.yaml`
-reproduces the run. Dotted overrides (`train.lr=3e-4`) and CLI flags land on the same fields.
+reproduces the run. Each setting is declared once, below, with its help text and allowed values
+(fields.py): the YAML keys, `--set KEY=VALUE`, the `graft train` flags with their defaults in
+`--help` (options.py) and the check of allowed values all come from that declaration. Optimizers,
+schedules and augmentation presets are registries; their names are the allowed values.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
-from .data.augment import PRESETS
+from .data.augment import AUGMENTATIONS
 from .errors import ConfigError
-from .train.finetune import BN_MODES, parse_unfreeze
+from .fields import check_choices, from_dict, option, section, walk
+from .train.optim import OPTIMIZERS, SCHEDULES
+
+BN_MODES = ("frozen", "train", "eval")   # finetune.bn; train/finetune.py applies them
+
+
+def parse_unfreeze(strategy: str) -> tuple[str, int]:
+    """'all' | 'top:N' | 'gradual:E' -> (kind, number); a clear error for anything else."""
+    kind, _, num = strategy.partition(":")
+    if kind == "all" and not num:
+        return kind, 0
+    if kind in ("top", "gradual") and num.isdigit() and int(num) > 0:
+        return kind, int(num)
+    raise ConfigError(f"finetune.unfreeze: {strategy!r} is not 'all', 'top:N' or 'gradual:E' "
+                      "(N groups from the top; one more group every E epochs)")
 
 
 @dataclass
 class DataConfig:
-    path: str = "cifar10"            # class folder, ZIP with class folders, CIFAR archive, or "cifar10"
-    val_fraction: float = 0.1        # carved out of the training split, stratified, for monitoring
-    test_fraction: float = 0.2       # only used when the source has no test/ or val/ split
-    split_seed: int = 0              # fixed apart from train.seed: seeds vary training, not the split
-    max_per_class: int | None = None  # take a slice (quick experiments, tests)
-    skip_bad: bool = False           # skip unreadable images and list them instead of failing
-    workers: int = 2                 # decoding threads
-    cache_decoded: bool = True       # keep decoded images in the cache folder for the next run
-    grayscale: bool = False          # luminance only, copied to R, G and B (X-rays and other scans
-                                     # whose colour is noise); training, evaluate and predict alike
+    path: str = option("cifar10", flag="data",
+                       help="class folder, ZIP with class folders, CIFAR archive, or 'cifar10'")
+    val_fraction: float = option(0.1, help="share of the training split held out (stratified) to "
+                                 "monitor training")
+    test_fraction: float = option(0.2, cli=False, help="test share, only where the source has no "
+                                  "test/ or val/ split")
+    # fixed apart from train.seed: seeds vary training, not which images are tested
+    split_seed: int = option(0, cli=False, help="seed of the train/val/test split")
+    max_per_class: int | None = option(None, metavar="N", help="use at most N images per class and "
+                                       "split (quick experiments, tests)")
+    skip_bad: bool = option(False, help="skip unreadable images and list them in the run instead "
+                            "of failing")
+    workers: int = option(2, cli=False, help="decoding threads")
+    cache_decoded: bool = option(True, cli=False, help="keep decoded images in the cache folder for "
+                                 "the next run")
+    # X-rays and other scans whose colour is noise; training, evaluate and predict alike
+    grayscale: bool = option(False, cli=False, help="luminance only, copied to R, G and B")
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "efficientnet_lite0"
-    weights: str | None = None       # a file (safetensors or .pth); None: the registry's default source
-    pretrained: bool = True          # False: random initialisation
-    image_size: int | None = None    # None: the entry's default input size
-    features: str = "last"           # "last": final feature map; "multi": + pooled outputs of late stages
-    precision: str = "auto"          # backbone pass: bf16 autocast, fp32, or auto (bf16 only where the
-                                     # CPU has native bf16 matmul, e.g. AMX; on AVX2 bf16 is ~10x slower)
-    channels_last: bool = True
+    name: str = option("efficientnet_lite0", flag="backbone",
+                       help="registered name or any timm architecture (see `graft backbones`)")
+    weights: str | None = option(None, metavar="FILE", help="backbone weights file (safetensors, or "
+                                 ".pth read weights-only); default: the registry's source")
+    pretrained: bool = option(True, flag="no-pretrained",
+                              help="start from pretrained weights; --no-pretrained: random initialisation")
+    image_size: int | None = option(None, metavar="PX", help="input size (default: the backbone's)")
+    features: str = option("last", choices=("last", "multi"),
+                           help="final feature map, or + pooled outputs of late stages")
+    # auto: bf16 only where the CPU has native bf16 matmul (e.g. AMX); on AVX2 bf16 is ~10x slower
+    precision: str = option("auto", choices=("auto", "bf16", "fp32"),
+                            help="backbone pass: bf16 autocast, fp32, or auto (bf16 where it is fast)")
+    channels_last: bool = option(True, cli=False, help="channels-last memory layout for the backbone")
 
 
 @dataclass
 class HeadConfig:
-    pool: str = "avg"                # "avg": global average pooling; "flatten": the paper's Flatten
-    hidden: list[int] = field(default_factory=lambda: [256])
-    activation: str = "relu"
-    dropout: float = 0.5
+    pool: str = option("avg", choices=("avg", "flatten"),
+                       help="global average pooling, or Flatten (the paper's)")
+    hidden: list[int] = option(factory=lambda: [256], metavar="WIDTHS",
+                               help="hidden widths, comma-separated (e.g. 256 or 512,256; '' for none)")
+    activation: str = option("relu", choices=("relu", "gelu", "silu", "tanh"), cli=False,
+                             help="activation after each hidden layer")
+    dropout: float = option(0.5, help="dropout after each hidden layer (0: none)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"          # adam | adamw | sgd
-    weight_decay: float = 0.0        # with adamw: decoupled weight decay (L2 regularisation)
-    label_smoothing: float = 0.0
-    schedule: str = "constant"       # constant | cosine | onecycle, per step
-    warmup_epochs: float = 0.0       # linear warmup before the schedule
-    early_stopping: int = 0          # patience in epochs (0: off); the best weights are restored
-    monitor: str = "val_acc"         # val_acc | val_loss, for early stopping
-    seed: int = 0
-    cache_features: bool = True      # frozen backbone: run it once per image and train on its features
-    augment: str = "none"            # none | flip | paper | rrc | randaugment | trivialaugment
-    cache_views: int = 0             # with augment: K augmented views cached per image (0: every
-                                     # batch runs the backbone on freshly augmented images)
-    mixup: float = 0.0               # alpha of MixUp (0: off); with cutmix, one of the two per batch
-    cutmix: float = 0.0              # alpha of CutMix (0: off); both need images: no cached views
-    flip_views: bool = False         # cache flipped images too: training draws one view per sample,
-                                     # evaluation averages the logits of both
-    eval_batch_size: int = 256
-    micro_batch: int = 0             # images per forward/backward pass: a larger batch is split and its
-                                     # gradients accumulated, the same step. 0: on a CPU chunks of 32
-                                     # (up to 128 px), 16 (to 160 px) or 8, whose activations stay in
-                                     # cache (about 2x faster here, BENCHMARKS.md section 7), unless
-                                     # BatchNorm trains on batch statistics; on a GPU whole batches
-    device: str = "auto"             # auto (the GPU when there is one) | cpu | cuda
-    compile: bool = False            # torch.compile the model when it trains on images (fine-tuning,
-                                     # on-the-fly augmentation); off by default: see BENCHMARKS.md
-    class_weights: str = "none"      # none | balanced: inverse class frequency in the cross-entropy
-    sampler: str = "none"            # none | balanced: draw training samples class-balanced (with
-                                     # replacement), so every class is seen equally often per epoch
-    checkpoint_minutes: float = 10.0  # also checkpoint this often within an epoch when training on
-                                     # images (fine-tuning, on-the-fly augmentation), so --resume loses
-                                     # at most this much of a long epoch (0: at epoch ends only)
-    init: str | None = None          # a finished run folder whose weights this run starts from
-                                     # (same backbone and head; e.g. go on at a larger image size,
-                                     # fastai's progressive resizing); other classes: backbone only
+    epochs: int = option(10, help="epochs on the frozen backbone (0 with --finetune-epochs: stage 2 alone)")
+    batch_size: int = option(128, help="images per optimizer step")
+    lr: float = option(1e-3, help="learning rate")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="optimizer")
+    weight_decay: float = option(0.0, help="weight decay (with adamw: decoupled, L2 regularisation)")
+    label_smoothing: float = option(0.0, help="label smoothing of the cross-entropy, in [0, 1)")
+    schedule: str = option("constant", choices=SCHEDULES, help="learning-rate schedule, per step")
+    warmup_epochs: float = option(0.0, help="linear learning-rate warmup before the schedule")
+    early_stopping: int = option(0, metavar="PATIENCE", help="stop after PATIENCE epochs without a "
+                                 "better validation score and keep the best weights (0: off)")
+    monitor: str = option("val_acc", choices=("val_acc", "val_loss"), cli=False,
+                          help="what early stopping watches")
+    seed: int = option(0, help="seed of initialisation, batches and augmentation")
+    cache_features: bool = option(True, flag="no-cache", help="frozen backbone: run it once per image "
+                                  "and train on cached features; --no-cache: run it on every batch")
+    augment: str = option("none", choices=AUGMENTATIONS, help="augmentation preset ('paper': the paper's)")
+    cache_views: int = option(0, metavar="K", help="with --augment: cache K augmented views per image "
+                              "(0: run the backbone on freshly augmented images every batch)")
+    mixup: float = option(0.0, metavar="ALPHA", help="MixUp's alpha (0: off; with --cutmix, one of the "
+                          "two per batch); needs images on the fly")
+    cutmix: float = option(0.0, metavar="ALPHA", help="CutMix's alpha (0: off); needs images on the fly")
+    flip_views: bool = option(False, help="cache flipped images too: training draws one view per "
+                              "sample, evaluation averages the logits of both")
+    eval_batch_size: int = option(256, cli=False, help="images per batch when scoring")
+    # On a CPU, chunks whose activations stay in cache run about 2x faster (BENCHMARKS.md, micro-batches),
+    # unless BatchNorm trains on batch statistics.
+    micro_batch: int = option(0, metavar="N", help="images per forward/backward pass, gradients "
+                              "accumulated over the batch (0: 32, 16 or 8 by input size on a CPU, "
+                              "whole batches on a GPU)")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), cli=False,
+                         help="auto: the GPU when there is one")
+    # off by default: compiling costs more than it saves on short runs (BENCHMARKS.md)
+    compile: bool = option(False, help="torch.compile the model when it trains on images")
+    class_weights: str = option("none", choices=("none", "balanced"), cli=False,
+                                help="balanced: inverse class frequency in the cross-entropy")
+    sampler: str = option("none", choices=("none", "balanced"), cli=False, help="balanced: draw "
+                          "training samples class-balanced, with replacement")
+    # so --resume loses at most this much of a long epoch
+    checkpoint_minutes: float = option(10.0, metavar="M", help="training on images: also checkpoint "
+                                       "every M minutes within an epoch (0: at epoch ends only)")
+    # e.g. go on at a larger image size (fastai's progressive resizing)
+    init: str | None = option(None, metavar="RUN", help="start from a finished run's weights (same "
+                              "backbone and head); other classes: the backbone only")
 
 
 @dataclass
 class FinetuneConfig:
     """Stage 2 (`graft finetune`): after train.epochs on the frozen backbone, unfreeze and train on."""
-    epochs: int = 0                  # 0: no fine-tuning stage
-    unfreeze: str = "all"            # all | top:N (top N backbone groups) | gradual:E (one more
-                                     # group every E epochs, from the top)
-    lr: float = 3e-4                 # the head's rate; the k-th group below it gets lr * lr_decay**k
-    lr_decay: float = 0.5            # discriminative rates (1: one rate for all)
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    bn: str = "eval"                 # eval: every BatchNorm keeps its ImageNet statistics, trained
-                                     # groups included (batch statistics would shift the features the
-                                     # head was trained on; BENCHMARKS.md section 7); frozen: only
-                                     # frozen groups keep them; train: all update them
-    augment: str = "flip"            # images pass through the backbone anyway: augmentation is cheap
-    batch_size: int = 0              # 0: train.batch_size
-    ema: float = 0.0                 # decay of a moving average of the weights (e.g. 0.999); it is
-                                     # validated, kept by early stopping and saved. 0: off
+    epochs: int = option(0, flag="finetune-epochs", help="epochs with unfrozen backbone groups (0: no "
+                         "stage 2)")
+    unfreeze: str = option("all", metavar="all|top:N|gradual:E", help="which backbone groups train: "
+                           "all, the top N, or one more every E epochs from the top")
+    lr: float = option(3e-4, flag="finetune-lr", help="the head's rate in stage 2; the k-th group "
+                       "below it gets lr * lr_decay**k")
+    lr_decay: float = option(0.5, help="each earlier group's rate = the next one's x this "
+                             "(discriminative rates; 1: one rate for all)")
+    optimizer: str = option("adamw", choices=OPTIMIZERS, cli=False, help="optimizer in stage 2")
+    weight_decay: float = option(0.01, cli=False, help="weight decay in stage 2")
+    schedule: str = option("cosine", choices=SCHEDULES, cli=False, help="schedule in stage 2")
+    warmup_epochs: float = option(0.0, cli=False, help="linear warmup in stage 2")
+    # eval: batch statistics would shift the features the head was trained on (BENCHMARKS.md, which groups to train and BatchNorm)
+    bn: str = option("eval", choices=BN_MODES, help="BatchNorm statistics: all kept (eval), kept in "
+                     "frozen groups only (frozen), all updated (train)")
+    # images pass through the backbone anyway: augmentation is cheap
+    augment: str = option("flip", choices=AUGMENTATIONS, flag="finetune-augment",
+                          help="augmentation preset in stage 2")
+    batch_size: int = option(0, cli=False, help="batch size in stage 2 (0: train.batch_size)")
+    ema: float = option(0.0, metavar="DECAY", help="validate, keep and save a moving average of the "
+                        "weights with this decay (e.g. 0.999; 0: off)")
 
 
 @dataclass
 class EvalConfig:
     """Two-class problems: which class is "positive" and how the decision threshold is chosen."""
-    positive_class: str | None = None   # None: the second class in sorted order (e.g. PNEUMONIA
-                                        # after NORMAL); name it explicitly in a recipe
-    threshold: str = "youden"           # youden: maximise sensitivity + specificity - 1 on the
-                                        # validation split; sensitivity: reach target_sensitivity
-    target_sensitivity: float = 0.95
+    # name it explicitly in a recipe
+    positive_class: str | None = option(None, cli=False, help="the positive class (default: the "
+                                        "second in sorted order, e.g. PNEUMONIA after NORMAL)")
+    threshold: str = option("youden", choices=("youden", "sensitivity"), cli=False,
+                            help="youden: maximise sensitivity + specificity - 1 on the validation "
+                                 "split; sensitivity: reach target_sensitivity")
+    target_sensitivity: float = option(0.95, cli=False, help="with threshold=sensitivity")
 
 
 @dataclass
 class RunConfig:
-    name: str | None = None          # run folder name; default: <backbone>-<timestamp>
-    out: str = "runs"
-    cache_dir: str | None = None     # feature cache; default ~/.cache/graftnet
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str | None = option(None, help="run folder name (default: <backbone>-<timestamp>)")
+    out: str = option("runs", help="parent folder of run folders")
+    cache_dir: str | None = option(None, help="feature cache (default: ~/.cache/graftnet)")
+    data: DataConfig = section(DataConfig, help="data")
+    backbone: BackboneConfig = section(BackboneConfig, help="backbone")
+    head: HeadConfig = section(HeadConfig, help="head")
+    train: TrainConfig = section(TrainConfig, help="training (stage 1: the head on the frozen backbone)")
+    finetune: FinetuneConfig = section(FinetuneConfig,
+                                       help="fine-tuning (stage 2, after --epochs on the frozen backbone)")
+    eval: EvalConfig = section(EvalConfig, help="two-class evaluation")
+    callbacks: dict[str, dict] = option(factory=dict, cli=False,
+                                        help="training methods joined as registered callbacks, "
+                                             "name -> options (docs/training.md)")
+
+
+KEYS = tuple(key for key, _, _ in walk(RunConfig))   # every dotted key, sections included
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type, with an error that names the key."""
-    text = str(typ)
-    if value is None:
-        if "None" in text:
-            return None
-        raise ConfigError(f"{where}: a value is required")
-    try:
-        if typ is bool or text.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if "list[int]" in text:
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            return [int(v) for v in value]
-        if typ is int or text.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ is float or text.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: cannot use {value!r} as {text}") from None
-
-
-def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
-    data = dict(data or {})
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data.pop(f.name)
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{f.name}: expected a mapping, got {value!r}")
-            kwargs[f.name] = from_dict(sub, value, f"{where}.{f.name}")
-        else:
-            kwargs[f.name] = _coerce(value, sub, f"{where}.{f.name}")
-    if data:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(f"{where}: unknown key(s) {sorted(data)}; known keys: {known}")
-    return cls(**kwargs)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -224,30 +223,14 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
 def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     data = load_yaml(config_file) if config_file else {}
     apply_overrides(data, overrides or {})
-    cfg = from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data, known=KEYS)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
-    choices = {
-        "head.pool": (cfg.head.pool, ("avg", "flatten")),
-        "head.activation": (cfg.head.activation, ("relu", "gelu", "silu", "tanh")),
-        "backbone.precision": (cfg.backbone.precision, ("auto", "bf16", "fp32")),
-        "backbone.features": (cfg.backbone.features, ("last", "multi")),
-        "train.optimizer": (cfg.train.optimizer, ("adam", "adamw", "sgd")),
-        "train.schedule": (cfg.train.schedule, ("constant", "cosine", "onecycle")),
-        "train.monitor": (cfg.train.monitor, ("val_acc", "val_loss")),
-        "train.augment": (cfg.train.augment, PRESETS),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "finetune.optimizer": (cfg.finetune.optimizer, ("adam", "adamw", "sgd")),
-        "finetune.schedule": (cfg.finetune.schedule, ("constant", "cosine", "onecycle")),
-        "finetune.bn": (cfg.finetune.bn, BN_MODES),
-        "finetune.augment": (cfg.finetune.augment, PRESETS),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    """Allowed values come from the declarations above; ranges and combinations are checked here."""
+    check_choices(cfg)
     if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.finetune.epochs <= 0):
         raise ConfigError(f"train.epochs: must be positive, got {cfg.train.epochs} "
                           "(0 only with finetune.epochs: stage 2 alone)")
@@ -288,11 +271,6 @@ def validate(cfg: RunConfig) -> None:
     parse_unfreeze(ft.unfreeze)
     if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
-    for key, value in {"train.class_weights": cfg.train.class_weights, "train.sampler": cfg.train.sampler}.items():
-        if value not in ("none", "balanced"):
-            raise ConfigError(f"{key}: {value!r} is not one of none, balanced")
-    if cfg.eval.threshold not in ("youden", "sensitivity"):
-        raise ConfigError(f"eval.threshold: {cfg.eval.threshold!r} is not one of youden, sensitivity")
     if not 0 < cfg.eval.target_sensitivity <= 1:
         raise ConfigError(f"eval.target_sensitivity: must be in (0, 1], got {cfg.eval.target_sensitivity}")
 

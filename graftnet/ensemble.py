@@ -22,31 +22,25 @@ accept like any run.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, resolve, save_yaml
 from .data.images import ImageSet, config_splits, load_images
 from .data.sources import open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
-from .model import ModelSpec
+# Scoring and loading a saved ensemble live in predictor.py (load_predictor opens either kind of
+# folder without importing this module); combine and load_ensemble are still importable from here.
+from .predictor import (ENSEMBLE_FILE, EnsemblePredictor, RunPredictor, check_classes,  # noqa: F401
+                        combine, flip_tta, load_ensemble, load_predictor)
 from .progress import console, log
 
-ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_CONFIG_NOTE = f"""\
 An ensemble's config. Only `data` (the splits it was weighted and tested on), `cache_dir` and
 `eval` apply to it; the rest is copied from its first member. Each member's own model and training
 settings are in that member's config.yaml; {ENSEMBLE_FILE} lists the members and their weights."""
-
-
-def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """log(sum_i w_i softmax(logits_i)), computed in log space (no underflow for confident members)."""
-    logp = torch.stack([l.float().log_softmax(1) for l in member_logits])
-    return torch.logsumexp(logp + weights.float().log().view(-1, 1, 1), 0)
 
 
 def fit_weights(member_logits: list[torch.Tensor], labels: torch.Tensor, steps: int = 100) -> torch.Tensor:
@@ -66,84 +60,11 @@ def fit_weights(member_logits: list[torch.Tensor], labels: torch.Tensor, steps: 
     return a.detach().softmax(0)
 
 
-class EnsemblePredictor:
-    """Members (RunPredictors, or ensembles) with weights; scores raw images like a RunPredictor."""
-
-    def __init__(self, members: list, weights: torch.Tensor, run_dir: Path | None = None,
-                 cfg: RunConfig | None = None):
-        check_classes(members)
-        if len(weights) != len(members) or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
-            raise GraftError(f"ensemble weights {weights.tolist()}: need one non-negative weight per "
-                             "member, summing to 1")
-        self.members, self.weights, self.run_dir = members, weights.float(), run_dir
-        self.cfg = cfg or members[0].cfg
-        m0 = members[0].spec
-        self.spec = ModelSpec(  # what the report and /info show; no model.json is written for it
-            backbone="ensemble of " + " + ".join(f"{m.spec.backbone}@{m.image_size}" for m in members),
-            timm_name="ensemble", weights_id="", classes=list(m0.classes), image_size=self.image_size,
-            mean=m0.mean, std=m0.std, features="ensemble", multi_taps=0, feature_dim=len(members))
-
-    @property
-    def classes(self) -> list[str]:
-        return self.spec.classes
-
-    @property
-    def image_size(self) -> int:
-        return max(m.image_size for m in self.members)  # each member shrinks to its own size
-
-    def info(self) -> dict:
-        members = [{**m.info(), "weight": round(float(w), 6)} for m, w in zip(self.members, self.weights)]
-        return {"kind": "ensemble", "run": str(self.run_dir), "backbone": self.spec.backbone,
-                "tta": all(m["tta"] for m in members), "image_size": self.image_size,
-                "classes": self.classes, "members": members}
-
-    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return combine([m(images) for m in self.members], self.weights)
-
-    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return combine([m.pixel_logits(pixels) for m in self.members], self.weights.to(pixels.device))
-
-    def logits(self, images: ImageSet, batch_size: int = 128, description: str = "predict") -> torch.Tensor:
-        return combine([m.logits(images, batch_size, description) for m in self.members], self.weights)
-
-
-def check_classes(members: list) -> None:
-    first = members[0]
-    for m in members[1:]:
-        if m.classes != first.classes:
-            raise GraftError(f"{m.run_dir}: its classes {m.classes} differ from {first.run_dir}'s "
-                             f"{first.classes}; ensemble members must share one class list, in order")
-
-
-def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
-    from .predictor import flip_tta, load_predictor
-    run_dir = Path(run_dir)
-    try:
-        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
-        paths = [_member_path(run_dir, m) for m in spec["members"]]
-        weights = torch.tensor([float(m["weight"]) for m in spec["members"]])
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        raise GraftError(f"{run_dir / ENSEMBLE_FILE}: not a valid ensemble file ({e})") from None
-    ensemble = EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
-                                 resolve(run_dir / "config.yaml"))
-    return flip_tta(ensemble) if spec.get("tta") else ensemble  # scored with mirrors: predicts so too
-
-
-def _member_path(run_dir: Path, member: dict) -> Path:
-    """Relative to the ensemble folder (survives moving runs/ as a whole), else the absolute path."""
-    for p in (run_dir / member["path"], Path(member["absolute"])):
-        if p.is_dir():
-            return p
-    raise GraftError(f"{run_dir / ENSEMBLE_FILE}: member run {member['path']} not found "
-                     f"(nor {member['absolute']})")
-
-
 def ensemble_logits(ensemble: str | Path | list[str | Path], images: ImageSet,
                     batch_size: int = 128) -> torch.Tensor:
     """The ensemble's logits (log of the weighted average of the members' probabilities) for an
     ImageSet: an ensemble folder, or a list of run folders averaged with equal weights. The
     ImageSet's images should be kept at least at the largest member's input size."""
-    from .predictor import RunPredictor, load_predictor
     if isinstance(ensemble, (list, tuple)):
         members = [load_predictor(p) for p in ensemble]
         predictor = EnsemblePredictor(members, torch.full((len(members),), 1 / len(members)))
@@ -172,8 +93,7 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
     """Score every member on the data's validation and test splits, weight, report, save a run
     folder. `tta`: every member also scores each image's mirror, now and whenever it is loaded."""
     from .evaluation import finish_evaluation
-    from .predictor import flip_tta, load_predictor
-    from .run import new_run_dir, write_environment
+    from .run import create_run, run_scope
     if len(runs) < 2:
         raise GraftError("an ensemble needs at least two runs")
     members = [flip_tta(load_predictor(r)) if tta else load_predictor(r) for r in runs]
@@ -204,10 +124,16 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
     accs = [accuracy(l) for l in test_logits]
     _print_table(members, weights, accs, accuracy(logits), tta)
 
-    run_dir = new_run_dir(str(out), name, "ensemble")
-    ensemble.run_dir = run_dir
-    save_yaml(cfg, run_dir / "config.yaml", header=ENSEMBLE_CONFIG_NOTE)
-    write_environment(run_dir, cfg.train.seed)
+    run_dir = create_run(out, name, "ensemble", cfg, cfg.train.seed, header=ENSEMBLE_CONFIG_NOTE)
+    with run_scope(run_dir, keep_if=ENSEMBLE_FILE):
+        ensemble.run_dir = run_dir
+        _save(run_dir, cfg, ensemble, members, weights, accs, weighted, tta)
+        cards = {"test-time augmentation": "flip (every member: image and mirror, logits averaged)"} if tta else None
+        finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None, cards=cards)
+    return run_dir
+
+
+def _save(run_dir: Path, cfg, ensemble, members, weights, accs, weighted: bool, tta: bool) -> None:
     atomic_write_json(run_dir / ENSEMBLE_FILE, {
         "method": "weights minimise validation NLL" if weighted else "equal weights", "tta": tta,
         "data": cfg.data.path, "classes": ensemble.classes,
@@ -215,9 +141,6 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
                      "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
                      "backbone": m.spec.backbone, "image_size": m.image_size, "test_accuracy": a}
                     for m, w, a in zip(members, weights, accs)]})
-    cards = {"test-time augmentation": "flip (every member: image and mirror, logits averaged)"} if tta else None
-    finish_evaluation(run_dir, cfg, ensemble.spec, [], logits, test.labels, test, None, cards=cards)
-    return run_dir
 
 
 def _print_table(members, weights, accs, ensemble_acc, tta: bool = False) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, resolve, to_dict
-from .data.images import ImageSet, config_splits, decode, load_images, square_uint8
-from .data.pixels import list_images
+from .data.images import ImageSet, config_splits, load_images
+from .data.pixels import list_images, read_squares, readable, with_unreadable
 from .data.sources import open_source
-from .errors import DataError, GraftError
+from .errors import DataError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
@@ -20,7 +20,7 @@ from .model import ModelSpec
 from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import console, log
 from .report.html import write_report
-from .report.plots import plot_confusion, plot_curves, plot_roc, plot_samples
+from .report.plots import plot_confusion, plot_curves, plot_predictions, plot_roc, plot_samples
 from .run import read_history, write_environment
 
 
@@ -68,15 +68,11 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
         images["Training curves"] = run_dir / "curves.png"
     plot_confusion(m["confusion"], spec.classes, run_dir / f"{prefix}confusion.png")
     images["Confusion matrix (test)"] = run_dir / f"{prefix}confusion.png"
-    if len(test):
-        g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(test), generator=g)[:32].tolist()
-        preds = logits.argmax(1)
-        plot_samples([test.images[i] for i in pick],
-                     [f"{spec.classes[preds[i]]}\n(true: {spec.classes[labels[i]]})" for i in pick],
-                     run_dir / f"{prefix}predictions.png",
-                     colors=["green" if preds[i] == labels[i] else "red" for i in pick])
-        images["Test predictions (green: right, red: wrong)"] = run_dir / f"{prefix}predictions.png"
+    if len(test) and len(test) == len(logits) and (labels >= 0).any():
+        plot_predictions(test.images, logits, labels, spec.classes, run_dir / f"{prefix}predictions.png")
+        images["Test predictions: the highest-loss mistakes first (✗ wrong: predicted and true class "
+               "with their probabilities), then the surest right answers (✓ right)"] = \
+            run_dir / f"{prefix}predictions.png"
     if train is not None and len(train):
         g = torch.Generator().manual_seed(1)
         pick = torch.randperm(len(train), generator=g)[:32].tolist()
@@ -188,31 +184,28 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
 @torch.no_grad()
 def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64,
             tta: bool = False) -> list[dict]:
+    """One record per image file of `target` (a file or a folder), in order: {file, class,
+    probability, top}, or {file, error} for a file in a folder that cannot be read or decoded."""
     predictor = load_predictor(run_dir)
     if tta:
         flip_tta(predictor)
     spec, cfg = predictor.spec, resolve(Path(run_dir) / "config.yaml")
     paths = list_images(target)
-    tensors = []
-    for p in paths:
-        try:
-            tensors.append(square_uint8(decode(p.read_bytes(), str(p), cfg.data.grayscale),
-                                        predictor.image_size))
-        except OSError as e:
-            raise GraftError(f"{p}: cannot read ({e})") from None
-    images = ImageSet(tensors, torch.zeros(len(tensors), dtype=torch.long), [str(p) for p in paths],
-                      spec.classes)
+    decoded = read_squares(paths, predictor.image_size, cfg.data.grayscale)
+    ok = readable(target, decoded)
+    images = ImageSet([torch.from_numpy(decoded[i]) for i in ok], torch.zeros(len(ok), dtype=torch.long),
+                      [str(paths[i]) for i in ok], spec.classes)
     probs = predictor.logits(images, batch_size, "predict").softmax(1)
     # two-class runs also decide at the threshold they chose on their validation split
     threshold = run_threshold(Path(run_dir)) if len(spec.classes) == 2 else None
     pos = positive_index(spec.classes, cfg.eval.positive_class) if threshold is not None else 0
     results = []
-    for path, p in zip(paths, probs):
-        results.append({"file": str(path), **top_classes(p, spec.classes, top)})
+    for key, p in zip(images.keys, probs):
+        results.append({"file": key, **top_classes(p, spec.classes, top)})
         if threshold is not None:
             results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[
                 pos if p[pos].item() >= threshold else 1 - pos]}
-    return results
+    return with_unreadable(paths, decoded, results)
 
 
 def top_classes(probs: torch.Tensor, classes: list[str], top: int = 3) -> dict:

@@ -16,6 +16,7 @@ from .config import HeadConfig, RunConfig
 from .errors import GraftError
 from .heads import FeatureExtractor, GraftedModel, Pool, make_mlp
 from .io import atomic_write_json, save_tensors
+from .shapes import apply_shapes
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ModelSpec:
     multi_taps: int
     head: dict = field(default_factory=dict)
     feature_dim: int = 0
-    pruned: dict = field(default_factory=dict)  # structured pruning: module -> changed sizes (compress/shapes.py)
+    pruned: dict = field(default_factory=dict)  # structured pruning: module -> changed sizes (shapes.py)
 
     @property
     def num_classes(self) -> int:
@@ -45,7 +46,6 @@ def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
     spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
     model = GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
     if spec.pruned:  # channel-pruned: shrink the stock layers to the saved sizes before loading
-        from .compress.shapes import apply_shapes
         apply_shapes(model, spec.pruned)
         spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
     return model

@@ -4,18 +4,25 @@ A predictor takes *raw* images (uint8 CHW squares, as `data.images` keeps them) 
 preprocessing, because ensemble members may differ in backbone, input size, mean and std: there is
 no one normalised tensor that suits them all. `predictor(images)` scores one batch (serving);
 `predictor.logits(image_set)` scores a whole ImageSet in batches (evaluation, distillation).
-Both return logits: softmax gives the class probabilities.
+Both return logits: softmax gives the class probabilities. An ensemble folder (`graft ensemble`)
+loads here too, as an EnsemblePredictor over its members: building ensembles (ensemble.py) sits
+above this module, and everything that scores a run (evaluate, serve, distill) sits on it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig, resolve
 from .data.images import ImageSet, normalise, to_batch
+from .errors import GraftError
 from .model import GraftedModel, ModelSpec, load_model
-from .train.features import autocast, compute_features
+from .features import autocast, compute_features
+
+
+ENSEMBLE_FILE = "ensemble.json"   # marks a folder written by `graft ensemble`
 
 
 class RunPredictor:
@@ -93,7 +100,83 @@ def flip_tta(predictor):
 def load_predictor(run_dir: str | Path):
     """A RunPredictor, or an EnsemblePredictor for a folder written by `graft ensemble`."""
     run_dir = Path(run_dir)
-    from .ensemble import ENSEMBLE_FILE, load_ensemble
     if (run_dir / ENSEMBLE_FILE).is_file():
         return load_ensemble(run_dir)
     return RunPredictor.load(run_dir)
+
+
+def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """log(sum_i w_i softmax(logits_i)), computed in log space (no underflow for confident members)."""
+    logp = torch.stack([l.float().log_softmax(1) for l in member_logits])
+    return torch.logsumexp(logp + weights.float().log().view(-1, 1, 1), 0)
+
+
+class EnsemblePredictor:
+    """Members (RunPredictors, or ensembles) with weights; scores raw images like a RunPredictor."""
+
+    def __init__(self, members: list, weights: torch.Tensor, run_dir: Path | None = None,
+                 cfg: RunConfig | None = None):
+        check_classes(members)
+        if len(weights) != len(members) or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+            raise GraftError(f"ensemble weights {weights.tolist()}: need one non-negative weight per "
+                             "member, summing to 1")
+        self.members, self.weights, self.run_dir = members, weights.float(), run_dir
+        self.cfg = cfg or members[0].cfg
+        m0 = members[0].spec
+        self.spec = ModelSpec(  # what the report and /info show; no model.json is written for it
+            backbone="ensemble of " + " + ".join(f"{m.spec.backbone}@{m.image_size}" for m in members),
+            timm_name="ensemble", weights_id="", classes=list(m0.classes), image_size=self.image_size,
+            mean=m0.mean, std=m0.std, features="ensemble", multi_taps=0, feature_dim=len(members))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.spec.classes
+
+    @property
+    def image_size(self) -> int:
+        return max(m.image_size for m in self.members)  # each member shrinks to its own size
+
+    def info(self) -> dict:
+        members = [{**m.info(), "weight": round(float(w), 6)} for m, w in zip(self.members, self.weights)]
+        return {"kind": "ensemble", "run": str(self.run_dir), "backbone": self.spec.backbone,
+                "tta": all(m["tta"] for m in members), "image_size": self.image_size,
+                "classes": self.classes, "members": members}
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return combine([m(images) for m in self.members], self.weights)
+
+    def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return combine([m.pixel_logits(pixels) for m in self.members], self.weights.to(pixels.device))
+
+    def logits(self, images: ImageSet, batch_size: int = 128, description: str = "predict") -> torch.Tensor:
+        return combine([m.logits(images, batch_size, description) for m in self.members], self.weights)
+
+
+def check_classes(members: list) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.classes != first.classes:
+            raise GraftError(f"{m.run_dir}: its classes {m.classes} differ from {first.run_dir}'s "
+                             f"{first.classes}; ensemble members must share one class list, in order")
+
+
+def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
+    run_dir = Path(run_dir)
+    try:
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+        paths = [_member_path(run_dir, m) for m in spec["members"]]
+        weights = torch.tensor([float(m["weight"]) for m in spec["members"]])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise GraftError(f"{run_dir / ENSEMBLE_FILE}: not a valid ensemble file ({e})") from None
+    ensemble = EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
+                                 resolve(run_dir / "config.yaml"))
+    return flip_tta(ensemble) if spec.get("tta") else ensemble  # scored with mirrors: predicts so too
+
+
+def _member_path(run_dir: Path, member: dict) -> Path:
+    """Relative to the ensemble folder (survives moving runs/ as a whole), else the absolute path."""
+    for p in (run_dir / member["path"], Path(member["absolute"])):
+        if p.is_dir():
+            return p
+    raise GraftError(f"{run_dir / ENSEMBLE_FILE}: member run {member['path']} not found "
+                     f"(nor {member['absolute']})")

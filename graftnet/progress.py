@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import time
@@ -11,23 +12,44 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from .train.distributed import is_main
+from .ranks import is_main
 
-console = Console(stderr=True, highlight=False)
-_log_file: Path | None = None
+def make_console(stderr: bool = False, **kwargs) -> Console:
+    """A Rich console for results (stdout) or progress and logs (stderr). On a terminal it wraps at
+    the terminal's width; into a file or a pipe Rich would assume 80 columns, split table rows and
+    cut class names to "airp…", so there nothing wraps (unless COLUMNS is set: it still rules)."""
+    stream = sys.stderr if stderr else sys.stdout
+    unwrapped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=100_000 if unwrapped else None, **kwargs)
+
+
+console = make_console(stderr=True, highlight=False)
+# The log file of the run being worked on, per context (a thread, an asyncio task) rather than per
+# process: two runs in one process (a search's trials in threads) each log into their own folder.
+_log_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("graftnet_log_file", default=None)
 
 
 def set_log_file(path: Path | None) -> None:
-    global _log_file
-    _log_file = path
+    _log_file.set(path)
+
+
+@contextlib.contextmanager
+def log_to(path: Path | None):
+    """Log into `path` (besides the terminal) while the block runs, then to what was before."""
+    token = _log_file.set(path)
+    try:
+        yield
+    finally:
+        _log_file.reset(token)
 
 
 def log(message: str) -> None:
     if not is_main():  # under torchrun, rank 0 speaks for all
         return
     console.print(message)
-    if _log_file is not None:
-        with open(_log_file, "a") as f:
+    path = _log_file.get()
+    if path is not None:
+        with open(path, "a") as f:
             f.write(time.strftime("%H:%M:%S ") + Console().render_str(message).plain + "\n")
 
 

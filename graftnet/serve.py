@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data.images import grayscale, square_uint8, to_rgb
 from .errors import GraftError
@@ -51,7 +51,9 @@ def open_image(data: bytes, gray: bool = False) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, ...
-        raise UploadError(415, f"not an image this server can decode ({type(e).__name__}: {e})") from None
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>), which tells a client nothing
+        reason = "no image format recognised" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise UploadError(415, f"not an image this server can decode ({reason})") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise UploadError(413, f"image is {w}x{h} pixels; at most {MAX_PIXELS:,} pixels are accepted")

@@ -7,7 +7,7 @@ from graftnet import config
 from graftnet.data.augment import PRESETS, make_augment
 from graftnet.data.images import ImageSet
 from graftnet.errors import ConfigError
-from graftnet.train.features import image_batches
+from graftnet.features import image_batches
 from graftnet.train.pipeline import train
 
 from .conftest import tiny_overrides

@@ -52,7 +52,7 @@ def test_early_stopping_stops_and_restores_best(tmp_path):
         if state.stop:
             break
     assert state.stop and state.epoch == 4    # best at 2, no better at 3 and 4
-    stopper.restore(state)
+    stopper.after_fit(state)  # the loop's event at the end of a fit
     assert torch.equal(module.weight, weights[2])
 
 
@@ -70,20 +70,20 @@ def test_early_stopping_of_a_second_stage_ignores_the_first(tmp_path):
         state.history.append(row)
         stopper.after_epoch(state, row)
         assert state.stop == (epoch == 4)
-    stopper.restore(state)
+    stopper.after_fit(state)  # the loop's event at the end of a fit
     assert (module.weight == 3).all() and (tmp_path / "checkpoint" / "best-finetune.safetensors").is_file()
 
 
 def test_weight_average_is_validated_and_left_in_the_model_at_the_end():
     """The loop validates the average (w_k = d w_(k-1) + (1 - d) theta_k, BatchNorm statistics too)
-    while training goes on from the trained weights; finish() leaves the average in the model."""
+    while training goes on from the trained weights; when the fit ends the average stays in the model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ema = WeightEMA(model, 0.75)
     x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
-    trained, seen = [], []
+    trained, seen, after = [], [], []
 
     class Spy(Callback):  # after the average's own callbacks: sees what the loop validates
         def after_step(self, state):
@@ -91,6 +91,9 @@ def test_weight_average_is_validated_and_left_in_the_model_at_the_end():
 
         def before_eval(self, state):
             seen.append({k: v.clone() for k, v in model.state_dict().items()})
+
+        def after_eval(self, state):
+            after.append({k: v.clone() for k, v in model.state_dict().items()})
 
     def expected():
         w = {k: v.clone() for k, v in start.items()}
@@ -104,9 +107,8 @@ def test_weight_average_is_validated_and_left_in_the_model_at_the_end():
     for k, v in seen[-1].items():  # validated: the average after 6 steps
         assert torch.allclose(v.float(), want[k].float(), atol=1e-6), k
     assert not torch.allclose(seen[-1]["0.weight"], trained[-1]["0.weight"])
-    for k, v in model.state_dict().items():  # training state is back after each validation pass
+    for k, v in after[-1].items():  # training state is back after each validation pass
         assert torch.equal(v, trained[-1][k]), k
-    ema.finish()
     for k, v in model.state_dict().items():
         assert torch.allclose(v.float(), want[k].float(), atol=1e-6), k
     with pytest.raises(ConfigError, match="finetune.ema"):

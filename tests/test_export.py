@@ -143,6 +143,35 @@ def test_quantize_static_and_dynamic(run):
     assert np.mean(np.equal(a, c)) >= 0.9
 
 
+def test_quantize_reports_test_accuracy_beside_fp32(run, tmp_path, capsys, monkeypatch):
+    """Agreement alone hides the cost: both models are scored on the run's whole test split, and a
+    drop of more than a point gets one warning line."""
+    from graftnet.export import quantize
+    _, sets = load_data(config.resolve(run / "config.yaml"))
+    out = tmp_path / "q" / "model.int8.onnx"
+    result = quantize_run(run, "dynamic", out=out)
+    assert result["test_images"] == result["agreement_images"] == len(sets["test"])
+    fp32, int8 = (runtime.evaluate_onnx(p, sets["test"]) for p in (run / "export" / "model.onnx", out))
+    assert result["test_accuracy_fp32"] == pytest.approx(fp32["accuracy"])
+    assert result["test_accuracy_int8"] == pytest.approx(int8["accuracy"])
+    assert result["agreement"] == pytest.approx(np.mean(np.equal(fp32["predictions"], int8["predictions"])))
+    err = capsys.readouterr().err
+    assert f"test accuracy int8 {int8['accuracy']:.4f} vs fp32 {fp32['accuracy']:.4f}" in err
+
+    # an int8 model that names the next class wherever fp32 is right
+    real = quantize.predictions
+
+    def worse(path, images):
+        p = real(path, images)
+        return p if path.name == "model.onnx" else np.where(p == images.labels.numpy(), (p + 1) % 3, p)
+    monkeypatch.setattr(quantize, "predictions", worse)
+    result = quantize_run(run, "dynamic", out=out)
+    assert result["test_accuracy_int8"] == 0 < result["test_accuracy_fp32"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "int8 loses" in warnings[0] and "points of test accuracy" in warnings[0]
+    assert ("warning:" in err) == (fp32["accuracy"] - int8["accuracy"] > 0.01)
+
+
 def test_torchscript_export(run, tmp_path):
     out = tmp_path / "ts" / "model.pt"
     result = exporter.export_run(run, "torchscript", out)

@@ -160,13 +160,14 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(image_folde
         groups = json.loads(f.metadata()["graftnet"])["param_groups"]
         assert groups[-1]["name"] == "head" and len(groups) > 3
         assert any(k.startswith("optim/extractor.model.") for k in f.keys())  # moments by name
-        assert any(k.startswith("extra/extractor.model.") for k in f.keys())  # the average
+        assert any(k.startswith("callback/WeightEMA/extractor.model.") for k in f.keys())  # the average
     b, ha, hb = _resume_like(killed, tmp_path / "runs" / "ref", env)
     assert [r["lr"] for r in ha] == pytest.approx([r["lr"] for r in hb])
     assert [r["val_acc"] for r in ha] == pytest.approx([r["val_acc"] for r in hb])
     with safe_open(str(killed / "checkpoint" / "last.safetensors"), "pt") as f:
         trained = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
-        average = {k[len("extra/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra/")}
+        prefix = "callback/WeightEMA/"
+        average = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     head = "mlp.0.weight"
     assert torch.allclose(b.state_dict()[head], average[head]) and not torch.allclose(b.state_dict()[head],
                                                                                       trained[head])
@@ -263,7 +264,7 @@ def test_micro_batches_take_the_whole_batch_step(image_folder, tmp_path, monkeyp
 
 
 def test_chunk_size_by_device_and_input_size():
-    from graftnet.train.features import chunk_size, chunks
+    from graftnet.features import chunk_size, chunks
     assert [chunk_size("cpu", s) for s in (32, 128, 160, 192, 224)] == [32, 32, 16, 8, 8]
     assert chunk_size("cuda", 224) == 0 and chunk_size("cpu", 224, 64) == 64 == chunk_size("cuda", 32, 64)
     x = torch.arange(10)

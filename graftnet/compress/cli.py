@@ -1,6 +1,8 @@
 """`graft prune` and `graft distill`: thin wrappers over prune_run and distill."""
 from __future__ import annotations
 
+from ..options import add_train_flags, train_overrides
+
 
 def add_commands(sub) -> dict:
     p = sub.add_parser("prune", help="prune a finished run (weights or channels), recover, save a new run")
@@ -40,14 +42,10 @@ def add_commands(sub) -> dict:
                    help="continue a killed `graft prune` from its last completed epoch or step, with "
                         "the source run and settings it started with")
 
-    import argparse
-    from ..cli import _train_parser
-    scratch = argparse.ArgumentParser().add_subparsers()
-    _train_parser(scratch)  # every `graft train` flag, for the student's own run
-    d = sub.add_parser("distill", parents=[scratch.choices["train"]], conflict_handler="resolve",
-                       help="train a student run taught by a teacher run (knowledge distillation)",
+    d = sub.add_parser("distill", help="train a student run taught by a teacher run (knowledge distillation)",
                        description="Knowledge distillation: the student trains on hard labels and on "
                                    "the teacher's softened predictions. Takes every `graft train` flag.")
+    add_train_flags(d)  # every `graft train` flag, for the student's own run
     d.add_argument("--teacher", metavar="RUN", help="finished run whose predictions teach the student")
     d.add_argument("--no-teacher", action="store_true",
                    help="baseline: the same student and budget, hard labels only (alpha 0)")
@@ -83,7 +81,6 @@ def cmd_prune(args) -> None:
 
 def cmd_distill(args) -> None:
     from .. import config
-    from ..cli import train_overrides
     from ..errors import GraftError
     from .distill import DistillSettings, distill
     if args.resume:

@@ -28,18 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import save_yaml
 from ..errors import ConfigError, GraftError
 from ..evaluation import finish_evaluation
 from ..io import atomic_write_json
 from ..model import load_model, save_model
 from ..progress import log
-from ..run import new_run_dir, run_scope, write_environment, write_history
+from ..run import create_run, run_scope, write_history
 from ..train.checkpoint import FILE as CHECKPOINT, checkpoint_meta, load_checkpoint, save_checkpoint
 from ..train.loop import Callback, State
-from .shapes import module_shapes, shape_changes
-from .source import Run, finetune  # noqa: F401  (Run and finetune are imported from here too)
-from .teach import loss_card
+from ..shapes import module_shapes, shape_changes
+from .source import Recovery, Run, finetune  # noqa: F401  (Run and finetune are imported from here too)
+from .teach import loss_card, transfer_images
 
 METHODS = ("unstructured", "structured")
 
@@ -135,6 +134,18 @@ class MaskKeeper(Callback):
     def after_step(self, state: State) -> None:
         for weight, mask in self.masks.items():
             weight.mul_(mask.to(weight.dtype))
+
+
+class PruneProgress(Callback):
+    """Pruning's own progress (step, phase, channels removed so far) in every checkpoint: what
+    `--resume` replays on the source network before loading the pruned weights."""
+    key = "prune"
+
+    def __init__(self, progress: dict):
+        self.progress = progress
+
+    def state_dict(self) -> dict:
+        return self.progress
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
@@ -275,11 +286,9 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         macs, params = count(model, spec.image_size)
         before = {"test_acc": run.accuracy(model), "params": params, "macs": macs, "sparsity": sparsity(model)}
         tag = f"{s.method}{round(s.amount * 100)}"
-        new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-pruned-{tag}", spec.backbone)
-    with run_scope(new_dir, keep_if=CHECKPOINT):
-        if not saved:
-            save_yaml(run.cfg, new_dir / "config.yaml")
-            write_environment(new_dir, s.seed)
+        new_dir = create_run(out or run.dir.parent, name or f"{run.dir.name}-pruned-{tag}", spec.backbone,
+                             run.cfg, s.seed)
+    with run_scope(new_dir, keep_if=CHECKPOINT, remove=not saved):
         log(f"pruning {run.dir} ({s.method}, {s.amount:.0%} in {s.steps} step(s), "
             f"{s.finetune_epochs} recovery epoch(s) each): test accuracy before {before['test_acc']:.4f}")
         generator = torch.Generator().manual_seed(s.seed)
@@ -293,9 +302,7 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
                                   "per image, which needs a run trained without augmentation")
             teacher = run.logits(model, "train")
             if s.transfer:  # the unpruned model labels them; the student learns from its soft targets
-                from .distill import DistillSettings, transfer_images
-                _, run.sets["transfer"] = transfer_images(run.cfg, DistillSettings(transfer=s.transfer,
-                                                          transfer_max=s.transfer_max), run.source,
+                _, run.sets["transfer"] = transfer_images(run.cfg, s.transfer, s.transfer_max, run.source,
                                                           run.sets, spec.image_size)
                 run.sets["recovery"] = run.sets["train"].joined(run.sets["transfer"])
                 teacher = torch.cat([teacher, run.logits(model, "transfer")])
@@ -313,11 +320,11 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
             log(f"resuming after pruning step {saved['k']}"
                 + ("" if record is None else f", recovery epoch {state.epoch - done * s.finetune_epochs}"))
 
-        def checkpoint(k: int, phase: str, record: dict | None) -> dict:
-            return {"prune": {"source_run": str(run.dir.resolve()), "settings": asdict(s), "before": before, "k": k,
-                              "phase": phase, "record": record, "steps": steps,
-                              "channels": pruner.pruning_history() if pruner is not None else [],
-                              "scopes": getattr(pruner, "_scope_initial_channels", {})}}
+        def checkpoint(k: int, phase: str, record: dict | None) -> PruneProgress:
+            return PruneProgress({"source_run": str(run.dir.resolve()), "settings": asdict(s), "before": before,
+                                  "k": k, "phase": phase, "record": record, "steps": steps,
+                                  "channels": pruner.pruning_history() if pruner is not None else [],
+                                  "scopes": getattr(pruner, "_scope_initial_channels", {})})
         masks: dict = {}
         for k in range(done + 1, s.steps + 1):
             val_acc = (lambda: run.accuracy(model, "val")) if len(run.sets["val"]) else (lambda: float("nan"))
@@ -336,13 +343,14 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
                 calibrated_acc, kept = calibrate(run, model, s.calibrate, s.seed + k, val_acc, pruned_acc)
                 record = {"step": k, "val_acc_pruned": pruned_acc, "val_acc_recalibrated": calibrated_acc,
                           "recalibrated_kept": kept}
-                save_checkpoint(new_dir, model.state_dict(), None, state, generator, checkpoint(k, "pruned", record))
+                save_checkpoint(new_dir, model.state_dict(), None, state, generator,
+                                callbacks=[checkpoint(k, "pruned", record)])
             state.stage = f"step {k}: {s.amount * k / s.steps:.0%} {'channels' if pruner else 'weights'} pruned"
-            finetune(run, model, k * s.finetune_epochs - state.epoch, s.lr, batch_size, state,
-                     [MaskKeeper(masks)] if masks else [], generator, teacher, s.distill, s.temperature, s.bn,
-                     checkpoint=new_dir, extra=checkpoint(k, "recovering", record),
-                     resume=resuming and state.epoch > (k - 1) * s.finetune_epochs,
-                     split="recovery" if s.transfer else "train")
+            recovery = Recovery(k * s.finetune_epochs - state.epoch, s.lr, batch_size, teacher, s.distill,
+                                s.temperature, s.bn, split="recovery" if s.transfer else "train",
+                                checkpoint=new_dir, resume=resuming and state.epoch > (k - 1) * s.finetune_epochs)
+            finetune(run, model, recovery, state,
+                     [*([MaskKeeper(masks)] if masks else []), checkpoint(k, "recovering", record)], generator)
             recovered = record["val_acc_recalibrated"]
             if s.finetune_epochs:  # the recovered weights may deserve their own statistics
                 recovered, _ = calibrate(run, model, s.calibrate, s.seed + k, val_acc, val_acc())
@@ -350,7 +358,8 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
             steps.append({**record, "params": params, "macs": macs, "sparsity": sparsity(model),
                           "val_acc_recovered": recovered})
             record = None
-            save_checkpoint(new_dir, model.state_dict(), None, state, generator, checkpoint(k, "complete", None))
+            save_checkpoint(new_dir, model.state_dict(), None, state, generator,
+                            callbacks=[checkpoint(k, "complete", None)])
             log(f"step {k}/{s.steps}: params {params:,}  MACs {macs:,}  sparsity {steps[-1]['sparsity']:.3f}  "
                 f"val acc {steps[-1]['val_acc_pruned']:.4f} pruned -> {steps[-1]['val_acc_recalibrated']:.4f} "
                 f"BatchNorm {'recalibrated' if steps[-1]['recalibrated_kept'] else 'kept (recalibration did not help)'}"
@@ -388,12 +397,12 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
 def _resume_point(run_dir: Path) -> dict:
     """The pruning state saved in a killed prune run's checkpoint, or a clear error."""
     meta = checkpoint_meta(run_dir)
-    if meta is None or "prune" not in meta.get("extra", {}):
+    if meta is None or "prune" not in meta.get("callbacks", {}):
         raise GraftError(f"{run_dir}: nothing to resume: no pruning checkpoint ({CHECKPOINT} is missing "
                          "or was not written by `graft prune`)")
     if (run_dir / "prune.json").is_file():
         raise GraftError(f"{run_dir}: this pruning run finished already (prune.json exists)")
-    return meta["extra"]["prune"]
+    return meta["callbacks"]["prune"]
 
 
 @torch.no_grad()

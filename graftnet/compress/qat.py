@@ -25,15 +25,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..config import save_yaml
 from ..errors import ConfigError
 from ..evaluation import finish_evaluation
 from ..io import atomic_write_json
 from ..model import save_model
 from ..progress import log
-from ..run import new_run_dir, run_scope, write_environment, write_history
+from ..run import create_run, run_scope, write_history
 from ..train.loop import State
-from .prune import Run, finetune
+from .prune import Recovery, Run, finetune
 
 WEIGHT_RANGE = (-64, 64)   # ORT's int8 range with reduce_range (quant_utils.ONNX_INT_TYPE_REDUCED_RANGE)
 ACTIVATION_RANGE = (0, 255)
@@ -136,10 +135,8 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
     settings.check()
     run, s = Run(run_dir), settings
     model, spec = run.model, run.spec
-    new_dir = new_run_dir(out or str(run.dir.parent), name or f"{run.dir.name}-qat", spec.backbone)
+    new_dir = create_run(out or run.dir.parent, name or f"{run.dir.name}-qat", spec.backbone, run.cfg, s.seed)
     with run_scope(new_dir):
-        save_yaml(run.cfg, new_dir / "config.yaml")
-        write_environment(new_dir, s.seed)
         before = run.accuracy(model)
         log(f"quantization-aware training of {run.dir}: test accuracy {before:.4f} (fp32); "
             f"{len(quantized_convs(model))} convolutions simulated in int8, {s.epochs} epoch(s) at lr {s.lr:g}")
@@ -148,8 +145,8 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
         state = State()
         # whole batches: each forward moves the activation ranges' average (InputQuant), so chunks
         # would change what the simulation learns
-        finetune(run, model, s.epochs, s.lr, s.batch_size or run.cfg.train.batch_size, state, [],
-                 torch.Generator().manual_seed(s.seed), bn="eval", chunked=False)
+        finetune(run, model, Recovery(s.epochs, s.lr, s.batch_size or run.cfg.train.batch_size, chunked=False),
+                 state, [], torch.Generator().manual_seed(s.seed))
         sim.bake()
         for p in model.parameters():
             p.requires_grad_(False)

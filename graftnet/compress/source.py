@@ -5,6 +5,7 @@ both read the run's own config, data and preprocessing through `Run`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,15 +17,18 @@ from ..errors import GraftError
 from ..model import load_model
 from ..predictor import RunPredictor
 from ..train.checkpoint import Checkpointer, load_checkpoint
-from ..train.features import chunk_size, device_of, image_batches
-from ..train.loop import Callback, State, fit, make_optimizer
+from ..features import chunk_size, device_of, image_batches
+from ..train.finetune import FineTuneMode
+from ..train.inputs import load_data
+from ..train.loop import Callback, State, fit
+from ..train.optim import make_optimizer
+from .teach import kd_loss
 
 
 class Run:
     """A finished run, loaded for compression: model, spec, config, data."""
 
     def __init__(self, run_dir: str | Path):
-        from ..train.pipeline import load_data
         self.dir = Path(run_dir)
         if not (self.dir / "config.yaml").is_file():
             raise GraftError(f"{self.dir}: not a graftnet run folder (no config.yaml)")
@@ -52,46 +56,56 @@ class Run:
             yield (x, y) if targets is None else (x, y, targets[order[i:i + batch_size]])
 
 
-def finetune(run: Run, model: nn.Module, epochs: int, lr: float, batch_size: int, state: State,
-             callbacks: list[Callback], generator: torch.Generator, teacher: torch.Tensor | None = None,
-             alpha: float = 0.0, temperature: float = 4.0, bn: str = "eval",
-             checkpoint: Path | None = None, extra: dict | None = None, resume: bool = False,
-             split: str = "train", chunked: bool = True) -> None:
-    """Train every parameter of `model` on the run's images of `split` for `epochs` more epochs,
-    BatchNorm in mode `bn` (see PruneSettings); with `teacher` (logits of the unpruned model per
-    image of the split) the loss is distillation. With `checkpoint` (a run folder) every epoch is
-    checkpointed there with `extra`; `resume` first restores the optimizer's moments from it.
-    Batches go forward and backward in chunks (the run's train.micro_batch, 0: chosen by device)
-    where that leaves the step unchanged; `chunked=False` keeps them whole unless the run asks."""
-    if epochs <= 0:
+@dataclass
+class Recovery:
+    """How a compressed network trains back: every parameter, on the run's images of `split`, for
+    `epochs` more epochs, BatchNorm in mode `bn` (see PruneSettings). With `teacher` (logits of the
+    uncompressed model per image of the split) the loss is distillation. With `checkpoint` (a run
+    folder) every epoch is checkpointed there, with the callbacks' states; `resume` first restores
+    the optimizer's moments from it. Batches go forward and backward in chunks (the run's
+    train.micro_batch, 0: chosen by device) where that leaves the step unchanged; `chunked=False`
+    keeps them whole unless the run asks."""
+    epochs: int
+    lr: float
+    batch_size: int
+    teacher: torch.Tensor | None = None
+    alpha: float = 0.0
+    temperature: float = 4.0
+    bn: str = "eval"
+    split: str = "train"
+    chunked: bool = True
+    checkpoint: Path | None = None
+    resume: bool = False
+
+
+def finetune(run: Run, model: nn.Module, r: Recovery, state: State, callbacks: list[Callback],
+             generator: torch.Generator) -> None:
+    """Train `model` back as `r` says, from `state` (its epochs go on counting)."""
+    if r.epochs <= 0:
         return
-    from ..train.finetune import FineTuneMode
-    from .distill import kd_loss
     for p in model.parameters():
         p.requires_grad_(True)
     # by name: a resumed optimizer gets each moment back by name (magnitude pruning re-registers
     # weights, which reorders a module's parameters)
-    optimizer = make_optimizer(list(model.named_parameters()), run.cfg.train.optimizer, lr,
+    optimizer = make_optimizer(list(model.named_parameters()), run.cfg.train.optimizer, r.lr,
                                run.cfg.train.weight_decay)
-    if resume:
-        load_checkpoint(checkpoint, model, optimizer, generator)
-    if checkpoint is not None:
-        callbacks = [*callbacks, Checkpointer(checkpoint, model, optimizer, generator, full=True, extra=extra)]
+    if r.resume:
+        load_checkpoint(r.checkpoint, model, optimizer, generator)
+    if r.checkpoint is not None:
+        callbacks = [*callbacks, Checkpointer(r.checkpoint, model, optimizer, generator, full=True)]
     augment = make_augment(run.cfg.train.augment)
-    n = len(run.sets[split])
+    n = len(run.sets[r.split])
     requested = run.cfg.train.micro_batch
     chunk = chunk_size(device_of(model).type, run.spec.image_size, requested)
     # Chunks would change the step where BatchNorm uses batch statistics, and where the loss is a
     # mean over the labeled images of a batch only (unlabeled transfer images among them).
-    exact = chunked and bn == "eval" and bool((run.sets[split].labels >= 0).all())
+    exact = r.chunked and r.bn == "eval" and bool((run.sets[r.split].labels >= 0).all())
 
     def loss_fn(logits, y, targets=None):
-        return kd_loss(logits, targets, y, temperature, alpha, run.cfg.train.label_smoothing)
+        return kd_loss(logits, targets, y, r.temperature, r.alpha, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
-    fit(FineTuneMode(model, bn), lambda: run.batches(split, batch_size, generator, augment, teacher),
-        -(-n // batch_size), val, optimizer, state.epoch + epochs, state, callbacks,
+    fit(FineTuneMode(model, r.bn), lambda: run.batches(r.split, r.batch_size, generator, augment, r.teacher),
+        -(-n // r.batch_size), val, optimizer, state.epoch + r.epochs, state, callbacks,
         run.cfg.backbone.precision, loss_fn, micro_batch=chunk if requested or exact else 0,
         eval_micro_batch=chunk)
     model.eval()
-
-

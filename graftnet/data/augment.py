@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-PRESETS = ("none", "flip", "paper", "rrc", "randaugment", "trivialaugment")
+from ..registry import Registry
 
 
 @dataclass
@@ -55,23 +55,50 @@ class Augment:
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def make_augment(name: str, seed: int = 0) -> Augment | None:
-    if name == "none":
-        return None
-    if name not in PRESETS:
-        raise ValueError(f"unknown augmentation {name!r}; choose from {', '.join(PRESETS)}")
-    per_image = None
-    if name in ("rrc", "randaugment", "trivialaugment"):
-        from torchvision.transforms import v2
-        if name == "rrc":
-            crops: dict[int, v2.RandomResizedCrop] = {}
+@dataclass(frozen=True)
+class Preset:
+    """One augmentation policy: a per-image transform (built afresh for each Augment, since v2
+    transforms and the crop cache hold state), the paper's affine warp per batch, a random flip."""
+    per_image: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    affine: bool = False
+    flip: bool = True
 
-            def rrc(im):  # crop to the image's own size; resizing happens per batch
-                size = im.shape[-1]
-                crop = crops.setdefault(size, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True))
-                return crop(im)
-            per_image = rrc
-        else:
-            per_image = v2.RandAugment() if name == "randaugment" else v2.TrivialAugmentWide()
-    return Augment(name, per_image, affine=name == "paper", flip=True,
-                   generator=torch.Generator().manual_seed(seed))
+
+def _rrc():
+    from torchvision.transforms import v2
+    crops: dict[int, v2.RandomResizedCrop] = {}
+
+    def rrc(im):  # crop to the image's own size; resizing happens per batch
+        size = im.shape[-1]
+        crop = crops.setdefault(size, v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True))
+        return crop(im)
+    return rrc
+
+
+def _randaugment():
+    from torchvision.transforms import v2
+    return v2.RandAugment()
+
+
+def _trivialaugment():
+    from torchvision.transforms import v2
+    return v2.TrivialAugmentWide()
+
+
+# None: no augmentation at all (make_augment returns None, so callers skip the work entirely)
+AUGMENTATIONS: Registry[Preset | None] = Registry("augmentation")
+AUGMENTATIONS.add("none", None)
+AUGMENTATIONS.add("flip", Preset())
+AUGMENTATIONS.add("paper", Preset(affine=True))
+AUGMENTATIONS.add("rrc", Preset(_rrc))
+AUGMENTATIONS.add("randaugment", Preset(_randaugment))
+AUGMENTATIONS.add("trivialaugment", Preset(_trivialaugment))
+PRESETS = AUGMENTATIONS.names()   # the names, in registration order
+
+
+def make_augment(name: str, seed: int = 0) -> Augment | None:
+    preset = AUGMENTATIONS.get(name)
+    if preset is None:
+        return None
+    return Augment(name, preset.per_image() if preset.per_image else None, affine=preset.affine,
+                   flip=preset.flip, generator=torch.Generator().manual_seed(seed))

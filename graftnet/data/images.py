@@ -54,7 +54,7 @@ def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_
             return square_uint8(decode(source.read(key), where, gray), size), None
         except DataError as e:
             if not skip_bad:
-                raise
+                raise DataError(f"{e}; remove it or pass --skip-bad") from None
             return None, str(e)
 
     images, labels, keys, skipped = [], [], [], []

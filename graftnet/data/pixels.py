@@ -6,13 +6,14 @@ so an exported model sees exactly the pixels the trained one saw, in a process w
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import DataError
-from .sources import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, list_images  # noqa: F401 (list_images: still importable here)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 
@@ -45,19 +46,27 @@ def decode(data: bytes | np.ndarray, where: str, gray: bool = False) -> Image.Im
 
 
 def _decode(data: bytes | np.ndarray, where: str) -> Image.Image:
+    # The messages say what is wrong with which file; how to go on (--skip-bad) is for the caller
+    # to add, since not every command skips (predict always goes on past a bad file).
     if isinstance(data, np.ndarray):
         return Image.fromarray(data)
     if Path(where).suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataError(f"{where}: not an image file (extension {Path(where).suffix or 'none'}); "
-                        "remove it or pass --skip-bad")
+        raise DataError(f"{where}: not an image file (extension {Path(where).suffix or 'none'})")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return to_rgb(img)
     except Exception as e:  # PIL raises many types for bad files
-        reason = "truncated" if "truncated" in str(e) else f"cannot decode ({type(e).__name__}: {e})"
-        raise DataError(f"{where}: corrupt or unreadable image: {reason}; "
-                        "remove it or pass --skip-bad") from None
+        raise DataError(f"{where}: corrupt or unreadable image: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text is "cannot identify image file <BytesIO ...>"
+        return "not in any image format PIL reads"
+    if "truncated" in str(e):
+        return "truncated"
+    # PIL names the in-memory buffer it read, which means nothing to the user: the path is named
+    return f"cannot decode ({type(e).__name__}: {re.sub(r' ?<[^<>]* object at 0x[0-9a-fA-F]+>', '', str(e))})"
 
 
 def square_array(img: Image.Image, max_size: int) -> np.ndarray:
@@ -72,15 +81,34 @@ def square_array(img: Image.Image, max_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def list_images(target: str | Path) -> list[Path]:
-    """The image itself, or every image file under a folder (sorted, hidden files left out)."""
-    path = Path(target)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
-        if not found:
-            raise DataError(f"{path}: no image files found")
-        return found
-    raise DataError(f"{path}: no such file or folder")
+def read_squares(paths: list[Path], size: int, gray: bool = False) -> list[np.ndarray | str]:
+    """Each file as a uint8 square (`square_array`), or, for a file that cannot be read or decoded,
+    the reason (text naming the file): one bad file in a folder of thousands must not cost the
+    others their predictions."""
+    out: list[np.ndarray | str] = []
+    for p in paths:
+        try:
+            out.append(square_array(decode(p.read_bytes(), str(p), gray), size))
+        except OSError as e:
+            out.append(f"{p}: cannot read the file ({e.strerror or e})")
+        except DataError as e:
+            out.append(str(e))
+    return out
+
+
+def readable(target: str | Path, decoded: list) -> list[int]:
+    """Indices of the files `read_squares` decoded. A single file that did not decode, or a
+    folder where none did, is an error: there is nothing to predict."""
+    bad = [d for d in decoded if isinstance(d, str)]
+    if bad and (Path(target).is_file() or len(bad) == len(decoded)):
+        raise DataError(bad[0] if len(bad) == 1 else
+                        f"{target}: none of the {len(bad)} image files could be read; the first: {bad[0]}")
+    return [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+
+
+def with_unreadable(paths: list[Path], decoded: list, results: list[dict]) -> list[dict]:
+    """Prediction records for every file in order: `results` for the files that decoded, and
+    {"file", "error"} for those that did not."""
+    found = iter(results)
+    return [{"file": str(p), "error": d.removeprefix(f"{p}: ")} if isinstance(d, str) else next(found)
+            for p, d in zip(paths, decoded)]

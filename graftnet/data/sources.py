@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..io import cache_root
+from .files import IMAGE_EXTENSIONS, list_images
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 # Files that operating systems and archivers leave behind; never data.
 _JUNK = {"thumbs.db", "desktop.ini"}
@@ -49,8 +49,7 @@ class Source:
                 return self._zip.read(key)
             return (Path(self.location) / key).read_bytes()
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise DataError(f"{self.describe(key)}: cannot read the file ({e}); "
-                            "remove it or pass --skip-bad") from None
+            raise DataError(f"{self.describe(key)}: cannot read the file ({e})") from None
 
     def describe(self, key: str) -> str:
         """A path a user can find: 'archive.zip:member' or the file's path."""
@@ -170,7 +169,6 @@ def open_folder(root: Path) -> Source:
 def open_unlabeled(root: Path, classes: list[str]) -> Source:
     """Every image file under a folder, in any layout, as the split "all" with label -1: images
     that something else labels (a distillation teacher)."""
-    from .pixels import list_images
     files = list_images(root)
     keys = [p.relative_to(root).as_posix() for p in files]
     stats = [(k, st.st_size, st.st_mtime_ns) for k, st in zip(keys, (p.stat() for p in files))]

@@ -6,7 +6,7 @@ ranges come from calibration: a few hundred of the run's own training images, pr
 as at inference, pass through the fp32 model. QDQ format, per-channel weights.
 
 Choices for THIS kind of CPU (AVX2 + FMA, no VNNI), measured with `bench/quantize.py --explore`
-on EfficientNet-Lite0 at 128 px (BENCHMARKS.md, section 4; fp32: 73.9% test accuracy):
+on EfficientNet-Lite0 at 128 px (BENCHMARKS.md, int8 quantization and QAT; fp32: 73.9% test accuracy):
 - u8s8 (uint8 activations, int8 weights) is ORT's fast x86 path (MLAS multiplies u8 x s8 with
   vpmaddubsw): 1.8x fp32's speed at batch 64. u8u8 kept accuracy (74.7%) but ran 4-5.5x SLOWER than
   fp32: MLAS has no fast u8u8 kernel for it on AVX2.
@@ -31,8 +31,8 @@ import numpy as np
 
 from ..errors import GraftError
 from ..io import atomic_write
-from ..progress import log
-from .runtime import PREPROCESS_FILE, read_preprocess, session, to_input
+from ..progress import bar, log
+from .runtime import PREPROCESS_FILE, OnnxClassifier, read_preprocess, session, to_input
 
 METHODS = ("static", "dynamic")
 
@@ -45,7 +45,39 @@ def calibration_images(cfg, spec, n: int, seed: int = 0):
     train = config_splits(source, cfg.data)["train"]
     pick = np.random.default_rng(seed).permutation(len(train))[:n]
     return load_images(source, [train[i] for i in sorted(pick)], spec.image_size, skip_bad=True,
-                       workers=cfg.data.workers)
+                       workers=cfg.data.workers, gray=cfg.data.grayscale)
+
+
+def held_out_images(cfg, spec):
+    """The run's whole test split, decoded as its evaluation decoded it (from the decoded-image
+    cache when it is there); None when the run's data is no longer where it was."""
+    from ..data.decoded import load_images_cached
+    from ..data.images import config_splits
+    from ..data.sources import open_source
+    from ..io import cache_root
+    try:
+        source = open_source(cfg.data.path, cfg.cache_dir)
+        samples = config_splits(source, cfg.data)["test"]
+        with bar(len(samples), "decoding the test split") as advance:
+            images = load_images_cached(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
+                                        advance, cfg.data.grayscale,
+                                        cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None)
+    except (GraftError, OSError) as e:
+        log(f"[yellow]the run's test split is not readable ({e}); no test accuracy for the int8 model[/]")
+        return None
+    return images if len(images) else None
+
+
+def predictions(model_path: Path, images, chunk: int = 256) -> np.ndarray:
+    """Top-1 class indices of an ONNX model on an ImageSet, with a progress bar."""
+    clf = OnnxClassifier(model_path)
+    out = [np.zeros(0, np.int64)]
+    with bar(len(images), f"scoring the test split: {model_path.name}") as advance:
+        for i in range(0, len(images), chunk):
+            part = [im.numpy() for im in images.images[i:i + chunk]]
+            out.append(clf.logits(part).argmax(1))
+            advance(len(part))
+    return np.concatenate(out)
 
 
 def _reader(batches: list[np.ndarray], input_name: str):
@@ -136,7 +168,10 @@ def quantize_run(run_dir: str | Path, method: str = "static", calibration: int =
                  out: str | Path | None = None, seed: int = 0) -> dict:
     """int8 model of a run: RUN/export/model.int8.onnx (exported to model.onnx first if needed),
     preprocess.json beside it. Returns {"path", "method", "calibration_images", "size_bytes",
-    "fp32_size_bytes", "agreement"} (agreement: top-1 equal to fp32's on held-out test images)."""
+    "fp32_size_bytes", "agreement", "agreement_images", "test_accuracy_fp32", "test_accuracy_int8",
+    "test_images"}: both models' top-1 accuracy on the run's whole test split, and the share of
+    those images where int8's class equals fp32's (when the run's data is gone the accuracies are
+    None, and agreement is measured on what `exporter.check_images` finds)."""
     from .exporter import check_images, export_run, load_run
     if method not in METHODS:
         raise GraftError(f"unknown quantization method {method!r}: choose from {', '.join(METHODS)}")
@@ -157,14 +192,29 @@ def quantize_run(run_dir: str | Path, method: str = "static", calibration: int =
     quantize_onnx(fp32, out, method, calib)
     if out.parent != fp32.parent:
         shutil.copyfile(fp32.parent / PREPROCESS_FILE, out.parent / PREPROCESS_FILE)
-    check, _ = check_images(spec, cfg, 64)
-    x = to_input([im.numpy() for im in check.images], pre)
-    agree = float((session(out).run(None, {pre["input_name"]: x})[0].argmax(1)
-                   == session(fp32).run(None, {pre["input_name"]: x})[0].argmax(1)).mean())
+    # Agreement alone hides what a user decides on: how much accuracy int8 costs. Both models are
+    # scored on the same images, so the difference is int8's alone.
+    test = held_out_images(cfg, spec)
+    acc = {"fp32": None, "int8": None}
+    if test is not None:
+        labels = np.asarray(test.labels)
+        a, b = predictions(fp32, test), predictions(out, test)
+        acc = {"fp32": float((a == labels).mean()), "int8": float((b == labels).mean())}
+        compared_on = f"{len(a)} test images"
+    else:
+        check, compared_on = check_images(spec, cfg, 64)
+        x = to_input([im.numpy() for im in check.images], pre)
+        a, b = (session(m).run(None, {pre["input_name"]: x})[0].argmax(1) for m in (fp32, out))
+    agree = float((a == b).mean())
     result = {"path": str(out), "method": method, "calibration_images": 0 if calib is None else len(calib),
               "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size,
-              "agreement": agree}
+              "agreement": agree, "agreement_images": len(a), "test_accuracy_fp32": acc["fp32"],
+              "test_accuracy_int8": acc["int8"], "test_images": len(a) if test is not None else 0}
+    scores = f"test accuracy int8 {acc['int8']:.4f} vs fp32 {acc['fp32']:.4f}; " if test is not None else ""
     log(f"int8 ({method}) model {out}: {result['size_bytes'] / 1e6:.1f} MB "
-        f"(fp32 {result['fp32_size_bytes'] / 1e6:.1f} MB); top-1 agrees with fp32 on "
-        f"{agree:.1%} of {len(x)} test images")
+        f"(fp32 {result['fp32_size_bytes'] / 1e6:.1f} MB); {scores}top-1 agrees with fp32 on "
+        f"{agree:.1%} of {compared_on}")
+    if test is not None and acc["fp32"] - acc["int8"] > 0.01:
+        log(f"[yellow]warning: int8 loses {100 * (acc['fp32'] - acc['int8']):.1f} points of test accuracy "
+            "against fp32; try quantization-aware training (--qat-epochs N)[/]")
     return result

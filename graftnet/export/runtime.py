@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.pixels import decode, list_images, square_array
+from ..data.pixels import list_images, read_squares, readable, with_unreadable
 from ..errors import GraftError
 
 PREPROCESS_FILE = "preprocess.json"
@@ -113,31 +113,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def load_image(path: Path, size: int, gray: bool = False) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GraftError(f"{path}: cannot read ({e})") from None
-    return square_array(decode(data, str(path), gray), size)
-
-
 def predict_onnx(model_path: str | Path, target: str | Path, top: int = 3, batch_size: int = 64,
                  threads: int | None = None) -> list[dict]:
     """Classify an image or a folder with an exported model (an .onnx file, or a run folder's
     export/model.onnx); the same records as
-    `evaluation.predict`: file, class, probability, top [{class, probability}]."""
+    `evaluation.predict`: file, class, probability, top [{class, probability}], or file, error
+    for a file in a folder that cannot be read or decoded."""
     clf = OnnxClassifier(model_path, threads)
     paths = list_images(target)
-    probs = softmax(clf.logits([load_image(p, clf.pre["image_size"], clf.pre.get("color") == "gray")
-                                for p in paths], batch_size))
+    decoded = read_squares(paths, clf.pre["image_size"], clf.pre.get("color") == "gray")
+    ok = readable(target, decoded)
+    probs = softmax(clf.logits([decoded[i] for i in ok], batch_size))
     results = []
-    for path, p in zip(paths, probs):
+    for path, p in zip((paths[i] for i in ok), probs):
         idx = np.argsort(-p, kind="stable")[:min(top, len(clf.classes))]
         results.append({"file": str(path), "class": clf.classes[idx[0]],
                         "probability": round(float(p[idx[0]]), 6),
                         "top": [{"class": clf.classes[i], "probability": round(float(p[i]), 6)}
                                 for i in idx]})
-    return results
+    return with_unreadable(paths, decoded, results)
 
 
 def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,

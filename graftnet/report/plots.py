@@ -104,10 +104,12 @@ def _fit(title: str, width: int = 24) -> str:
 
 
 def plot_samples(images: list[torch.Tensor], titles: list[str], path: str | Path,
-                 colors: list[str] | None = None, ncols: int = 8) -> Path:
+                 colors: list[str] | None = None, ncols: int = 8, suptitle: str | None = None) -> Path:
     ncols = max(1, min(ncols, len(images)))
     nrows = max(1, math.ceil(len(images) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.9 * nrows), squeeze=False)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)  # taller rows for longer titles
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, (1.6 + 0.15 * lines) * nrows), squeeze=False,
+                             layout="constrained")  # room for every row's titles and the heading
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= len(images):
@@ -115,8 +117,63 @@ def plot_samples(images: list[torch.Tensor], titles: list[str], path: str | Path
         # Nearest-neighbour keeps tiny (e.g. 32x32) images crisp instead of blurred.
         ax.imshow(images[k].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(_fit(titles[k]), fontsize=7, color=colors[k] if colors else "black")
-    fig.tight_layout()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     return _save(fig, path)
+
+
+def grid_picks(logits: torch.Tensor, labels: torch.Tensor, n: int = 32) -> list[int]:
+    """Which test images the predictions grid shows: the mistakes with the highest loss first
+    (fastai's top losses: the true class got the least probability), then, when there are fewer
+    than n mistakes, the right answers the model was surest of. Random images would mostly show
+    easy right answers; these show what the model gets wrong and how sure it was."""
+    probs = logits.detach().float().softmax(1)
+    labels = labels.long()
+    known = labels >= 0  # unlabeled images have neither a loss nor a verdict
+    p_true = probs.gather(1, labels.clamp(min=0).view(-1, 1)).squeeze(1)
+    conf, preds = probs.max(1)
+    wrong = (known & (preds != labels)).nonzero().flatten().tolist()
+    right = (known & (preds == labels)).nonzero().flatten().tolist()
+    wrong.sort(key=lambda i: (p_true[i].item(), -conf[i].item(), i))
+    right.sort(key=lambda i: (-conf[i].item(), i))
+    return (wrong + right)[:n]
+
+
+def _prob(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else "<0.01"  # not "0.00": the model did give it something
+
+
+def _name(name: str, room: int) -> str:
+    # shorten the class name, not the line: the probability after it must stay in view
+    return name if len(name) <= room else name[: room - 1] + "…"
+
+
+def plot_predictions(images: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
+                     classes: list[str], path: str | Path, n: int = 32) -> Path:
+    """The grid of `grid_picks`: each image with its verdict in words (not only in colour), the
+    predicted class and its probability, and for a mistake the true class and its probability."""
+    probs = logits.detach().float().softmax(1)
+    labels = labels.long()
+    picks = grid_picks(logits, labels, n)
+    titles, colors, shown = [], [], 0
+    for i in picks:
+        y, p = int(labels[i]), int(probs[i].argmax())
+        if p != y:  # room for the name: 24 characters a line, less "pred: " and " 0.97"
+            titles.append(f"✗ wrong\npred: {_name(classes[p], 13)} {_prob(probs[i, p])}\n"
+                          f"true: {_name(classes[y], 13)} {_prob(probs[i, y])}")
+            colors.append("#c62828")
+            shown += 1
+        else:
+            titles.append(f"✓ right\n{_name(classes[p], 19)} {_prob(probs[i, p])}")
+            colors.append("#2e7d32")
+    total = int(((labels >= 0) & (probs.argmax(1) != labels)).sum())
+    heading = (f"{shown} of the {total} mistakes" if shown < total else
+               f"all {total} mistake{'s' * (total != 1)}" if total else "no mistakes") + \
+        (", highest loss first" if shown > 1 else "")
+    if shown < len(picks):
+        right = len(picks) - shown
+        heading += f"; then the {right} right answer{'s' * (right != 1)} the model was surest of"
+    return plot_samples([images[i] for i in picks], titles, path, colors, suptitle=heading)
 
 
 def plot_roc(fpr, tpr, auc: float | None, path: str | Path, points: dict | None = None,

@@ -1,35 +1,31 @@
-"""Callbacks on the loop's events: learning-rate schedules and early stopping.
+"""Callbacks on the loop's events: learning-rate schedules, early stopping, the weight average, and
+the registry through which a config names callbacks of its own.
 
-Both derive everything from the loop's State (step, history), so a resumed run needs no extra state:
-the schedule recomputes the rate from the step, early stopping its best epoch from the history.
+Schedules and early stopping derive everything from the loop's State (step, history), so they
+save nothing: the schedule recomputes the rate from the step, early stopping its best epoch from
+the history. The weight average carries its tensors in the checkpoint (`state_dict`).
+
+A new training method joins a run as a registered callback plus a config entry, with no edit to
+the pipeline: `@register_callback("name")` on a factory `(options: dict) -> Callback`, and
+`callbacks: {name: {option: value}}` in a run's config (saved with the run, so `--resume` builds
+it again and hands it its checkpointed state).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
+from ..errors import ConfigError
+from ..fields import from_dict, suggest
 from ..io import save_tensors
+from ..registry import Registry
 from ..progress import log
 from .distributed import barrier, is_main
 from .loop import Callback, State
-
-
-def lr_factor(kind: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base rate at `step` (0-based): linear warmup, then constant/cosine/one-cycle."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant" or total <= warmup:
-        return 1.0
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    # one-cycle (fastai): rise from lr/25 to lr over the first 25%, then cosine down to lr/1e4
-    if t < 0.25:
-        return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * t / 0.25))
-    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
+from .optim import lr_factor
 
 
 class LRSchedule(Callback):
@@ -69,6 +65,10 @@ class EarlyStopping(Callback):
                 and r["epoch"] > self.first]
         return max(rows, key=lambda r: self.sign * r[self.monitor]) if rows else None
 
+    @property
+    def key(self) -> str:
+        return f"EarlyStopping/{self.path.stem}"
+
     def after_epoch(self, state: State, row: dict) -> None:
         best = self._best(state.history)
         if best is row and is_main():
@@ -78,7 +78,7 @@ class EarlyStopping(Callback):
                 f"({best[self.monitor]:.4f}), no better for {self.patience} epochs")
             state.stop = True
 
-    def restore(self, state: State) -> None:
+    def after_fit(self, state: State) -> None:
         barrier()  # rank 0 has written the file
         best = self._best(state.history)
         if best is not None and self.path.is_file() and best["epoch"] != state.epoch:
@@ -90,20 +90,25 @@ class WeightEMA(Callback):
     """An exponential moving average of the model's weights and buffers (timm's ModelEmaV3), updated
     after every optimizer step: late in training it averages away the noise of the last steps
     (timm's --model-ema). Validation runs on the average: its weights are swapped into the model
-    for the pass and the trained ones put back, so training goes on from them. `finish()` leaves the
-    average in the model for good (test scores and the saved model are the average's). Its tensors
-    travel in the checkpoint (`state()`, `saved`), so a resumed run continues the same average."""
+    for the pass and the trained ones put back, so training goes on from them. When the fit ends
+    the average stays in the model for good (test scores and the saved model are the average's).
+    Its tensors travel in the checkpoint (`state_dict`), so a resumed run continues the same
+    average."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: torch.nn.Module, decay: float):
         from timm.utils import ModelEmaV3
         self.model = model
         self.ema = ModelEmaV3(model, decay=decay, stochastic_rounding=False)
-        if saved:
-            self.ema.module.load_state_dict(saved)
         self._trained: dict[str, torch.Tensor] | None = None
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.ema.module.state_dict()
+
+    def state_dict(self) -> dict:
+        return self.state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.module.load_state_dict(state)
 
     def after_step(self, state: State) -> None:
         self.ema.update(self.model)
@@ -116,5 +121,45 @@ class WeightEMA(Callback):
         self.model.load_state_dict(self._trained)
         self._trained = None
 
-    def finish(self) -> None:
+    def after_fit(self, state: State) -> None:
         self.model.load_state_dict(self.state())
+
+
+def schedule(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n_batches: int,
+             state: State) -> list[Callback]:
+    """A stage's LR schedule over its own steps (`epochs` of `n_batches`). Its first step is derived
+    from the state it starts or resumes from (epochs done and batches of the next), whatever steps
+    an earlier stage took."""
+    if kind == "constant" and not warmup_epochs:
+        return []
+    return [LRSchedule(optimizer, kind, epochs * n_batches, int(warmup_epochs * n_batches),
+                       offset=state.step - state.batch_in_epoch - (state.epoch - first_epoch) * n_batches)]
+
+
+# name -> (options dataclass, factory(options) -> Callback); filled by @register_callback where a
+# method is defined
+CALLBACKS: Registry[tuple[type, Callable]] = Registry("callback")
+
+
+def register_callback(name: str, options: type):
+    """Register a callback factory under `name` for `callbacks: {name: {...}}` in a config; its
+    options are the fields of the dataclass `options` (typed, with their defaults, validated like
+    any config section)."""
+    def add(factory):
+        CALLBACKS.add(name, (options, factory))
+        return factory
+    return add
+
+
+def build_callbacks(entries: dict[str, dict]) -> list[Callback]:
+    """The callbacks a config names, built from their options, in the config's order."""
+    out = []
+    for name, values in (entries or {}).items():
+        if name not in CALLBACKS:
+            near = suggest(name, CALLBACKS.names())
+            raise ConfigError(f"callbacks.{name}: no callback of that name is registered"
+                              + (f"; did you mean {near}?" if near else
+                                 f" (registered: {', '.join(sorted(CALLBACKS)) or 'none'})"))
+        options, factory = CALLBACKS.get(name)
+        out.append(factory(from_dict(options, values or {}, f"callbacks.{name}")))
+    return out

@@ -6,8 +6,10 @@ batches done, their sums, and the shuffling generator's state from before the ep
 drawn, so a resumed run draws the same order and skips what is done.
 
 Weights, optimizer moments and RNG states are tensors; epoch, step, history and the optimizer's
-hyperparameters go into the file's JSON metadata. One file written with temp-and-rename means a
-kill at any moment leaves the previous epoch's checkpoint intact. Optimizer state is stored by
+hyperparameters go into the file's JSON metadata. So does every callback's `state_dict()` (its
+tensors under `callback/<key>/`, the rest in the metadata), handed back through `State.restored`
+to the callback of the same key when the resumed fit starts. One file written with
+temp-and-rename means a kill at any moment leaves the previous epoch's checkpoint intact. Optimizer state is stored by
 parameter name and group name (optimizers built from named parameters), so the resumed run's
 optimizer, rebuilt from the model, gets each moment back by name, not by position.
 """
@@ -32,14 +34,18 @@ FILE = "checkpoint/last.safetensors"
 
 
 def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, state: State,
-                    generator: torch.Generator, extra: dict | None = None,
-                    extra_tensors: dict[str, torch.Tensor] | None = None, partial: dict | None = None) -> None:
-    """`optimizer` None: between stages that each start a fresh optimizer. `extra`: JSON-able state
-    of the caller (e.g. pruning's schedule), given back by checkpoint_meta; `extra_tensors` (e.g. a
-    weight average), given back by checkpoint_tensors. Within an epoch, `partial`: its sums over all
-    processes (default: state.partial)."""
+                    generator: torch.Generator, partial: dict | None = None, callbacks=None) -> None:
+    """`optimizer` None: between stages that each start a fresh optimizer. The states of
+    `callbacks` (default: the running fit's, state.callbacks) go in too. Within an epoch,
+    `partial`: its sums over all processes (default: state.partial)."""
     tensors = {f"model/{k}": v.detach().cpu() for k, v in weights.items()}
-    tensors.update({f"extra/{k}": v.detach().cpu() for k, v in (extra_tensors or {}).items()})
+    saved = {}
+    for cb in state.callbacks if callbacks is None else callbacks:
+        values = cb.state_dict()
+        if values:
+            saved[cb.key] = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"callback/{cb.key}/{k}": v.detach().cpu() for k, v in values.items()
+                        if isinstance(v, torch.Tensor)})
     opt = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
     names = _param_names(opt)
     for idx, slots in opt["state"].items():
@@ -54,7 +60,7 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer, 
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"epoch": state.epoch, "step": state.step, "history": state.history,
-            "param_groups": opt["param_groups"], "extra": extra or {}}
+            "param_groups": opt["param_groups"], "callbacks": saved}
     if within:
         meta.update(batch=state.batch_in_epoch, partial=partial or state.partial)
     save_tensors(run_dir / FILE, tensors, {"graftnet": json.dumps(meta)})
@@ -64,12 +70,11 @@ class Checkpointer(Callback):
     """After each epoch, and every `every_s` seconds within one (0: never; taken only where the batch
     maker can skip batches, see State.epoch_rng): what training changed (the head; with `full`, the
     whole model: fine-tuning moves backbone weights and BatchNorm statistics), optimizer, RNG,
-    history, `extra` and the tensors `tensors()` returns."""
+    history and every callback's state."""
 
-    def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False,
-                 extra: dict | None = None, tensors=None, every_s: float = 0.0):
+    def __init__(self, run_dir: Path, model, optimizer, generator, full: bool = False, every_s: float = 0.0):
         self.run_dir, self.model, self.optimizer, self.generator = run_dir, model, optimizer, generator
-        self.full, self.extra, self.tensors, self.every_s = full, extra, tensors, every_s
+        self.full, self.every_s = full, every_s
         self.last = time.monotonic()
 
     def after_step(self, state: State) -> None:
@@ -93,8 +98,7 @@ class Checkpointer(Callback):
             return
         t0 = time.perf_counter()
         weights = self.model.state_dict() if self.full else trainable_state(self.model)
-        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, self.extra,
-                        self.tensors() if self.tensors else None, partial)
+        save_checkpoint(self.run_dir, weights, self.optimizer, state, self.generator, partial)
         if partial is None:
             write_history(self.run_dir, state.history)
         else:  # say so: a user about to stop a long epoch knows what a resume keeps
@@ -111,22 +115,13 @@ def _param_names(opt_state: dict) -> dict[int, str]:
 
 
 def checkpoint_meta(run_dir: Path) -> dict | None:
-    """The checkpoint's metadata (epoch, step, history, extra), without loading tensors; None
-    without a checkpoint."""
+    """The checkpoint's metadata (epoch, step, history, callbacks' JSON state), without loading
+    tensors; None without a checkpoint."""
     path = run_dir / FILE
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["graftnet"])
-
-
-def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The caller's `extra_tensors` from the checkpoint (empty without a checkpoint or any)."""
-    path = run_dir / FILE
-    if not path.is_file():
-        return {}
-    with safe_open(str(path), "pt") as f:
-        return {k[len("extra/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("extra/")}
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -168,7 +163,17 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
     if partial and not is_main():  # rank 0 carries the sums so far; the others add their own
         partial = {**{k: 0 for k in ("loss", "correct", "seen", "labeled")}, "seconds": partial["seconds"]}
     return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"],
-                 batch_in_epoch=meta.get("batch", 0), partial=partial)
+                 batch_in_epoch=meta.get("batch", 0), partial=partial, restored=_callback_states(meta, tensors))
+
+
+def _callback_states(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """key -> the state_dict a callback saved (JSON values and tensors together)."""
+    states = {key: dict(values) for key, values in meta.get("callbacks", {}).items()}
+    for name, value in tensors.items():
+        if name.startswith("callback/"):
+            key, slot = name[len("callback/"):].split("/", 1)
+            states.setdefault(key, {})[slot] = value
+    return states
 
 
 def describe_position(state: State, n_batches: int) -> str:

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 from timm.models._manipulate import group_with_matcher
 
+from ..config import BN_MODES, parse_unfreeze
 from ..errors import ConfigError
-
-BN_MODES = ("frozen", "train", "eval")
-
 
 @dataclass
 class Group:
@@ -56,17 +54,6 @@ def all_groups(model: nn.Module) -> list[Group]:
     """Backbone groups then the head (pooling + MLP), input to output."""
     head = [n for n, _ in model.named_parameters() if not n.startswith("extractor.")]
     return backbone_groups(model) + [Group("head", head)]
-
-
-def parse_unfreeze(strategy: str) -> tuple[str, int]:
-    """'all' | 'top:N' | 'gradual:E' -> (kind, number); a clear error for anything else."""
-    kind, _, num = strategy.partition(":")
-    if kind == "all" and not num:
-        return kind, 0
-    if kind in ("top", "gradual") and num.isdigit() and int(num) > 0:
-        return kind, int(num)
-    raise ConfigError(f"finetune.unfreeze: {strategy!r} is not 'all', 'top:N' or 'gradual:E' "
-                      "(N groups from the top; one more group every E epochs)")
 
 
 def unfrozen_count(strategy: str, stage_epoch: int, n_groups: int) -> int:

@@ -1,14 +1,23 @@
 """One training loop for every stage, as plain functions with a few named events.
 
-Events (methods a callback may define): `after_loss(state, loss) -> loss` (distillation and EWC add
-terms here; state.batch holds the batch's inputs, targets and logits), `after_step(state)` (pruning
-re-applies masks), `before_eval(state)` and `after_eval(state)` around each validation pass (a
-weight average swaps itself in and out), `after_epoch(state, row)` (checkpoints, early stopping sets
-`state.stop`). Batches are any iterable of (x, y), or of (x, y, targets) where targets holds a
-row per image for the loss (a teacher's logits): it is split into chunks with the batch and passed
-as `loss_fn(logits, y, targets)`. A run resumed from a checkpoint taken within an
-epoch comes with `state.batch_in_epoch` batches of it done and their sums in `state.partial`; its
-batches iterable yields only the rest.
+`fit` runs a stage; the loop's `State` is also the fit's context, so a callback reaches the module
+being trained (`state.model`), the optimizer, the stage, the data sizes and the run folder without
+being handed them one by one (fastai's `cb.learn`). Events (methods a callback may define):
+`before_fit(state)` and `after_fit(state)` around the stage (early stopping puts the best weights
+back, a weight average leaves itself in the model), `after_loss(state, loss) -> loss`
+(distillation and EWC add terms here; state.batch holds the batch's inputs, targets, logits and
+per-row targets), `after_step(state)` (pruning re-applies masks, checkpoints within an epoch),
+`before_eval(state)` and `after_eval(state)` around each validation pass (a weight average swaps
+itself in and out), `after_epoch(state, row)` (checkpoints, early stopping sets `state.stop`).
+
+A callback's own state travels in the checkpoint (Lightning's `state_dict`/`load_state_dict`):
+the checkpointer saves every callback's `state_dict()` under its `key`, and a resumed fit hands it
+back through `load_state_dict` before `before_fit`, so a new method resumes by the same path as
+the model. Batches are any iterable of (x, y), or of (x, y, targets) where targets holds a row per
+image for the loss (a teacher's logits): it is split into chunks with the batch and passed as
+`loss_fn(logits, y, targets)`. A run resumed from a checkpoint taken within an epoch comes with
+`state.batch_in_epoch` batches of it done and their sums in `state.partial`; its batches iterable
+yields only the rest.
 """
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +36,18 @@ from ..errors import TrainingDiverged
 from ..progress import bar, log
 from .balance import epoch_order
 from .distributed import sum_across
-from .features import autocast, chunks, device_of
+from ..features import autocast, chunks, device_of
+from .optim import make_optimizer  # noqa: F401  (the loop's callers build optimizers from here too)
 
 
 @dataclass
 class State:
+    """The loop's counters (saved in checkpoints) and the running fit's context (set by `fit`)."""
     epoch: int = 0                  # epochs completed
     step: int = 0                   # optimizer steps taken
     history: list[dict] = field(default_factory=list)
     stop: bool = False
-    batch: tuple | None = field(default=None, repr=False)  # (x, y, logits) during after_loss
+    batch: tuple | None = field(default=None, repr=False)  # (x, y, logits, *targets) in after_loss
     stage: str | None = None        # set by a caller with several stages: each epoch's row names it,
                                     # and the curves plot marks where it changes
     batch_in_epoch: int = 0         # batches of the epoch under way that are done
@@ -43,9 +55,34 @@ class State:
     epoch_rng: torch.Tensor | None = None  # the shuffling generator's state before this epoch's
                                     # order was drawn (set by batch makers that can skip batches
                                     # done: only then can a checkpoint fall within the epoch)
+    restored: dict[str, dict] = field(default_factory=dict, repr=False)  # callbacks' saved states,
+                                    # from a checkpoint, handed back when their fit starts
+    # the fit's context, set by fit(): what callbacks act on
+    model: nn.Module | None = field(default=None, repr=False)
+    optimizer: Any = field(default=None, repr=False)
+    callbacks: list = field(default_factory=list, repr=False)
+    epochs: int = 0                 # the epoch this fit trains up to
+    n_train: int = 0                # batches per training epoch
+    run_dir: Path | None = None     # where the run is written (None: a fit outside a run folder)
 
 
 class Callback:
+    """Joins the loop's events. `key` names its state in checkpoints (unique within a fit)."""
+
+    @property
+    def key(self) -> str:
+        return type(self).__name__
+
+    def state_dict(self) -> dict:
+        """Tensors and JSON-able values a resumed run needs; {}: nothing (derived from State)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def before_fit(self, state: State) -> None:
+        pass
+
     def after_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
@@ -60,6 +97,24 @@ class Callback:
 
     def after_epoch(self, state: State, row: dict) -> None:
         pass
+
+    def after_fit(self, state: State) -> None:
+        pass
+
+    # Run-level hooks, called by the pipeline (train.pipeline) with its Job: the run's config,
+    # folder, data and model.
+    def feature_rows(self, job, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
+        """A frozen stage on cached features: the training rows (features, labels, per-row targets
+        or None) the head trains on; a callback may add rows (a transfer set, label -1) or targets
+        (a teacher's logits, which then reach `after_loss` in state.batch)."""
+        return x, y, targets
+
+    def report_cards(self, job) -> dict[str, str]:
+        """Label -> value lines for the top of the run's report."""
+        return {}
+
+    def after_run(self, job, metrics: dict) -> None:
+        """The run is saved and evaluated (test metrics in `metrics`): write what the method adds."""
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimizer, state: State,
@@ -116,7 +171,7 @@ def _chunk_loss(model, x, y, targets: list, state: State, callbacks, precision: 
     with autocast(precision, device_of(model).type):
         logits = model(x)
     loss = loss_fn(logits.float(), y, *targets)
-    state.batch = (x, y, logits)  # a teacher in the loop scores the very inputs trained on
+    state.batch = (x, y, logits, *targets)  # a teacher in the loop scores the very inputs trained on
     for cb in callbacks:
         loss = cb.after_loss(state, loss)
     state.batch = None
@@ -160,8 +215,21 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         eval_micro_batch: int | None = None) -> State:
     """Train from state.epoch to `epochs`; a resumed run passes its restored state. `micro_batch`:
     images per forward and backward pass (train_one_epoch; 0: whole batches); `eval_micro_batch`
-    the same for validation (default: micro_batch)."""
+    the same for validation (default: micro_batch). Callbacks get their checkpointed state back,
+    then `before_fit`; `after_fit` runs when the stage ends (also when early stopping ends it)."""
     eval_micro_batch = micro_batch if eval_micro_batch is None else eval_micro_batch
+    callbacks = list(callbacks)
+    keys = [cb.key for cb in callbacks]
+    duplicate = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicate:  # their states would overwrite each other in the checkpoint
+        raise ValueError(f"callbacks with the same key in one fit: {duplicate}; give each its own `key`")
+    state.model, state.optimizer, state.callbacks = model, optimizer, callbacks
+    state.epochs, state.n_train = epochs, n_batches
+    for cb in callbacks:
+        if cb.key in state.restored:
+            cb.load_state_dict(state.restored.pop(cb.key))
+    for cb in callbacks:
+        cb.before_fit(state)
     while state.epoch < epochs and not state.stop:
         train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn,
                                 micro_batch)
@@ -183,14 +251,17 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
             f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)")
         for cb in callbacks:
             cb.after_epoch(state, row)
+    for cb in callbacks:
+        cb.after_fit(state)
     return state
 
 
 def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None,
-                    sampler: str = "none"):
+                    sampler: str = "none", targets: torch.Tensor | None = None):
     """Mini-batches of cached features, shuffled when a generator is given (class-balanced draws with
     sampler="balanced"). x is N x D, or V x N x D for V cached views of each image (e.g. original
-    and flipped): each sample draws one view."""
+    and flipped): each sample draws one view. `targets` (a row per image, e.g. a teacher's logits)
+    travel with their rows: batches are then (x, y, targets)."""
     order = epoch_order(y, generator, sampler) if generator is not None else torch.arange(len(y))
     views = None
     if x.dim() == 3:
@@ -199,12 +270,4 @@ def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator
     for i in range(0, len(y), batch_size):
         idx = order[i:i + batch_size]
         xb = x[views[idx], idx] if views is not None else x[idx]
-        yield xb.float(), y[idx]
-
-
-def make_optimizer(params, name: str, lr: float, weight_decay: float):
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+        yield (xb.float(), y[idx]) if targets is None else (xb.float(), y[idx], targets[idx])

@@ -1,149 +1,106 @@
-"""`train(cfg)`: data -> grafted model -> trained head -> evaluation -> run folder and report.
+"""`train(cfg)`: data -> grafted model -> trained head (-> fine-tuned backbone) -> evaluation.
 
-With the backbone frozen (this stage), images pass through it once: their pooled features are cached
+With the backbone frozen (stage 1), images pass through it once: their pooled features are cached
 and the head trains on them for every epoch. `cache_features=False` runs the backbone on every batch
 instead (the slow path that Keras `fit` takes; kept for comparison and for checking equivalence).
+With `finetune.epochs`, stage 2 unfreezes backbone groups and trains them with the head on images.
+
+Everything a stage reads is one `Job` (config, run folder, data, model, loss, the run's own
+callbacks); each stage is one `Stage` (optimizer, loop state, callbacks, length) handed to `fit`. A
+method that changes training (a loss term, a teacher, a penalty) is a callback: passed to `train`
+or named in the config's `callbacks` section, it joins both stages and resumes with its state.
 """
 from __future__ import annotations
 
-import random
-import shutil
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..config import RunConfig
 from ..data.augment import make_augment
-from ..data.decoded import load_images_cached
-from ..data.images import ImageSet, config_splits
-from ..data.sources import Source, open_source
-from ..errors import DataError, GraftError
-from ..io import atomic_write_text, cache_root
+from ..data.images import ImageSet
+from ..data.sources import Source
+from ..errors import GraftError
+from ..evaluation import finish_evaluation, validation_logits
 from ..heads import make_mlp
-from ..model import ModelSpec, build_model, init_from_run, save_model
-from ..progress import bar, log, set_log_file
-from ..run import new_run_dir, read_history, write_environment
-from ..binary import positive_index
-from .balance import class_weights, epoch_order
-from .callbacks import EarlyStopping, LRSchedule, WeightEMA
+from ..model import GraftedModel, ModelSpec, build_model, init_from_run, save_model
+from ..progress import log
+from ..run import RunResult, create_run, read_history, run_scope, write_environment
+from ..io import atomic_write_text
 from . import distributed
-from .distributed import Replicated, barrier, is_main, shard
-from .checkpoint import (FILE as CHECKPOINT, Checkpointer, checkpoint_epoch, checkpoint_meta, checkpoint_tensors,
-                         describe_position, load_checkpoint)
+from .balance import class_weights, epoch_order
+from .callbacks import EarlyStopping, WeightEMA, build_callbacks, schedule
+from .checkpoint import Checkpointer, checkpoint_epoch, checkpoint_meta, describe_position, load_checkpoint
+from .distributed import Replicated, is_main, shard
+from ..features import chunk_size, device_of, image_batches, pick_device
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
-from .features import cached_features, chunk_size, device_of, image_batches, pick_device, resolve_precision
-from .loop import Callback, State, feature_batches, fit, make_optimizer, predict_logits
+from .inputs import load_data, seed_everything, split_features
+from .loop import Callback, State, feature_batches, fit, predict_logits
+from .optim import make_optimizer
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+@dataclass
+class Job:
+    """A run being trained: what its stages read."""
+    cfg: RunConfig
+    run_dir: Path
+    source: Source
+    sets: dict[str, ImageSet]
+    model: GraftedModel
+    spec: ModelSpec
+    generator: torch.Generator          # shuffling (its state is checkpointed)
+    loss_fn: Callable                   # the run's own loss: cross-entropy as configured
+    callbacks: list[Callback] = field(default_factory=list)  # the caller's and the config's
+
+    def features(self, split: str, flip: bool = False, view: int | None = None, shared: bool = True) -> torch.Tensor:
+        """Cached backbone features of one of the run's splits (see inputs.split_features)."""
+        return split_features(self.model, self.spec, self.cfg, self.source, self.sets[split], split,
+                              flip=flip, view=view, shared=shared)
 
 
-def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
-    source = open_source(cfg.data.path, cfg.cache_dir)
-    splits = config_splits(source, cfg.data)
-    from ..backbones import get_spec
-    size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
-    sets = {}
-    total = sum(len(v) for v in splits.values())
-    cache = cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None
-    with bar(total, "decoding images") as advance:
-        for name, samples in splits.items():
-            sets[name] = load_images_cached(source, samples, size, cfg.data.skip_bad, cfg.data.workers,
-                                            advance, cfg.data.grayscale, cache)
-    if not len(sets["train"]):
-        raise DataError(f"{source.location}: every training image was unreadable")
-    missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
-    if missing:
-        raise DataError(f"{source.location}: no readable training images for class(es) "
-                        f"{', '.join(source.classes[i] for i in missing)}")
-    if cfg.eval.positive_class is not None:  # a wrong name fails now, not after training
-        positive_index(source.classes, cfg.eval.positive_class)
-    log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
-        f"val {len(sets['val'])}  test {len(sets['test'])}")
-    return source, sets
-
-
-def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
-    """Everything besides the images that changes cached features."""
-    return {"timm": spec.timm_name, "weights": spec.weights_id, "size": spec.image_size,
-            "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
-            "pool": cfg.head.pool,
-            "precision": resolve_precision(cfg.backbone.precision, pick_device(cfg.train.device).type),
-            **({"grayscale": True} if cfg.data.grayscale else {})}  # absent when off: old keys hold
-
-
-def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
-                   name: str, flip: bool = False, view: int | None = None, shared: bool = True) -> torch.Tensor:
-    """Cached features of one split; `view` k: the k-th augmented view (cfg.train.augment). Under
-    torchrun (`shared`: every rank calls this) rank 0 fills the cache and the others read it."""
-    if shared and not is_main():
-        barrier()
-    augment = None
-    if view is not None:
-        augment = make_augment(cfg.train.augment)
-        augment.reseed(cfg.train.seed * 1000 + view)
-    label = f"{name}{' flipped' if flip else ''}{f' view {view}' if view is not None else ''}"
-    feats, hit = cached_features(
-        model, images, feature_parts(spec, cfg), source.fingerprint,
-        cache_root(cfg.cache_dir) if cfg.train.cache_features else None,
-        size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
-        micro_batch=cfg.train.micro_batch, precision=cfg.backbone.precision,
-        channels_last=cfg.backbone.channels_last, flip=flip, description=f"backbone: {label}", augment=augment,
-        view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
-    log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
-    if shared and is_main():
-        barrier()
-    return feats
+@dataclass
+class Stage:
+    """One stage's fit: optimizer, loop state, callbacks, the epoch it trains up to, its batches."""
+    optimizer: Any
+    state: State
+    callbacks: list[Callback]
+    epochs: int
+    batch_size: int
+    augment: str = "none"
 
 
 def train(cfg: RunConfig | None, resume: str | Path | None = None,
-          callbacks: list[Callback] = (), cards=None, on_start=None) -> Path:
-    """Train a run from a config, or continue the run folder `resume` from its last completed epoch.
-    `callbacks` join the loop's events (custom logging, early stopping, extra loss terms);
-    `cards(sets) -> {title: text}` adds lines to the report (e.g. a distillation's teacher);
-    `on_start(run_dir)` runs once a new run folder exists (to save what a resume will need)."""
+          callbacks: list[Callback] = ()) -> RunResult:
+    """Train a run from a config, or continue the run folder `resume` from its last checkpoint.
+    `callbacks` join every stage's loop besides those the config names (`callbacks:` section):
+    logging, early stopping, extra loss terms. Returns the run's folder, test metrics and history."""
+    distributed.init_from_env()
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise GraftError(f"{run_dir}: not a graftnet run folder (no config.yaml); nothing to resume")
         cfg = config_mod.resolve(run_dir / "config.yaml")
-    else:
-        distributed.init_from_env()
-        run_dir = distributed.broadcast(new_run_dir(cfg.out, cfg.name, cfg.backbone.name)
-                                        if distributed.is_main() else None)
-        if distributed.is_main():
-            config_mod.save_yaml(cfg, run_dir / "config.yaml")
-            if on_start:
-                on_start(run_dir)
-    distributed.init_from_env()
-    set_log_file(run_dir / "log.txt" if distributed.is_main() else None)
-    try:
-        return _train(cfg, run_dir, bool(resume), list(callbacks), cards)
-    except GraftError:
-        if not resume and not (run_dir / CHECKPOINT).exists() and distributed.is_main():
-            set_log_file(None)  # nothing worth keeping: no stray folder
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        set_log_file(None)
+    callbacks = [*build_callbacks(cfg.callbacks), *callbacks]  # a wrong name fails before a folder exists
+    if not resume:
+        run_dir = distributed.broadcast(create_run(cfg.out, cfg.name, cfg.backbone.name, cfg, cfg.train.seed)
+                                        if is_main() else None)
+    with run_scope(run_dir if is_main() else None, remove=not resume):
+        if resume and is_main():
+            write_environment(run_dir, cfg.train.seed)
+        log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
+        return _train(_prepare(cfg, run_dir, callbacks), bool(resume))
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], cards=None) -> Path:
-    log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
-    if distributed.is_main():
-        write_environment(run_dir, cfg.train.seed)
+def _prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Callback]) -> Job:
+    """Data, model and loss of a run, seeded so a resumed run rebuilds them the same way."""
     generator = seed_everything(cfg.train.seed)
     source, sets = load_data(cfg)
     skipped = [s for d in sets.values() for s in d.skipped]
-    if skipped and distributed.is_main():
+    if skipped and is_main():
         atomic_write_text(run_dir / "skipped.txt", "\n".join(skipped) + "\n")
         log(f"[yellow]skipped {len(skipped)} unreadable file(s), listed in {run_dir / 'skipped.txt'}[/]")
     model, spec = build_model(cfg, source.classes)
@@ -159,89 +116,144 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, extra: list[Callback], c
                      else torch.preserve_format)
     if device.type != "cpu":
         log(f"device: {device} ({torch.cuda.get_device_name(device)})")
-    t, ft = cfg.train, cfg.finetune
-    done = checkpoint_epoch(run_dir) if resume else 0
-    weight = class_weights(sets["train"].labels, len(spec.classes), t.class_weights)
-    loss_fn = partial(F.cross_entropy, label_smoothing=t.label_smoothing,
-                      weight=weight.to(device) if weight is not None else None)
-    state = State()
-    logits = labels = None
+    weight = class_weights(sets["train"].labels, len(spec.classes), cfg.train.class_weights)
+    loss_fn = hard_loss(weight.to(device) if weight is not None else None, cfg.train.label_smoothing)
+    return Job(cfg, run_dir, source, sets, model, spec, generator, loss_fn, callbacks)
+
+
+def hard_loss(weight: torch.Tensor | None, label_smoothing: float) -> Callable:
+    """Cross-entropy on the labels; rows labeled -1 (unlabeled images a teacher labels) are left to
+    the callbacks' terms. Per-row targets travel to callbacks through state.batch, not to this."""
+    def loss(logits: torch.Tensor, y: torch.Tensor, *targets) -> torch.Tensor:
+        if y.dim() == 1 and bool((y < 0).any()):
+            known = y >= 0
+            if not known.any():
+                return logits.sum() * 0
+            return F.cross_entropy(logits[known], y[known], weight=weight, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+    return loss
+
+
+def _train(job: Job, resume: bool) -> RunResult:
+    t, ft = job.cfg.train, job.cfg.finetune
+    done = checkpoint_epoch(job.run_dir) if resume else 0
+    state, logits = State(), None
     if done < t.epochs or not ft.epochs:  # stage 1: the head on the frozen backbone
-        optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                                   t.optimizer, t.lr, t.weight_decay)
-        if resume:
-            state = load_checkpoint(run_dir, model, optimizer, generator)
-            log(describe_position(state, -(-len(sets["train"]) // t.batch_size)))
-        stopper = EarlyStopping(model.mlp, run_dir, t.early_stopping, t.monitor) if t.early_stopping else None
-        callbacks = list(extra) + schedule_callbacks(optimizer, t.schedule, t.warmup_epochs, t.epochs, 0,
-                                            len(sets["train"]), t.batch_size, state)
-        callbacks += [stopper] if stopper else []
-        callbacks.append(Checkpointer(run_dir, model, optimizer, generator, every_s=60 * t.checkpoint_minutes))
-        # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
-        # drawn per sample and epoch), or the backbone runs on every augmented batch.
-        on_the_fly = t.augment != "none" and not t.cache_views
-        run = _fit_on_features if t.cache_features and not on_the_fly else _fit_on_images
-        logits, labels = run(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn,
-                             generator, stopper, predict=not ft.epochs)
+        state, logits = _frozen_stage(job, resume)
     if ft.epochs:
-        logits, labels = _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator,
-                                   None if resume and done >= t.epochs else state)
-    if not distributed.is_main():  # rank 0 writes the model and the report
-        return run_dir
-    save_model(model.cpu(), spec, run_dir)
-    from ..evaluation import finish_evaluation, validation_logits
-    finish_evaluation(run_dir, cfg, spec, read_history(run_dir), logits, labels, sets["test"], sets["train"],
-                      val=validation_logits(model, spec, cfg, sets["val"]), cards=cards(sets) if cards else None)
-    return run_dir
+        logits = _finetune(job, None if resume and done >= t.epochs else state)
+    if not is_main():  # rank 0 writes the model and the report
+        return RunResult(job.run_dir)
+    save_model(job.model.cpu(), job.spec, job.run_dir)
+    history = read_history(job.run_dir)
+    cards = {k: v for cb in job.callbacks for k, v in cb.report_cards(job).items()}
+    metrics = finish_evaluation(job.run_dir, job.cfg, job.spec, history, logits, job.sets["test"].labels,
+                                job.sets["test"], job.sets["train"],
+                                val=validation_logits(job.model, job.spec, job.cfg, job.sets["val"]),
+                                cards=cards or None)
+    for cb in job.callbacks:
+        cb.after_run(job, metrics)
+    return RunResult(job.run_dir, metrics, history)
 
 
-def schedule_callbacks(optimizer, kind: str, warmup_epochs: float, epochs: int, first_epoch: int, n: int,
-              batch_size: int, state: State) -> list[Callback]:
-    """The stage's LR schedule over its own steps. Its first step is derived from the state it
-    starts or resumes from (epochs done and batches of the next), whatever steps an earlier stage took."""
-    n_batches = -(-n // batch_size)
-    if kind == "constant" and not warmup_epochs:
-        return []
-    return [LRSchedule(optimizer, kind, epochs * n_batches, int(warmup_epochs * n_batches),
-                       offset=state.step - state.batch_in_epoch - (state.epoch - first_epoch) * n_batches)]
+def _frozen_stage(job: Job, resume: bool) -> tuple[State, torch.Tensor | None]:
+    """Stage 1: the head on the frozen backbone. Returns the loop state and, when no fine-tuning
+    follows, the test split's logits."""
+    t, model = job.cfg.train, job.model
+    optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                               t.optimizer, t.lr, t.weight_decay)
+    state = State()
+    if resume:
+        state = load_checkpoint(job.run_dir, model, optimizer, job.generator)
+        log(describe_position(state, -(-len(job.sets["train"]) // t.batch_size)))
+    stage = Stage(optimizer, state, [], t.epochs, t.batch_size, t.augment)
+    predict = not job.cfg.finetune.epochs
+    # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
+    # drawn per sample and epoch), or the backbone runs on every augmented batch.
+    on_the_fly = t.augment != "none" and not t.cache_views
+    if t.cache_features and not on_the_fly:
+        return state, _fit_on_features(job, stage, predict)
+    _stage_callbacks(job, stage, len(job.sets["train"]), EarlyStopping(model.mlp, job.run_dir, t.early_stopping,
+                                                                      t.monitor) if t.early_stopping else None)
+    return state, _image_fit(job, FineTuneMode(model), stage, predict)
 
 
-def _finetune(model, spec, cfg, run_dir, sets, extra, loss_fn, generator, state: State | None):
+def _stage_callbacks(job: Job, stage: Stage, n_rows: int, stopper: EarlyStopping | None,
+                     between: list[Callback] = (), full: bool = False) -> None:
+    """The stage's callbacks in the order they act: the run's own, the LR schedule, `between`
+    (unfreezing, the weight average), early stopping, then the checkpoint that saves them all."""
+    t = job.cfg.train
+    stage.state.run_dir = job.run_dir
+    first, kind, warmup = (t.epochs, job.cfg.finetune.schedule, job.cfg.finetune.warmup_epochs) if full else \
+        (0, t.schedule, t.warmup_epochs)
+    stage.callbacks = [*job.callbacks, *schedule(stage.optimizer, kind, warmup, stage.epochs - first, first,
+                                                 -(-n_rows // stage.batch_size), stage.state),
+                       *between, *([stopper] if stopper else []),
+                       Checkpointer(job.run_dir, job.model, stage.optimizer, job.generator, full=full,
+                                    every_s=60 * t.checkpoint_minutes)]
+
+
+def _fit_on_features(job: Job, stage: Stage, predict: bool) -> torch.Tensor | None:
+    """Train the head on cached features (callbacks may add rows and per-row targets: a transfer
+    set, a teacher's logits); returns the test split's logits when `predict`."""
+    t = job.cfg.train
+    if t.augment != "none":
+        train_x = torch.stack([job.features("train", view=k) for k in range(t.cache_views)])
+    else:
+        train_x = job.features("train")
+        if t.flip_views:
+            train_x = torch.stack([train_x, job.features("train", flip=True)])
+    labels, targets = job.sets["train"].labels, None
+    for cb in job.callbacks:
+        train_x, labels, targets = cb.feature_rows(job, train_x, labels, targets)
+    val_x = job.features("val") if len(job.sets["val"]) else None
+    _stage_callbacks(job, stage, len(labels), EarlyStopping(job.model.mlp, job.run_dir, t.early_stopping, t.monitor)
+                     if t.early_stopping else None)
+    fit(Replicated(job.model.mlp), lambda: shard(feature_batches(train_x, labels, t.batch_size, job.generator,
+                                                                 t.sampler, targets)),
+        -(-len(labels) // t.batch_size),
+        (lambda: feature_batches(val_x, job.sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
+        stage.optimizer, stage.epochs, stage.state, stage.callbacks, loss_fn=job.loss_fn)
+    if not predict or not is_main():
+        return None
+    views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
+    logits = [predict_logits(job.model.mlp, feature_batches(job.features("test", flip=f, shared=False),
+                                                            job.sets["test"].labels, t.eval_batch_size, None))[0]
+              for f in views]
+    return sum(logits) / len(logits)
+
+
+def _finetune(job: Job, state: State | None) -> torch.Tensor | None:
     """Stage 2: unfreeze backbone groups (all, the top N, or gradually) and train them with the head,
     earlier groups at smaller rates. `state`: the loop state after stage 1, or None to resume."""
-    t, ft = cfg.train, cfg.finetune
+    t, ft, model = job.cfg.train, job.cfg.finetune, job.model
     groups = all_groups(model)
     optimizer = make_optimizer(optimizer_groups(model, groups, ft.lr, ft.lr_decay, ft.weight_decay),
                                ft.optimizer, ft.lr, ft.weight_decay)
-    resumed = state is None
-    if resumed:  # stage 2's optimizer is in the checkpoint once a step of it was taken
-        meta = checkpoint_meta(run_dir)
-        state = load_checkpoint(run_dir, model, optimizer, generator,
+    batch_size = ft.batch_size or t.batch_size
+    if state is None:  # resumed: stage 2's optimizer is in the checkpoint once a step of it was taken
+        meta = checkpoint_meta(job.run_dir)
+        state = load_checkpoint(job.run_dir, model, optimizer, job.generator,
                                 optimizer_state=meta["epoch"] > t.epochs or meta.get("batch", 0) > 0)
-        log(describe_position(state, -(-len(sets["train"]) // (ft.batch_size or t.batch_size))))
+        log(describe_position(state, -(-len(job.sets["train"]) // batch_size)))
     # the average starts from the weights stage 2 starts from, or goes on from the checkpoint's
-    ema = WeightEMA(model, ft.ema, checkpoint_tensors(run_dir) if resumed else None) if ft.ema else None
-    unfreezer = _Unfreezer(model, groups, ft.unfreeze, t.epochs)
+    ema = WeightEMA(model, ft.ema) if ft.ema else None
+    unfreezer = Unfreezer(model, groups, ft.unfreeze, t.epochs)
     unfreezer.apply(state.epoch)
-    module = FineTuneMode(model, ft.bn)
     state.stage = "fine-tuning"
     for row in describe(model, groups, optimizer):
         log(f"  group {row['group']:<24} {row['params']:>9,} params  "
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
-    stopper = EarlyStopping(model, run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
+    stopper = EarlyStopping(model, job.run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
                             name="best-finetune", weights=ema and ema.state) if t.early_stopping else None
-    callbacks = list(extra) + schedule_callbacks(optimizer, ft.schedule, ft.warmup_epochs, ft.epochs, t.epochs,
-                                        len(sets["train"]), ft.batch_size or t.batch_size, state)
-    callbacks += [unfreezer] + ([ema] if ema else []) + ([stopper] if stopper else [])
-    callbacks.append(Checkpointer(run_dir, model, optimizer, generator, full=True, tensors=ema and ema.state,
-                                  every_s=60 * t.checkpoint_minutes))
+    stage = Stage(optimizer, state, [], t.epochs + ft.epochs, batch_size, ft.augment)
+    _stage_callbacks(job, stage, len(job.sets["train"]), stopper, [unfreezer, *([ema] if ema else [])], full=True)
     log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
         f"augment {ft.augment}" + (f", weight average (EMA) decay {ft.ema}" if ema else ""))
-    return _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator,
-                      stopper, t.epochs + ft.epochs, ft.augment, ft.batch_size or t.batch_size, ema=ema)
+    return _image_fit(job, FineTuneMode(model, ft.bn), stage, predict=True)
 
 
-class _Unfreezer(Callback):
+class Unfreezer(Callback):
     """Sets which backbone groups train for the coming epoch; a function of the epoch alone."""
 
     def __init__(self, model, groups, strategy: str, first_epoch: int):
@@ -260,88 +272,46 @@ class _Unfreezer(Callback):
         self.apply(state.epoch)
 
 
-def _fit_on_features(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
-                     stopper, predict: bool = True):
-    """Train the head on cached features; returns the test split's logits and labels (None, None
-    when `predict` is False: a fine-tuning stage follows)."""
-    t = cfg.train
-    if t.augment != "none":
-        train_x = torch.stack([split_features(model, spec, cfg, source, sets["train"], "train", view=k)
-                               for k in range(t.cache_views)])
-    else:
-        train_x = split_features(model, spec, cfg, source, sets["train"], "train")
-        if t.flip_views:
-            train_x = torch.stack([train_x, split_features(model, spec, cfg, source, sets["train"],
-                                                           "train", flip=True)])
-    val_x = split_features(model, spec, cfg, source, sets["val"], "val") if len(sets["val"]) else None
-    fit(Replicated(model.mlp), lambda: shard(feature_batches(train_x, sets["train"].labels, t.batch_size,
-                                                             generator, t.sampler)),
-        -(-len(sets["train"]) // t.batch_size),
-        (lambda: feature_batches(val_x, sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
-        optimizer, t.epochs, state, callbacks, loss_fn=loss_fn)
-    if stopper:
-        stopper.restore(state)
-    if not predict or not is_main():
-        return None, None
-    views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
-    logits = [predict_logits(model.mlp, feature_batches(split_features(model, spec, cfg, source, sets["test"],
-                                                                       "test", flip=f, shared=False),
-                                                        sets["test"].labels, t.eval_batch_size, None))[0]
-              for f in views]
-    return sum(logits) / len(logits), sets["test"].labels
-
-
-def _fit_on_images(model, spec, cfg, source, sets, optimizer, state, callbacks, loss_fn, generator,
-                   stopper, predict: bool = True):
-    """Run the frozen backbone on every batch (augmented on the fly); returns test logits, labels."""
-    t = cfg.train
-    return _image_fit(FineTuneMode(model), model, spec, cfg, sets, optimizer, state, callbacks, loss_fn,
-                      generator, stopper, t.epochs, t.augment, t.batch_size, predict)
-
-
-def _image_fit(module, model, spec, cfg, sets, optimizer, state, callbacks, loss_fn, generator, stopper,
-               epochs: int, augment_name: str, batch_size: int, predict: bool = True, ema=None):
-    """Fit `module` (the model behind a FineTuneMode) on image batches, augmented on the fly; with
-    `ema` (a WeightEMA among the callbacks) the model ends with the average's weights."""
-    t = cfg.train
-    augment = make_augment(augment_name)
+def _image_fit(job: Job, module: FineTuneMode, stage: Stage, predict: bool) -> torch.Tensor | None:
+    """Fit `module` (the model behind a FineTuneMode) on image batches, augmented on the fly; returns
+    the test split's logits when `predict`."""
+    t, spec, state = job.cfg.train, job.spec, stage.state
+    augment = make_augment(stage.augment)
     mix = None
     if t.mixup or t.cutmix:  # soft targets: cross-entropy takes class probabilities as they are
         from torchvision.transforms import v2
         n = len(spec.classes)
         mix = v2.RandomChoice([m for m in (t.mixup and v2.MixUp(alpha=t.mixup, num_classes=n),
                                            t.cutmix and v2.CutMix(alpha=t.cutmix, num_classes=n)) if m])
-
     if t.compile:  # compiles on the first batch (a minute on CPU) and again when groups unfreeze
         module = torch.compile(module)
 
     def batches(images, shuffle, bs):
         start = 0
         if shuffle:  # where the order comes from and how far a resumed epoch got: a checkpoint
-            state.epoch_rng, start = generator.get_state(), state.batch_in_epoch  # may fall within it
-        order = epoch_order(images.labels, generator, t.sampler) if shuffle else range(len(images))
+            state.epoch_rng, start = job.generator.get_state(), state.batch_in_epoch  # may fall within it
+        order = epoch_order(images.labels, job.generator, t.sampler) if shuffle else range(len(images))
         out = image_batches(images, order[start * bs:], bs, spec.image_size, spec.mean, spec.std,
-                            cfg.backbone.channels_last, augment=augment if shuffle else None,
-                            pin=device_of(model).type == "cuda", augment_seed=t.seed * 1000 + state.epoch,
+                            job.cfg.backbone.channels_last, augment=augment if shuffle else None,
+                            pin=device_of(job.model).type == "cuda", augment_seed=t.seed * 1000 + state.epoch,
                             first_batch=start)
         return (mix(x, y) for x, y in out) if shuffle and mix else out
-    chunk = chunk_size(device_of(model).type, spec.image_size, t.micro_batch)
-    fit(Replicated(module), lambda: shard(batches(sets["train"], True, batch_size)),
-        -(-len(sets["train"]) // batch_size),
+    sets = job.sets
+    chunk = chunk_size(device_of(job.model).type, spec.image_size, t.micro_batch)
+    fit(Replicated(module), lambda: shard(batches(sets["train"], True, stage.batch_size)),
+        -(-len(sets["train"]) // stage.batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-        optimizer, epochs, state, callbacks, cfg.backbone.precision, loss_fn,
+        stage.optimizer, stage.epochs, state, stage.callbacks, job.cfg.backbone.precision, job.loss_fn,
         micro_batch=chunk if t.micro_batch or not _batch_statistics(module) else 0, eval_micro_batch=chunk)
-    if ema:
-        ema.finish()
-    if stopper:
-        stopper.restore(state)
     if not predict or not is_main():
-        return None, None
-    return predict_logits(model, batches(sets["test"], False, t.eval_batch_size), cfg.backbone.precision, chunk)
+        return None
+    return predict_logits(job.model, batches(sets["test"], False, t.eval_batch_size), job.cfg.backbone.precision,
+                          chunk)[0]
 
 
 def _batch_statistics(module: FineTuneMode) -> bool:
     """Whether BatchNorm in a trained group normalises with the batch's statistics (finetune.bn
     frozen or train): chunks of a batch would then each see their own, so train.micro_batch's
     default (0) keeps batches whole; a value set explicitly chunks them anyway."""
-    return module.bn != "eval" and any(p.requires_grad for p in module.model.extractor.parameters())
+    mod = getattr(module, "_orig_mod", module)  # under torch.compile
+    return mod.bn != "eval" and any(p.requires_grad for p in mod.model.extractor.parameters())

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..report.plots import plot_samples
-from .augment import make_augment
-from .images import config_splits, load_images, to_batch
-from .sources import open_source
+from .plots import plot_samples
+from ..data.augment import make_augment
+from ..data.images import config_splits, load_images, to_batch
+from ..data.sources import open_source
 
 SIZE = 128
 

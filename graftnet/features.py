@@ -16,9 +16,9 @@ from queue import Queue
 
 import torch
 
-from ..data.images import ImageSet, to_batch
-from ..io import save_tensors
-from ..progress import bar
+from .data.images import ImageSet, to_batch
+from .io import save_tensors
+from .progress import bar
 
 
 def native_bf16(device: str = "cpu") -> bool:
@@ -59,7 +59,7 @@ def chunk_size(device: str, image_size: int, requested: int = 0) -> int:
     """Images per forward (and backward) pass; 0: the whole batch. `requested` > 0 is taken as it
     is. Else on a CPU, chunks small enough that a layer's activations stay in the processor's
     cache: Lite0's depthwise convolutions are bound by memory traffic. On this project's 2-core CPU
-    (bench/micro_batch.py, BENCHMARKS.md section 7) a fine-tuning step on a batch of 128 ran 1.5x
+    (bench/micro_batch.py, BENCHMARKS.md, micro-batches) a fine-tuning step on a batch of 128 ran 1.5x
     (128 px) to 2.3x (192 px) faster in these chunks, inference 1.5-2.5x faster than in batches of
     256; at 64 px training gained nothing and lost nothing. A GPU wants the whole batch."""
     if requested > 0:

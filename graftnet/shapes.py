@@ -14,7 +14,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from ..errors import GraftError
+from .errors import GraftError
 
 SIZE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
               "normalized_shape", "num_channels", "num_groups")
