@@ -17,7 +17,9 @@ Compared for every run folder a scenario makes:
     model.json, and where the command writes them prune.json, qat.json, distill.json; paths with
     the run folder, the tree's work folder or the tree in them are compared as placeholders;
   - the sha256 of model.safetensors, test_logits.safetensors, test_predictions.csv and, for
-    quantization-aware training, export/model.int8.onnx; where a safetensors file's bytes differ,
+    quantization-aware training, export/model.int8.onnx (where its bytes differ, its graph and
+    weights without the exporter's stack traces, which name the tree's files: same_onnx, and then
+    not qat.json's size_bytes either); where a safetensors file's bytes differ,
     its content (metadata, every tensor; their key order in the file is not reproducible, see
     compare_tensors) and the largest difference of any tensor.
 A scenario is "identical" when all of that matches exactly, else the largest absolute difference
@@ -362,6 +364,26 @@ RECORDS = ("test_metrics.json", "model.json", "prune.json", "qat.json", "distill
 FILES = ("model.safetensors", "test_logits.safetensors", "test_predictions.csv", "export/model.int8.onnx")
 
 
+def same_onnx(a: Path, b: Path) -> bool:
+    """Whether two ONNX files hold the same model once the exporter's stack traces are left out: they
+    name the source files of the tree that exported them (/work/base/graftnet/heads.py), so the
+    bytes, and the file size qat.json records, differ between trees by the length of that path."""
+    import onnx
+
+    def stripped(path: Path) -> bytes:
+        model = onnx.load(str(path))
+        for node in model.graph.node:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+        return model.SerializeToString(deterministic=True)
+    return stripped(a) == stripped(b)
+
+
+# Keys of RECORDS that follow from a file compared by content above, not by its bytes.
+SKIP_RECORD_KEYS = {"qat.json": ("size_bytes",)}
+
+
 def normalised(obj, places: list[tuple[str, str]]):
     """`obj` with the folders that differ between the two sides by design (the run, the tree's work
     folder, the tree) written as placeholders in every string."""
@@ -391,7 +413,10 @@ def compare_runs(a: Path, b: Path, places_a: list, places_b: list) -> dict:
         if fa.is_file() != fb.is_file():
             diff.mismatches.append(f"{name}: in one run only")
         elif fa.is_file():
-            diff.walk(name, normalised(json.loads(fa.read_text()), pa_), normalised(json.loads(fb.read_text()), pb_))
+            ra, rb = (json.loads(f.read_text()) for f in (fa, fb))
+            for key in SKIP_RECORD_KEYS.get(name, ()):
+                ra.pop(key, None), rb.pop(key, None)
+            diff.walk(name, normalised(ra, pa_), normalised(rb, pb_))
     files = {}
     for name in FILES:
         ha, hb = sha256(a / name), sha256(b / name)
@@ -401,6 +426,8 @@ def compare_runs(a: Path, b: Path, places_a: list, places_b: list) -> dict:
         if ha != hb:
             if name.endswith(".safetensors") and ha and hb:
                 files[name]["same_content"] = compare_tensors(a / name, b / name, name, diff)
+            elif name.endswith(".onnx") and ha and hb and same_onnx(a / name, b / name):
+                files[name]["same_content"] = True
             else:
                 diff.mismatches.append(f"{name}: bytes differ")
     # The resolved config is reported, not judged: a new key with its default changes no result.
