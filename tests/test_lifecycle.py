@@ -204,3 +204,13 @@ def test_pipeline_functions_take_at_most_six_parameters():
                       - (node.args.args[:1] and node.args.args[0].arg == "self")]
             if n > 6]
     assert not wide, wide
+
+
+def test_a_run_without_its_test_split_scored(image_folder, tmp_path):
+    """A search's trial is chosen on validation alone: train(test=False) saves the model and its
+    history but never scores the test split."""
+    r = train(config.resolve(None, tiny_overrides(image_folder, tmp_path, name="trial", **{"train.epochs": 2})),
+              test=False)
+    assert r.metrics == {} and len(r.history) == 2 and r.best_val is not None
+    assert (r / "model.safetensors").is_file()
+    assert not (r / "test_metrics.json").exists() and not (r / "test_predictions.csv").exists()

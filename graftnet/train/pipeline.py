@@ -55,6 +55,7 @@ class Job:
     generator: torch.Generator          # shuffling (its state is checkpointed)
     loss_fn: Callable                   # the run's own loss: cross-entropy as configured
     callbacks: list[Callback] = field(default_factory=list)  # the caller's and the config's
+    test: bool = True                   # score the test split at the end (a search's trials do not)
 
     def features(self, split: str, flip: bool = False, view: int | None = None, shared: bool = True) -> torch.Tensor:
         """Cached backbone features of one of the run's splits (see inputs.split_features)."""
@@ -74,10 +75,12 @@ class Stage:
 
 
 def train(cfg: RunConfig | None, resume: str | Path | None = None,
-          callbacks: list[Callback] = ()) -> RunResult:
+          callbacks: list[Callback] = (), test: bool = True) -> RunResult:
     """Train a run from a config, or continue the run folder `resume` from its last checkpoint.
     `callbacks` join every stage's loop besides those the config names (`callbacks:` section):
-    logging, early stopping, extra loss terms. Returns the run's folder, test metrics and history."""
+    logging, early stopping, extra loss terms. Returns the run's folder, test metrics and history.
+    `test=False`: the model is saved but the test split is not scored (a search chooses among runs
+    on validation alone; `graft evaluate` scores the chosen one once)."""
     distributed.init_from_env()
     if resume:
         run_dir = Path(resume)
@@ -92,7 +95,9 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
         if resume and is_main():
             write_environment(run_dir, cfg.train.seed)
         log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
-        return _train(_prepare(cfg, run_dir, callbacks), bool(resume))
+        job = _prepare(cfg, run_dir, callbacks)
+        job.test = test
+        return _train(job, bool(resume))
 
 
 def _prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Callback]) -> Job:
@@ -146,6 +151,8 @@ def _train(job: Job, resume: bool) -> RunResult:
         return RunResult(job.run_dir)
     save_model(job.model.cpu(), job.spec, job.run_dir)
     history = read_history(job.run_dir)
+    if not job.test:
+        return RunResult(job.run_dir, {}, history)
     cards = {k: v for cb in job.callbacks for k, v in cb.report_cards(job).items()}
     metrics = finish_evaluation(job.run_dir, job.cfg, job.spec, history, logits, job.sets["test"].labels,
                                 job.sets["test"], job.sets["train"],
@@ -167,7 +174,7 @@ def _frozen_stage(job: Job, resume: bool) -> tuple[State, torch.Tensor | None]:
         state = load_checkpoint(job.run_dir, model, optimizer, job.generator)
         log(describe_position(state, -(-len(job.sets["train"]) // t.batch_size)))
     stage = Stage(optimizer, state, [], t.epochs, t.batch_size, t.augment)
-    predict = not job.cfg.finetune.epochs
+    predict = job.test and not job.cfg.finetune.epochs
     # Augmentation defeats a one-view cache: either K augmented views are cached (a random one
     # drawn per sample and epoch), or the backbone runs on every augmented batch.
     on_the_fly = t.augment != "none" and not t.cache_views
@@ -250,7 +257,7 @@ def _finetune(job: Job, state: State | None) -> torch.Tensor | None:
     _stage_callbacks(job, stage, len(job.sets["train"]), stopper, [unfreezer, *([ema] if ema else [])], full=True)
     log(f"fine-tuning: {ft.epochs} epoch(s), unfreeze {ft.unfreeze}, BatchNorm {ft.bn}, "
         f"augment {ft.augment}" + (f", weight average (EMA) decay {ft.ema}" if ema else ""))
-    return _image_fit(job, FineTuneMode(model, ft.bn), stage, predict=True)
+    return _image_fit(job, FineTuneMode(model, ft.bn), stage, predict=job.test)
 
 
 class Unfreezer(Callback):
