@@ -6,9 +6,9 @@ save nothing: the schedule recomputes the rate from the step, early stopping its
 the history. The weight average carries its tensors in the checkpoint (`state_dict`).
 
 A new training method joins a run as a registered callback plus a config entry, with no edit to
-the pipeline: `@register_callback("name")` on a factory `(options: dict) -> Callback`, and
-`callbacks: {name: {option: value}}` in a run's config (saved with the run, so `--resume` builds
-it again and hands it its checkpointed state).
+the pipeline: `@register_callback("name", OptionsDataclass)` on a factory `(options) -> Callback`,
+and `callbacks: {name: {option: value}}` in a run's config (saved with the run, so `--resume`
+builds it again and hands it its checkpointed state).
 """
 from __future__ import annotations
 
