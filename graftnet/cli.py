@@ -18,7 +18,7 @@ FINETUNE_EPOCHS = 3
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
 COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.compare", "graftnet.serve",
-                              "graftnet.export.commands", "graftnet.compress.cli"]
+                              "graftnet.export.commands", "graftnet.compress.cli", "graftnet.search"]
 EXTRA_COMMANDS: dict = {}
 
 

@@ -1,0 +1,125 @@
+"""`graft search`: trials on the tiny random backbone, outputs, resume, bad spaces, failed trials."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from graftnet import config, search
+from graftnet.cli import main
+from graftnet.errors import ConfigError
+from graftnet.run import read_history
+
+from .conftest import tiny_overrides
+
+SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+         "head.hidden": {"type": "layers", "low": 0, "high": 1, "choices": [16, 32]},
+         "train.epochs": {"type": "int", "low": 2, "high": 3}}
+
+
+def base(image_folder, tmp_path, **extra):
+    return config.resolve(None, tiny_overrides(image_folder, tmp_path, **extra))
+
+
+def test_search_writes_results_and_scores_only_the_best(image_folder, tmp_path):
+    folder = tmp_path / "s"
+    summary = search.run_search(base(image_folder, tmp_path), SPACE, folder, trials=4)
+    for name in ("trials.csv", "trials.json", "best.yaml", "search.json", "base.yaml", "space.yaml"):
+        assert (folder / name).is_file(), name
+    rows = json.loads((folder / "trials.json").read_text())
+    assert [r["number"] for r in rows] == [0, 1, 2, 3]
+    assert len(list(csv.DictReader((folder / "trials.csv").open()))) == 4
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    best = max(done, key=lambda r: r["value"])
+    assert summary["best_trial"] == best["number"] and summary["val_accuracy"] == best["value"]
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert json.loads((folder / "search.json").read_text())["best_trial"] == best["number"]
+    scored = sorted(p.parent.name for p in (folder / "trials").glob("*/evaluations"))
+    assert scored == [f"trial-{best['number']:03d}"]
+    assert "graft train --config best.yaml" in (folder / "best.yaml").read_text()
+
+
+def test_best_yaml_reproduces_the_best_trial(image_folder, tmp_path, capsys):
+    folder = tmp_path / "s"
+    summary = search.run_search(base(image_folder, tmp_path), SPACE, folder, trials=2)
+    capsys.readouterr()
+    assert main(["train", "--config", str(folder / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    history = read_history(run)
+    assert history[-1]["val_acc"] == pytest.approx(summary["val_accuracy"], abs=1e-6)
+
+
+def test_resume_adds_trials_until_the_total(image_folder, tmp_path):
+    folder = tmp_path / "s"
+    search.run_search(base(image_folder, tmp_path), SPACE, folder, trials=3)
+    assert main(["search", "--resume", str(folder), "--trials", "5"]) == 0
+    numbers = [r["number"] for r in json.loads((folder / "trials.json").read_text())]
+    assert sorted(numbers) == [0, 1, 2, 3, 4]
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["trials_done"] == 5 and summary["test_accuracy"] is not None
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"train.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}, "did you mean train.lr"),
+    ({"train.lr": {"type": "float", "low": 1e-2, "high": 1e-3}}, "must be below high"),
+    ({"train.optimizer": {"type": "categorical", "choices": []}}, "empty choices"),
+    ({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "when": {"head.nope": 1}}}, "head.nope"),
+    ({}, "empty"),
+])
+def test_bad_space_is_one_line_and_creates_nothing(image_folder, tmp_path, capsys, space, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code = main(["search", "--data", str(image_folder), "--backbone", "test_efficientnet",
+                 "--space", str(path), "--out", str(tmp_path / "runs"), "--name", "s"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError):
+        search.check_space(space)
+
+
+def test_resume_of_a_non_search_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["search", "--resume", str(tmp_path / "run")]) == 2
+    assert "not a search folder" in capsys.readouterr().err
+    assert main(["search", "--resume", str(tmp_path / "run"), "--lr", "0.1"]) == 2
+    assert "saved base.yaml" in capsys.readouterr().err
+
+
+def test_timeout_parsing():
+    assert search.parse_timeout("90s") == 90 and search.parse_timeout("30m") == 1800
+    assert search.parse_timeout("2h") == 7200 and search.parse_timeout("45") == 45
+    with pytest.raises(ConfigError, match="--timeout"):
+        search.parse_timeout("soon")
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(image_folder, tmp_path):
+    space = {"train.lr": {"type": "categorical", "choices": [1e-3, 1e30]}}  # 1e30: the loss turns NaN
+    summary = search.run_search(base(image_folder, tmp_path), space, tmp_path / "s", trials=4)
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    assert len(rows) == 4
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert failed and all(r["params"]["train.lr"] == 1e30 and "nan" in r["error"] for r in failed)
+    assert any(r["state"] == "COMPLETE" for r in rows)
+    assert summary["params"] == {"train.lr": 1e-3}
+
+
+def test_conditional_entries_and_layer_widths(image_folder, tmp_path):
+    from optuna.trial import FixedTrial
+    space = {"backbone.features": {"type": "categorical", "choices": ["last", "multi"]},
+             "train.flip_views": {"type": "bool", "when": {"backbone.features": "multi"}},
+             "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [16, 32]},
+             "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True, "zero": True},
+             "head.dropout": {"type": "float", "low": 0.0, "high": 0.5, "when": {"head.activation": "gelu"}}}
+    cfg = base(image_folder, tmp_path)  # head.activation relu: dropout is never sampled
+    trial = FixedTrial({"backbone.features": "last", "head.hidden.layers": 2, "head.hidden.0": 16,
+                        "head.hidden.1": 32, "train.weight_decay.zero": True})
+    assert search.sample(trial, space, cfg) == {"backbone.features": "last", "head.hidden": [16, 32],
+                                                "train.weight_decay": 0.0}
+    trial = FixedTrial({"backbone.features": "multi", "train.flip_views": True, "head.hidden.layers": 0,
+                        "train.weight_decay.zero": False, "train.weight_decay": 1e-4})
+    assert search.sample(trial, space, cfg) == {"backbone.features": "multi", "train.flip_views": True,
+                                                "head.hidden": [], "train.weight_decay": 1e-4}
