@@ -66,7 +66,8 @@ class BackboneConfig:
     image_size: int | None = option(None, metavar="PX", help="input size (default: the backbone's)")
     features: str = option("last", choices=("last", "multi"),
                            help="final feature map, or + pooled outputs of late stages")
-    # auto: bf16 only where the CPU has native bf16 matmul (e.g. AMX); on AVX2 bf16 is ~10x slower
+    # auto: bf16 only where it is fast (features.native_bf16): a GPU, AMX, or for the inference
+    # pass AVX512-BF16 (training steps stay fp32 there); on AVX2 bf16 is ~10x slower
     precision: str = option("auto", choices=("auto", "bf16", "fp32"),
                             help="backbone pass: bf16 autocast, fp32, or auto (bf16 where it is fast)")
     channels_last: bool = option(True, cli=False, help="channels-last memory layout for the backbone")

@@ -21,21 +21,28 @@ from .io import save_tensors
 from .progress import bar
 
 
-def native_bf16(device: str = "cpu") -> bool:
-    """True where bf16 matmuls run in hardware: CUDA with bf16, or a CPU with AMX / AVX512-BF16.
-    Without them (AVX2 CPUs) PyTorch emulates bf16 and a backbone pass gets ~10x slower."""
+def _cpu_flags() -> list[str]:
+    try:
+        return open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return []
+
+
+def native_bf16(device: str = "cpu", training: bool = False) -> bool:
+    """True where bf16 runs fast enough to be the default: CUDA with bf16; a CPU with AMX; for
+    inference (the backbone pass that fills the feature cache) also a CPU with AVX512-BF16. There
+    a training step in bf16 was slower than fp32 (0.71x, against 1.47x for inference: BENCHMARKS.md,
+    the machine), so `training` asks for AMX. Without either (AVX2 CPUs) PyTorch emulates bf16 and a
+    backbone pass gets ~10x slower."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or (not training and "avx512_bf16" in flags)
 
 
-def resolve_precision(precision: str, device: str = "cpu") -> str:
+def resolve_precision(precision: str, device: str = "cpu", training: bool = False) -> str:
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if native_bf16(device, training) else "fp32"
     return precision
 
 
@@ -74,8 +81,8 @@ def chunks(x: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     return x.split(size) if 0 < size < len(x) else (x,)
 
 
-def autocast(precision: str, device: str = "cpu"):
-    if resolve_precision(precision, device) == "bf16":
+def autocast(precision: str, device: str = "cpu", training: bool = False):
+    if resolve_precision(precision, device, training) == "bf16":
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -168,7 +168,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
 def _chunk_loss(model, x, y, targets: list, state: State, callbacks, precision: str, loss_fn,
                 all_logits: list) -> torch.Tensor:
     """Forward one chunk; its mean loss with the callbacks' terms, checked to be finite."""
-    with autocast(precision, device_of(model).type):
+    with autocast(precision, device_of(model).type, training=True):
         logits = model(x)
     loss = loss_fn(logits.float(), y, *targets)
     state.batch = (x, y, logits, *targets)  # a teacher in the loop scores the very inputs trained on
