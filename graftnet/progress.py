@@ -29,10 +29,6 @@ console = make_console(stderr=True, highlight=False)
 _log_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("graftnet_log_file", default=None)
 
 
-def set_log_file(path: Path | None) -> None:
-    _log_file.set(path)
-
-
 @contextlib.contextmanager
 def log_to(path: Path | None):
     """Log into `path` (besides the terminal) while the block runs, then to what was before."""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .config import save_yaml
 from .io import atomic_write_json, atomic_write_text
 
 
@@ -126,7 +127,6 @@ def create_run(out: str | Path, name: str | None, prefix: str, cfg=None, seed: i
                header: str = "") -> Path:
     """A new run folder (`name`, or <prefix>-<timestamp>; a suffix where the name is taken) holding
     the resolved `cfg` as config.yaml (with `header` as comment lines) and environment.json."""
-    from .config import save_yaml  # lazily: config's dataclasses pull in their registries
     run_dir = new_run_dir(str(out), name, prefix)
     if cfg is not None:
         save_yaml(cfg, run_dir / "config.yaml", header=header)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import io
 import json
 import re
@@ -37,6 +36,7 @@ import yaml
 
 from .config import KEYS, RunConfig, load_yaml, resolve, save_yaml
 from .errors import ConfigError, GraftError
+from .fields import suggest
 from .io import atomic_write_json, atomic_write_text
 from .progress import log
 from .train.loop import Callback
@@ -66,9 +66,9 @@ def check_space(space: dict) -> dict:
         raise ConfigError("search space: empty; give at least one config key to search")
     for key, entry in space.items():
         if key not in KEYS:
-            near = difflib.get_close_matches(key, KEYS, n=1)
+            near = suggest(key, KEYS)
             raise ConfigError(f"search space: unknown config key {key}"
-                              + (f"; did you mean {near[0]}?" if near else ""))
+                              + (f"; did you mean {near}?" if near else ""))
         if not isinstance(entry, dict) or entry.get("type") not in TYPES:
             raise ConfigError(f"search space: {key}: needs type: one of {', '.join(TYPES)}")
         kind = entry["type"]

@@ -27,9 +27,10 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .data.images import grayscale, square_uint8, to_rgb
+from .data.pixels import unreadable_reason
 from .errors import GraftError
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -51,9 +52,7 @@ def open_image(data: bytes, gray: bool = False) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, ...
-        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>), which tells a client nothing
-        reason = "no image format recognised" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
-        raise UploadError(415, f"not an image this server can decode ({reason})") from None
+        raise UploadError(415, f"not an image this server can decode ({unreadable_reason(e)})") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise UploadError(413, f"image is {w}x{h} pixels; at most {MAX_PIXELS:,} pixels are accepted")

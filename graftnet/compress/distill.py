@@ -27,7 +27,7 @@ from ..progress import log
 from ..run import RunResult
 from ..train.loop import Callback, State
 from ..train.pipeline import train
-from .teach import (CachedTeacher, RunTeacher, Teacher, TeacherInLoop, _sets_at, kd_loss, loss_card,  # noqa: F401
+from .teach import (CachedTeacher, RunTeacher, Teacher, TeacherInLoop, kd_loss, loss_card,  # noqa: F401
                     teacher_logits)
 
 SETTINGS_FILE = "distill.yaml"
@@ -83,7 +83,9 @@ class DistillRecord(Callback):
                  **({"distillation": "teacher in the loop"} if self.in_loop else {}), **loss_card(s.alpha, s.temperature)}
         if self.teacher is not None and len(test):
             cache = cache_root(job.cfg.cache_dir) if job.cfg.train.cache_features else None
-            logits, _ = teacher_logits(self.teacher, _sets_at(job.cfg, self.teacher.image_size, job.sets)["test"],
+            # the cached path decoded the splits at the teacher's size already; in the loop the
+            # teacher resizes the student's images itself
+            logits, _ = teacher_logits(self.teacher, (getattr(self.term, "sets", None) or job.sets)["test"],
                                        job.source.fingerprint, cache)
             self.teacher_acc = (logits.argmax(1) == test.labels).float().mean().item()
             cards["teacher test accuracy"] = f"{self.teacher_acc:.4f}"

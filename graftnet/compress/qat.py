@@ -131,7 +131,6 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
     """QAT of the run in `run_dir` into a new run folder holding the fp32 weights (on the int8 grid)
     and export/model.int8.onnx; qat.json records the settings and the accuracies. Returns the folder."""
     from ..export.quantize import quantize_run
-    from ..export.runtime import evaluate_onnx
     settings.check()
     run, s = Run(run_dir), settings
     model, spec = run.model, run.spec
@@ -153,7 +152,8 @@ def qat_run(run_dir: str | Path, settings: QatSettings, out: str | None = None, 
         save_model(model, spec, new_dir)
         write_history(new_dir, state.history)
         q = quantize_run(new_dir, "static", s.calibration, seed=s.seed)
-        int8 = evaluate_onnx(q["path"], run.sets["test"])["accuracy"] if len(run.sets["test"]) else float("nan")
+        # quantize_run scored the int8 model on this run's test split already (the same config)
+        int8 = q["test_accuracy_int8"] if q["test_accuracy_int8"] is not None else float("nan")
         m = finish_evaluation(new_dir, run.cfg, spec, state.history, run.logits(model),
                               run.sets["test"].labels, run.sets["test"], run.sets["train"],
                               cards={"int8 test accuracy (ONNX Runtime)": f"{int8:.4f}",

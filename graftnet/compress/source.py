@@ -20,9 +20,9 @@ from ..train.checkpoint import Checkpointer, load_checkpoint
 from ..features import chunk_size, device_of, image_batches
 from ..train.finetune import FineTuneMode
 from ..train.inputs import load_data
-from ..train.loop import Callback, State, fit
+from ..train.loop import Callback, State, fit, hard_loss
 from ..train.optim import make_optimizer
-from .teach import kd_loss
+from .teach import RowTargets
 
 
 class Run:
@@ -80,7 +80,8 @@ class Recovery:
 
 def finetune(run: Run, model: nn.Module, r: Recovery, state: State, callbacks: list[Callback],
              generator: torch.Generator) -> None:
-    """Train `model` back as `r` says, from `state` (its epochs go on counting)."""
+    """Train `model` back as `r` says, from `state` (its epochs go on counting): the run's hard
+    loss, plus the teacher's term (teach.RowTargets) when `r.teacher` holds logits per image."""
     if r.epochs <= 0:
         return
     for p in model.parameters():
@@ -101,8 +102,9 @@ def finetune(run: Run, model: nn.Module, r: Recovery, state: State, callbacks: l
     # mean over the labeled images of a batch only (unlabeled transfer images among them).
     exact = r.chunked and r.bn == "eval" and bool((run.sets[r.split].labels >= 0).all())
 
-    def loss_fn(logits, y, targets=None):
-        return kd_loss(logits, targets, y, r.temperature, r.alpha, run.cfg.train.label_smoothing)
+    if r.teacher is not None and r.alpha > 0:  # the unpruned model's logits ride with their rows
+        callbacks = [RowTargets(None, r.temperature, r.alpha), *callbacks]
+    loss_fn = hard_loss(None, run.cfg.train.label_smoothing)
     val = (lambda: run.batches("val", run.cfg.train.eval_batch_size, None)) if len(run.sets["val"]) else None
     fit(FineTuneMode(model, r.bn), lambda: run.batches(r.split, r.batch_size, generator, augment, r.teacher),
         -(-n // r.batch_size), val, optimizer, state.epoch + r.epochs, state, callbacks,

@@ -35,7 +35,7 @@ from ..predictor import load_predictor
 from ..progress import log
 from ..features import cache_key
 from ..train.inputs import load_data, split_features
-from ..train.loop import Callback, State
+from ..train.loop import Callback, State, hard_loss
 
 
 class Teacher(Protocol):
@@ -112,19 +112,20 @@ def soft_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) 
                     log_target=True, reduction="batchmean")
 
 
+def mix(hard: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+        alpha: float) -> torch.Tensor:
+    """alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * the hard loss."""
+    return alpha * temperature ** 2 * soft_term(student, teacher, temperature) + (1 - alpha) * hard
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
             alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The whole distillation loss of one batch; rows labeled -1 (unlabeled transfer images) count
-    in the soft term only."""
-    known = labels >= 0
-    if known.all():
-        hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
-    else:
-        hard = (F.cross_entropy(student[known], labels[known], label_smoothing=label_smoothing)
-                if known.any() else student.sum() * 0)
+    """The whole distillation loss of one batch, as the loop computes it with a teacher callback;
+    rows labeled -1 (unlabeled transfer images) count in the soft term only."""
+    hard = hard_loss(None, label_smoothing)(student, labels)
     if alpha == 0 or teacher is None:
         return hard
-    return alpha * temperature ** 2 * soft_term(student, teacher, temperature) + (1 - alpha) * hard
+    return mix(hard, student, teacher, temperature, alpha)
 
 
 def loss_card(alpha: float, temperature: float) -> dict:
@@ -148,8 +149,7 @@ class _TeacherTerm(Callback):
     def after_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
         logits = state.batch[2]
         target = self.targets(state).float().to(logits.device)
-        t = self.temperature
-        return self.alpha * t ** 2 * soft_term(logits.float(), target, t) + (1 - self.alpha) * loss
+        return mix(loss, logits.float(), target, self.temperature, self.alpha)
 
 
 class TeacherInLoop(_TeacherTerm):
@@ -169,23 +169,30 @@ class TeacherInLoop(_TeacherTerm):
         return self.teacher.pixel_logits(pixels)
 
 
-class CachedTeacher(_TeacherTerm):
-    """The teacher's logits of each training image, computed once (and cached), as per-row targets
-    of the frozen stage; a transfer set (`transfer`: a path, at most `transfer_max` of its images)
-    adds rows the teacher labels."""
-
-    def __init__(self, teacher: Teacher, temperature: float, alpha: float, transfer: str | None = None,
-                 transfer_max: int | None = None):
-        super().__init__(teacher, temperature, alpha)
-        self.transfer, self.transfer_max, self.n_transfer = transfer, transfer_max, 0
+class RowTargets(_TeacherTerm):
+    """The teacher's logits ride with their rows through the loop as per-row targets (batches of
+    (x, y, teacher logits)): a frozen student on cached features, pruning's recovery."""
 
     def targets(self, state: State) -> torch.Tensor:
         return state.batch[3]
 
+
+class CachedTeacher(RowTargets):
+    """The teacher's logits of each training image, computed once (and cached), as per-row targets
+    of the frozen stage; a transfer set (`transfer`: a path, at most `transfer_max` of its images)
+    adds rows the teacher labels. `sets`: the run's splits at the teacher's input size, decoded once
+    (the report's teacher accuracy reads them too)."""
+
+    def __init__(self, teacher: Teacher, temperature: float, alpha: float, transfer: str | None = None,
+                 transfer_max: int | None = None):
+        super().__init__(teacher, temperature, alpha)
+        self.transfer, self.transfer_max, self.n_transfer, self.sets = transfer, transfer_max, 0, None
+
     def feature_rows(self, job, x, y, targets):
         cfg, source = job.cfg, job.source
         cache = cache_root(cfg.cache_dir) if cfg.train.cache_features else None
-        images = _sets_at(cfg, self.teacher.image_size, job.sets)["train"]
+        self.sets = _sets_at(cfg, self.teacher.image_size, job.sets)
+        images = self.sets["train"]
         teach, hit = teacher_logits(self.teacher, images, source.fingerprint, cache)
         log(f"teacher logits train: {tuple(teach.shape)} {'from cache' if hit else 'computed'}")
         if self.transfer:  # unlabeled images: the teacher's logits are their only targets

@@ -57,10 +57,11 @@ def _decode(data: bytes | np.ndarray, where: str) -> Image.Image:
             img.load()
             return to_rgb(img)
     except Exception as e:  # PIL raises many types for bad files
-        raise DataError(f"{where}: corrupt or unreadable image: {_reason(e)}") from None
+        raise DataError(f"{where}: corrupt or unreadable image: {unreadable_reason(e)}") from None
 
 
-def _reason(e: Exception) -> str:
+def unreadable_reason(e: Exception) -> str:
+    """Why PIL could not read an image, in words a user can act on."""
     if isinstance(e, UnidentifiedImageError):  # its text is "cannot identify image file <BytesIO ...>"
         return "not in any image format PIL reads"
     if "truncated" in str(e):

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import GraftError
 from ..io import atomic_write
 from ..progress import bar, log
-from .runtime import PREPROCESS_FILE, OnnxClassifier, read_preprocess, session, to_input
+from .runtime import PREPROCESS_FILE, evaluate_onnx, read_preprocess, session, to_input
 
 METHODS = ("static", "dynamic")
 
@@ -68,16 +68,10 @@ def held_out_images(cfg, spec):
     return images if len(images) else None
 
 
-def predictions(model_path: Path, images, chunk: int = 256) -> np.ndarray:
-    """Top-1 class indices of an ONNX model on an ImageSet, with a progress bar."""
-    clf = OnnxClassifier(model_path)
-    out = [np.zeros(0, np.int64)]
+def predictions(model_path: Path, images) -> np.ndarray:
+    """Top-1 class indices of an ONNX model on an ImageSet (evaluate_onnx), with a progress bar."""
     with bar(len(images), f"scoring the test split: {model_path.name}") as advance:
-        for i in range(0, len(images), chunk):
-            part = [im.numpy() for im in images.images[i:i + chunk]]
-            out.append(clf.logits(part).argmax(1))
-            advance(len(part))
-    return np.concatenate(out)
+        return np.asarray(evaluate_onnx(model_path, images, advance=advance)["predictions"])
 
 
 def _reader(batches: list[np.ndarray], input_name: str):

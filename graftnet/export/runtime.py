@@ -135,14 +135,20 @@ def predict_onnx(model_path: str | Path, target: str | Path, top: int = 3, batch
 
 
 def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, advance=lambda n: None) -> dict:
     """Accuracy of an exported model on an ImageSet (data/images.py; its uint8 squares and labels):
-    {"accuracy", "n", "correct", "predictions" (class indices)}."""
+    {"accuracy", "n", "correct", "predictions" (class indices)}. `advance(n)` after each batch (a
+    caller's progress bar: this module stays free of torch, which graftnet.progress imports)."""
     clf = OnnxClassifier(model_path, threads)
     if list(images.classes) != list(clf.classes):
         raise GraftError(f"{model_path}: the model's classes {clf.classes} differ from the data's "
                          f"{list(images.classes)}")
-    preds = clf.logits([im.numpy() for im in images.images], batch_size).argmax(1)
+    preds = [np.zeros(0, np.int64)]
+    for i in range(0, len(images), batch_size):
+        part = [im.numpy() for im in images.images[i:i + batch_size]]
+        preds.append(clf.logits(part, batch_size).argmax(1))
+        advance(len(part))
+    preds = np.concatenate(preds)
     labels = np.asarray(images.labels)
     correct = int((preds == labels).sum())
     return {"accuracy": correct / max(len(labels), 1), "n": int(len(labels)), "correct": correct,

@@ -271,3 +271,16 @@ def feature_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator
         idx = order[i:i + batch_size]
         xb = x[views[idx], idx] if views is not None else x[idx]
         yield (xb.float(), y[idx]) if targets is None else (xb.float(), y[idx], targets[idx])
+
+
+def hard_loss(weight: torch.Tensor | None, label_smoothing: float) -> Callable:
+    """Cross-entropy on the labels; rows labeled -1 (unlabeled images a teacher labels) are left to
+    the callbacks' terms. Per-row targets travel to callbacks through state.batch, not to this."""
+    def loss(logits: torch.Tensor, y: torch.Tensor, *targets) -> torch.Tensor:
+        if y.dim() == 1 and bool((y < 0).any()):
+            known = y >= 0
+            if not known.any():
+                return logits.sum() * 0
+            return F.cross_entropy(logits[known], y[known], weight=weight, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+    return loss

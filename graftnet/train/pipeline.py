@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..config import RunConfig
@@ -39,7 +38,7 @@ from .distributed import Replicated, is_main, shard
 from ..features import chunk_size, device_of, image_batches, pick_device
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .inputs import load_data, seed_everything, split_features
-from .loop import Callback, State, feature_batches, fit, predict_logits
+from .loop import Callback, State, feature_batches, fit, hard_loss, predict_logits
 from .optim import make_optimizer
 
 
@@ -124,19 +123,6 @@ def _prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Callback]) -> Job:
     weight = class_weights(sets["train"].labels, len(spec.classes), cfg.train.class_weights)
     loss_fn = hard_loss(weight.to(device) if weight is not None else None, cfg.train.label_smoothing)
     return Job(cfg, run_dir, source, sets, model, spec, generator, loss_fn, callbacks)
-
-
-def hard_loss(weight: torch.Tensor | None, label_smoothing: float) -> Callable:
-    """Cross-entropy on the labels; rows labeled -1 (unlabeled images a teacher labels) are left to
-    the callbacks' terms. Per-row targets travel to callbacks through state.batch, not to this."""
-    def loss(logits: torch.Tensor, y: torch.Tensor, *targets) -> torch.Tensor:
-        if y.dim() == 1 and bool((y < 0).any()):
-            known = y >= 0
-            if not known.any():
-                return logits.sum() * 0
-            return F.cross_entropy(logits[known], y[known], weight=weight, label_smoothing=label_smoothing)
-        return F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
-    return loss
 
 
 def _train(job: Job, resume: bool) -> RunResult:
