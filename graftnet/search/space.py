@@ -1,0 +1,85 @@
+"""The search space: YAML, dotted config key -> one entry; checked, then sampled per trial."""
+from __future__ import annotations
+
+from ..config import KEYS, RunConfig
+from ..errors import ConfigError
+from ..fields import suggest
+
+TYPES = ("float", "int", "categorical", "bool", "layers")
+
+DEFAULT_SPACE: dict[str, dict] = {
+    "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [128, 256, 512, 1024]},
+    "head.dropout": {"type": "float", "low": 0.0, "high": 0.6},
+    "head.activation": {"type": "categorical", "choices": ["relu", "gelu", "silu"]},
+    "train.optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True, "zero": True},
+    "train.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    "train.batch_size": {"type": "categorical", "choices": [64, 128, 256]},
+    "train.epochs": {"type": "int", "low": 5, "high": 20},
+    # flipped views and an augmentation preset exclude each other (config.validate)
+    "train.flip_views": {"type": "bool", "when": {"train.augment": "none"}},
+    "backbone.features": {"type": "categorical", "choices": ["last", "multi"]},
+}
+
+
+def check_space(space: dict) -> dict:
+    """The space, checked: one ConfigError line for the first thing wrong, before any folder exists."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("search space: empty; give at least one config key to search")
+    for key, entry in space.items():
+        if key not in KEYS:
+            near = suggest(key, KEYS)
+            raise ConfigError(f"search space: unknown config key {key}"
+                              + (f"; did you mean {near}?" if near else ""))
+        if not isinstance(entry, dict) or entry.get("type") not in TYPES:
+            raise ConfigError(f"search space: {key}: needs type: one of {', '.join(TYPES)}")
+        kind = entry["type"]
+        if kind in ("float", "int", "layers"):
+            if "low" not in entry or "high" not in entry:
+                raise ConfigError(f"search space: {key}: a {kind} needs low and high")
+            if not entry["low"] < entry["high"]:
+                raise ConfigError(f"search space: {key}: low ({entry['low']}) must be below high ({entry['high']})")
+            if entry.get("log") and entry["low"] <= 0:
+                raise ConfigError(f"search space: {key}: a log range needs low > 0")
+        if kind in ("categorical", "layers") and not entry.get("choices"):
+            raise ConfigError(f"search space: {key}: empty choices")
+        for other in entry.get("when") or {}:
+            if other not in KEYS:
+                raise ConfigError(f"search space: {key}: `when` names unknown config key {other}")
+    return space
+
+
+def sample(trial, space: dict, base: RunConfig) -> dict:
+    """{config key: value} for one trial. Conditional parameters get their own Optuna names
+    (head.hidden.1 exists only in trials with two layers), so TPE models each on the trials that have it."""
+    chosen: dict = {}
+    for key, e in space.items():
+        if any((chosen[k] if k in chosen else _value(base, k)) != v for k, v in (e.get("when") or {}).items()):
+            continue
+        kind = e["type"]
+        if kind == "float":
+            if e.get("zero") and trial.suggest_categorical(f"{key}.zero", [False, True]):
+                chosen[key] = 0.0
+                continue
+            chosen[key] = trial.suggest_float(key, e["low"], e["high"], log=bool(e.get("log")))
+        elif kind == "int":
+            chosen[key] = trial.suggest_int(key, e["low"], e["high"], log=bool(e.get("log")))
+        elif kind == "categorical":
+            chosen[key] = trial.suggest_categorical(key, list(e["choices"]))
+        elif kind == "bool":
+            chosen[key] = trial.suggest_categorical(key, [False, True])
+        else:  # layers: a count, then a width per layer that exists
+            n = trial.suggest_int(f"{key}.layers", e["low"], e["high"])
+            chosen[key] = [trial.suggest_categorical(f"{key}.{i}", list(e["choices"])) for i in range(n)]
+    return chosen
+
+
+def _value(cfg: RunConfig, key: str):
+    """The base config's value at a dotted key (`callbacks.x.y` goes into a plain dict)."""
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node
+
+

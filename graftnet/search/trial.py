@@ -1,0 +1,63 @@
+"""One trial: the sampled parameters applied to the base config, trained as an ordinary run, and
+the numbers the study is told (validation accuracy first, then latency and size when asked)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, resolve
+from ..errors import GraftError
+from ..train.loop import Callback
+from .settings import SearchSettings
+from .space import sample
+
+
+@dataclass
+class Outcome:
+    values: list[float]          # in the order of settings.objectives
+    pruned: bool                 # stopped early by the pruner: reported, not a finished value
+    run: Path
+    attrs: dict = field(default_factory=dict)   # every measured number, kept with the trial
+
+
+class TrialReporter(Callback):
+    """Reports each epoch's validation accuracy to the trial and ends the fit early when the
+    pruner (median of earlier trials at the same epoch) says this trial will not win."""
+
+    def __init__(self, trial):
+        self.trial, self.pruned, self.step = trial, False, 0
+
+    def after_epoch(self, state, row: dict) -> None:
+        acc = row.get("val_acc")
+        if acc is None or acc != acc:  # no validation split, or NaN: nothing to choose trials by
+            raise GraftError("search: trials are chosen on validation accuracy; the data has no "
+                             "validation split (set data.val_fraction > 0)")
+        self.step += 1
+        self.trial.report(float(acc), self.step)
+        if self.trial.should_prune():
+            self.pruned = state.stop = True
+
+
+def saved_val_acc(cfg: RunConfig, history: list[dict]) -> float:
+    """The validation accuracy of the model the run saved: the last epoch's, or with early
+    stopping the restored best epoch's (by the monitored value)."""
+    rows = [r for r in history if r.get("val_acc") == r.get("val_acc") and "val_acc" in r]
+    if not rows:
+        raise GraftError("search: the trial logged no validation accuracy")
+    if cfg.train.early_stopping:
+        best = (max(rows, key=lambda r: r["val_acc"]) if cfg.train.monitor == "val_acc"
+                else min(rows, key=lambda r: r.get("val_loss", float("inf"))))
+        return float(best["val_acc"])
+    return float(rows[-1]["val_acc"])
+
+
+def run_trial(trial, folder: Path, base: RunConfig, space: dict, settings: SearchSettings) -> Outcome:
+    """Train the trial under SEARCH/trials/trial-NNN; raises GraftError for a bad combination or a
+    diverged run (the runner records it and goes on)."""
+    from ..train.pipeline import train
+    overrides = {**sample(trial, space, base), "out": str(folder / "trials"), "name": f"trial-{trial.number:03d}"}
+    reporter = TrialReporter(trial)
+    cfg = resolve(folder / "base.yaml", overrides)
+    result = train(cfg, callbacks=[reporter], test=False)
+    acc = saved_val_acc(cfg, result.history)
+    return Outcome(values=[acc], pruned=reporter.pruned, run=Path(result.run_dir), attrs={"val_acc": acc})
