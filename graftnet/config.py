@@ -64,8 +64,9 @@ class BackboneConfig:
     pretrained: bool = option(True, flag="no-pretrained",
                               help="start from pretrained weights; --no-pretrained: random initialisation")
     image_size: int | None = option(None, metavar="PX", help="input size (default: the backbone's)")
-    features: str = option("last", choices=("last", "multi"),
-                           help="final feature map, or + pooled outputs of late stages")
+    features: str = option("last", choices=("last", "multi", "blocks"),
+                           help="final feature map; + pooled outputs of late stages (multi); + of "
+                           "every block (blocks)")
     # auto: bf16 only where it is fast (features.native_bf16): a GPU, AMX, or for the inference
     # pass AVX512-BF16 (training steps stay fp32 there); on AVX2 bf16 is ~10x slower
     precision: str = option("auto", choices=("auto", "bf16", "fp32"),
@@ -270,7 +271,7 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= ft.ema < 1:
         raise ConfigError(f"finetune.ema: the average's decay must be in [0, 1) (0: off), got {ft.ema}")
     parse_unfreeze(ft.unfreeze)
-    if cfg.head.pool == "flatten" and cfg.backbone.features == "multi":
+    if cfg.head.pool == "flatten" and cfg.backbone.features != "last":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
     if not 0 < cfg.eval.target_sensitivity <= 1:
         raise ConfigError(f"eval.target_sensitivity: must be in (0, 1], got {cfg.eval.target_sensitivity}")

@@ -20,6 +20,9 @@ class FeatureExtractor(nn.Module):
     With features="multi", forward hooks collect the outputs of the last `taps` stages that timm's
     `feature_info` names (for EfficientNet-Lite0: 40, 112 and 320 channels beside the final 1280).
     Features from several depths carry more of what a frozen backbone knows about small images.
+    With features="blocks", every block of every stage is tapped (Lite0: 16 blocks, 1,808 pooled
+    channels beside the final 1,280): Head2Toe's finding that a head reading all depths of a frozen
+    network closes much of the gap to fine-tuning, at the cost of one pass.
     """
 
     def __init__(self, model: nn.Module, features: str = "last", taps: int = 3):
@@ -33,6 +36,8 @@ class FeatureExtractor(nn.Module):
             if info and info[-1]["num_chs"] == model.num_features:
                 info = info[:-1]
             self.tap_names = [i["module"] for i in info[-taps:]]
+        elif features == "blocks":
+            self.tap_names = block_names(model)
         modules = dict(model.named_modules())
         # A plain list, not registered submodules: a deep copy maps it onto the copy's own modules,
         # and forward need not walk the module tree on every batch.
@@ -51,6 +56,30 @@ class FeatureExtractor(nn.Module):
         shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size))]
         self.train(was_training)
         return shapes
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Every block of every stage: the children of the containers that hold timm's feature_info
+    stages (EfficientNet's blocks.S.B, ResNet's layerS.B). A model without stage containers (or
+    without feature_info) falls back to its stages themselves. The last block is left out when it
+    is the final map itself (ResNet's layer4's last block)."""
+    info = list(getattr(model, "feature_info", None) or [])
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    parents = dict.fromkeys(i["module"].rpartition(".")[0] for i in info)
+    for parent in parents:
+        container = modules.get(parent) if parent else model
+        for stage_name, stage in container.named_children():
+            full = f"{parent}.{stage_name}" if parent else stage_name
+            if not any(i["module"] == full or i["module"].startswith(full + ".") for i in info) \
+                    and not (parent and isinstance(stage, nn.Sequential)):
+                continue  # the stem, pooling or the classifier: not a stage of blocks
+            kids = list(stage.named_children()) if isinstance(stage, nn.Sequential) else []
+            names += [f"{full}.{k}" for k, _ in kids] if kids else [full]
+    if names and info and info[-1]["module"] in names[-1:] + [names[-1].rpartition(".")[0]] \
+            and info[-1]["num_chs"] == model.num_features:
+        names = names[:-1]
+    return names
 
 
 def _keep_output(module, _inputs, output):

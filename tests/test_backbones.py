@@ -45,18 +45,31 @@ def test_packaged_weights_classify_grace_hopper(name):
 
 
 @pytest.mark.parametrize("spec", backbones.list_specs(), ids=lambda s: s.name)
-@pytest.mark.parametrize("features", ["last", "multi"])
+@pytest.mark.parametrize("features", ["last", "multi", "blocks"])
 def test_contract_every_registered_backbone(spec, features):
     """Tiny input, feature size as declared, head swap works, backward reaches only the head."""
     model = spec.architecture()
     extractor = FeatureExtractor(model, features, spec.multi_taps)
     shapes = extractor.channels(64)
     assert shapes[0][0] == model.num_features
-    assert len(shapes) == (1 + spec.multi_taps if features == "multi" else 1)
+    if features == "blocks":  # at least the depths "multi" reads, each tapped once
+        assert len(shapes) >= 1 + spec.multi_taps
+        assert len(set(extractor.tap_names)) == len(extractor.tap_names)
+    else:
+        assert len(shapes) == (1 + spec.multi_taps if features == "multi" else 1)
     pool = Pool("avg")
     mlp = make_mlp(pool.out_features(shapes), 7, HeadConfig(hidden=[16]))
     out = mlp(pool(extractor(torch.randn(2, 3, 64, 64))))
     assert out.shape == (2, 7)
+
+
+def test_blocks_taps_every_block_of_lite0():
+    """16 blocks: Lite0's 7 stages hold 1, 2, 2, 3, 3, 4 and 1 blocks; each block's output is pooled."""
+    model = backbones.get_spec("efficientnet_lite0").architecture()
+    extractor = FeatureExtractor(model, "blocks")
+    assert extractor.tap_names == [f"blocks.{s}.{b}" for s, n in enumerate([1, 2, 2, 3, 3, 4, 1]) for b in range(n)]
+    shapes = extractor.channels(64)
+    assert Pool("avg").out_features(shapes) == 1280 + 16 + 2 * 24 + 2 * 40 + 3 * 80 + 3 * 112 + 4 * 192 + 320
 
 
 def test_registry_refuses_duplicates():
