@@ -1,4 +1,6 @@
-"""What a search leaves: trials.csv/json, best.yaml, the chosen run's single test evaluation, search.json."""
+"""What a search leaves: trials.csv/json, best.yaml, search.json, plots and report.html, and one
+test evaluation for each chosen run: the best trial's, and with several objectives every Pareto
+front member's. Selection sees validation alone, so these test numbers are not themselves chosen."""
 from __future__ import annotations
 
 import csv
@@ -10,53 +12,168 @@ from pathlib import Path
 from ..config import RunConfig, resolve, save_yaml
 from ..io import atomic_write_json, atomic_write_text
 from ..progress import log
+from .settings import SearchSettings
+
+SELECTION = "selected on validation; test scored once for the chosen model(s)"
 
 
-def best_trial(study):
+def measure(t, name: str, objectives: list[str] | None = None):
+    """An objective's value as the study was told it, else the number the trial measured
+    (pruned and failed trials have no values, but may have measured attrs)."""
+    if t.values and objectives and name in objectives:
+        return t.values[objectives.index(name)]
+    value = t.user_attrs.get(name)
+    if value is None and name == "val_acc" and t.intermediate_values:  # pruned: its last report
+        value = t.intermediate_values[max(t.intermediate_values)]
+    return value
+
+
+def feasible(t, max_latency_ms: float | None, objectives: list[str] | None = None) -> bool:
+    """Within the latency constraint; a trial without a latency is not known to meet it."""
+    if max_latency_ms is None:
+        return True
+    latency = measure(t, "latency_ms", objectives)
+    return latency is not None and latency <= max_latency_ms
+
+
+def best_trial(study, max_latency_ms: float | None = None):
+    """The most accurate complete (and feasible) trial; the earlier one on a tie."""
     from optuna.trial import TrialState
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t, max_latency_ms)]
     return max(done, key=lambda t: (t.values[0], -t.number)) if done else None
 
 
-def finish(study, folder: Path, space: dict, base: RunConfig, command: str | None, evaluate_run) -> dict:
-    """trials.csv/json, best.yaml, the best run's single test evaluation and search.json."""
-    rows = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.values[0] if t.values else None,
-             "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error"),
-             "run": t.user_attrs.get("run")} for t in study.trials]
+def pareto_front(trials: list, key) -> list:
+    """The trials no other one dominates; `key(t)` is a tuple in which larger is better everywhere.
+    Computed here, not taken from Optuna's study.best_trials, because that front is over all trials:
+    a feasible trial dominated only by an infeasible one belongs to the feasible front."""
+    keys = {t.number: key(t) for t in trials}
+    beats = lambda a, b: a != b and all(x >= y for x, y in zip(a, b))
+    return [t for t in trials if not any(beats(keys[o.number], keys[t.number]) for o in trials)]
+
+
+@dataclasses.dataclass
+class Choice:
+    feasible: list         # complete trials within the latency constraint (all complete ones without it)
+    front: list            # the Pareto front of `feasible`, most accurate first; [] with one objective
+    best: object | None    # the most accurate feasible trial: best.yaml
+
+
+def choose(study, settings: SearchSettings) -> Choice:
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+    objectives, limit = settings.objectives, settings.max_latency_ms
+    ok = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t, limit, objectives)]
+    front = []
+    if len(study.directions) > 1:
+        signs = [1 if d == StudyDirection.MAXIMIZE else -1 for d in study.directions]
+        front = pareto_front(ok, lambda t: tuple(s * v for s, v in zip(signs, t.values)))
+        front.sort(key=lambda t: (-t.values[0], t.number))
+    best = max(front or ok, key=lambda t: (t.values[0], -t.number)) if ok else None
+    return Choice(ok, front, best)
+
+
+def trial_rows(study, settings: SearchSettings, choice: Choice) -> list[dict]:
+    """One row per trial: the objectives' values and every attr the trial measured as columns."""
+    fixed = ("number", "state", "params", "value", *settings.objectives, "seconds", "error", "run")
+    extra = list(dict.fromkeys(k for t in study.trials for k in t.user_attrs if k not in fixed))
+    ok, front = {t.number for t in choice.feasible}, {t.number for t in choice.front}
+    rows = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name, "params": t.params,
+               "value": t.values[0] if t.values else None}
+        row.update({o: measure(t, o, settings.objectives) for o in settings.objectives})
+        row.update({k: t.user_attrs.get(k) for k in extra})
+        if settings.max_latency_ms is not None:
+            row["feasible"] = t.number in ok
+        if len(settings.objectives) > 1:
+            row["pareto"] = t.number in front
+        row.update({k: t.user_attrs.get(k) for k in ("seconds", "error", "run")})
+        rows.append(row)
+    return rows
+
+
+def finish(study, folder: Path, space: dict, base: RunConfig, command: str | None, evaluate_run,
+           settings: SearchSettings | None = None) -> dict:
+    """trials.csv/json, best.yaml, the chosen runs' single test evaluations, search.json, plots and
+    report.html. `settings` default to the folder's search.yaml."""
+    from optuna.trial import TrialState
+    folder = Path(folder)
+    settings = settings or SearchSettings.load(folder)
+    choice = choose(study, settings)
+    rows = trial_rows(study, settings, choice)
     atomic_write_json(folder / "trials.json", rows)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["number"])
     writer.writeheader()
-    writer.writerows([{**r, "params": json.dumps(r["params"])} for r in rows])
+    # dicts and lists (params, a worker's host and pid) as JSON, not Python's repr
+    writer.writerows([{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows])
     atomic_write_text(folder / "trials.csv", text.getvalue())
-    best = best_trial(study)
-    summary = {"space": space, "trials_done": sum(r["state"] != "RUNNING" for r in rows),
-               "best_trial": None, "params": None, "val_accuracy": None, "test_accuracy": None,
-               "command": command}
-    if best is None:
+
+    states = {s.name: sum(t.state == s for t in study.trials) for s in TrialState}
+    starts = [t.datetime_start for t in study.trials if t.datetime_start]
+    ends = [t.datetime_complete for t in study.trials if t.datetime_complete]
+    # finished only: neither the running trials nor the queued ones (a labelled base config waits)
+    summary = {"space": space, "trials_done": sum(t.state.is_finished() for t in study.trials),
+               "best_trial": None, "params": None, "val_accuracy": None, "test_accuracy": None, "run": None,
+               "command": command, "objectives": settings.objectives, "max_latency_ms": settings.max_latency_ms,
+               "selection": SELECTION, "states": {k: v for k, v in states.items() if v},
+               "trial_seconds": round(sum(t.user_attrs.get("seconds") or 0 for t in study.trials), 2),
+               "span_seconds": round((max(ends) - min(starts)).total_seconds(), 2) if starts and ends else None,
+               "feasible_trials": len(choice.feasible), "no_feasible": None, "pareto": None}
+    scored: dict[str, float | None] = {}  # the best trial is also on the front: one evaluation each
+
+    def test_accuracy(t) -> float | None:
+        run = t.user_attrs.get("run")
+        if run is not None and run not in scored:
+            scored[run] = _score(Path(run), evaluate_run)
+        return scored.get(run)
+
+    complete = states.get("COMPLETE", 0)
+    if choice.best is None and settings.max_latency_ms is not None and complete:
+        fastest = min((v for t in study.trials if t.state == TrialState.COMPLETE
+                       if (v := measure(t, "latency_ms", settings.objectives)) is not None), default=None)
+        summary["no_feasible"] = (f"no complete trial meets max_latency_ms {settings.max_latency_ms:g}"
+                                  + (f" (the fastest took {fastest:.3g} ms)" if fastest is not None else "")
+                                  + "; no best.yaml written")
+        log(f"[yellow]search: {summary['no_feasible']}[/]")
+    elif choice.best is None:
         log("[yellow]search: no trial completed[/]")
     else:
-        run = Path(best.user_attrs["run"])
+        best, run = choice.best, Path(choice.best.user_attrs["run"])
         # the trial's config with the base's out and name: a rerun lands beside other runs, not in trials/
         best_cfg = dataclasses.replace(resolve(run / "config.yaml"), out=base.out, name=base.name)
         save_yaml(best_cfg, folder / "best.yaml",
-                  f"the best trial ({best.number}, validation accuracy {best.values[0]:.4f}) of this search;\n"
-                  f"`graft train --config best.yaml` reproduces it")
-        # the test split is scored once, for the chosen trial only: selection saw validation alone
-        evaluation = {} if (run / "evaluations").is_dir() else evaluate_run(run)
-        test_acc = evaluation.get("accuracy") if evaluation else _read_test(run)
+                  f"the best trial ({best.number}, validation accuracy {best.values[0]:.4f}) of this search"
+                  + (f", the most accurate within {settings.max_latency_ms:g} ms" if settings.max_latency_ms else "")
+                  + ";\n`graft train --config best.yaml` reproduces it")
+        test_acc = test_accuracy(best)
         summary.update(best_trial=best.number, params=best.params, val_accuracy=best.values[0],
                        test_accuracy=test_acc, run=str(run))
         log(f"search: best trial {best.number}, validation {best.values[0]:.4f}, test "
             + (f"{test_acc:.4f}" if test_acc is not None else "-") + f" ({run})")
+    if len(settings.objectives) > 1:
+        summary["pareto"] = [{"number": t.number, "params": t.params,
+                              **{k: measure(t, k, settings.objectives) for k in ("val_acc", "latency_ms", "size_mb")},
+                              "label": t.user_attrs.get("label"), "run": t.user_attrs.get("run"),
+                              "test_accuracy": test_accuracy(t)}
+                             for t in choice.front]
+        log(f"search: Pareto front of {len(choice.front)} trial(s): "
+            + ", ".join(str(t.number) for t in choice.front) + f"; {SELECTION}")
     atomic_write_json(folder / "search.json", summary)
+    from .report import write_search_report
+    write_search_report(folder, study, settings, summary, rows)
     return summary
 
 
+def _score(run: Path, evaluate_run) -> float | None:
+    # a resumed search finds its chosen runs already scored: the test split is never scored twice
+    evaluation = {} if (run / "evaluations").is_dir() else evaluate_run(run)
+    return evaluation.get("accuracy") if evaluation else _read_test(run)
+
+
 def _read_test(run: Path) -> float | None:
-    """A resumed search whose best trial was already scored: read that evaluation back."""
+    """A resumed search whose chosen trial was already scored: read that evaluation back."""
     for f in sorted((run / "evaluations").glob("*/test_metrics.json")):
         return json.loads(f.read_text()).get("accuracy")
     return None
-
-
