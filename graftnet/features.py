@@ -174,6 +174,51 @@ def cache_key(parts: dict, images: ImageSet, fingerprint: str) -> str:
     return h.hexdigest()[:24]
 
 
+def _load(path: Path, n: int) -> torch.Tensor | None:
+    if path.is_file():
+        from safetensors.torch import load_file
+        try:
+            feats = load_file(str(path))["features"]
+            if feats.shape[0] == n:
+                return feats
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            pass
+    return None
+
+
+def _from_superset(model, images: ImageSet, parts: dict, fingerprint: str, cache_dir: Path, kwargs: dict,
+                   view) -> tuple[torch.Tensor, bool] | None:
+    """Average-pooled "last" or "multi" features are columns of the "blocks" features of the same
+    backbone and images (heads.FeatureExtractor.blocks_superset): read them from that cache entry, or compute and
+    cache the superset, whose taps cost nothing next to the backbone pass, so the next mode is free."""
+    extractor = getattr(model, "extractor", None)
+    if parts.get("pool") != "avg" or parts.get("features") not in ("last", "multi") or extractor is None:
+        return None
+    with extractor.blocks_superset(kwargs["size"]) as found:
+        if found is None:
+            return None
+        full, columns = found
+        key = cache_key({**parts, "features": "blocks", "flip": kwargs.get("flip", False),
+                         **({"view": view} if view else {})}, images, fingerprint)
+        path = Path(cache_dir) / "features" / f"{key}.safetensors"
+        feats = _load(path, len(images))
+        if feats is not None:
+            return feats[:, columns].contiguous(), True
+        own = model.extractor
+        model.extractor = full  # the same backbone modules, tapped at every block for this pass
+        try:
+            feats = compute_features(model, images, **kwargs)
+        finally:
+            model.extractor = own
+    try:
+        save_tensors(path, {"features": feats}, {"parts": json.dumps({**parts, "features": "blocks"}),
+                                                 "n": str(len(images))})
+    except OSError as e:  # a full disk costs the cache, not the run
+        from .progress import log
+        log(f"[yellow]feature cache not written ({e}); training goes on[/]")
+    return feats[:, columns].contiguous(), False
+
+
 def cached_features(model, images: ImageSet, parts: dict, fingerprint: str, cache_dir: Path | None,
                     **kwargs) -> tuple[torch.Tensor, bool]:
     """Features from the cache when present, else computed and stored. Returns (features, hit)."""
@@ -183,18 +228,16 @@ def cached_features(model, images: ImageSet, parts: dict, fingerprint: str, cach
     key = cache_key({**parts, "flip": kwargs.get("flip", False), **({"view": view} if view else {})},
                     images, fingerprint)
     path = Path(cache_dir) / "features" / f"{key}.safetensors"
-    if path.is_file():
-        from safetensors.torch import load_file
-        try:
-            feats = load_file(str(path))["features"]
-            if feats.shape[0] == len(images):
-                return feats, True
-        except Exception:  # a damaged cache entry is recomputed, never trusted
-            pass
+    feats = _load(path, len(images))
+    if feats is not None:
+        return feats, True
+    superset = _from_superset(model, images, parts, fingerprint, cache_dir, kwargs, view)
+    if superset is not None:
+        return superset
     feats = compute_features(model, images, **kwargs)
     try:
         save_tensors(path, {"features": feats}, {"parts": json.dumps(parts), "n": str(len(images))})
     except OSError as e:  # a full disk costs the cache, not the run
-        from ..progress import log
+        from .progress import log
         log(f"[yellow]feature cache not written ({e}); training goes on[/]")
     return feats, False

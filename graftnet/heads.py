@@ -6,6 +6,8 @@ vectors can then be cached on disk and the MLP trained on them alone.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -42,18 +44,46 @@ class FeatureExtractor(nn.Module):
         # A plain list, not registered submodules: a deep copy maps it onto the copy's own modules,
         # and forward need not walk the module tree on every batch.
         self._tapped = [modules[name] for name in self.tap_names]
+        self._hooks = [module.register_forward_hook(_keep_output) for module in self._tapped]
+
+    def remove_hooks(self) -> None:
+        """Untap the modules: for an extractor made only for a while over another one's backbone."""
+        for hook in self._hooks:
+            hook.remove()
         for module in self._tapped:
-            module.register_forward_hook(_keep_output)
+            module.__dict__.pop("_graft_tap", None)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         final = self.model.forward_features(x)
         return [final] + [m.__dict__.pop("_graft_tap") for m in self._tapped]
 
+    @contextmanager
+    def blocks_superset(self, image_size: int):
+        """(an extractor of the same backbone with features="blocks", the column of each of this one's
+        average-pooled features within its features), or None where they are not a subset. The pooled
+        mean of a map does not depend on what else is tapped, so every feature mode of one backbone and
+        size can be read from one cached "blocks" pass: a search over feature modes runs the backbone once."""
+        full = FeatureExtractor(self.model, "blocks")
+        try:
+            # a stage's output is its last block's: "multi" taps stages, "blocks" taps blocks
+            modules = dict(self.model.named_modules())
+            mine = [_last_block(name, modules) for name in self.tap_names]
+            if not set(mine) <= set(full.tap_names):
+                yield None
+                return
+            widths = [s[0] for s in full.channels(image_size)]
+            starts = dict(zip([None, *full.tap_names], [sum(widths[:i]) for i in range(len(widths))]))
+            width = dict(zip([None, *full.tap_names], widths))
+            yield full, torch.cat([torch.arange(starts[n], starts[n] + width[n]) for n in [None, *mine]])
+        finally:
+            full.remove_hooks()
+
     @torch.no_grad()
     def channels(self, image_size: int) -> list[tuple[int, int, int]]:
         was_training = self.training
         self.eval()
-        shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size))]
+        device = next(self.model.parameters()).device
+        shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size, device=device))]
         self.train(was_training)
         return shapes
 
@@ -80,6 +110,13 @@ def block_names(model: nn.Module) -> list[str]:
             and info[-1]["num_chs"] == model.num_features:
         names = names[:-1]
     return names
+
+
+def _last_block(name: str, modules: dict) -> str:
+    """A Sequential's output is its last child's: the innermost module that gives `name`'s output."""
+    while isinstance(modules.get(name), nn.Sequential) and len(modules[name]):
+        name = f"{name}.{list(modules[name].named_children())[-1][0]}"
+    return name
 
 
 def _keep_output(module, _inputs, output):

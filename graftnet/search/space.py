@@ -6,6 +6,8 @@ from ..errors import ConfigError
 from ..fields import suggest
 
 TYPES = ("float", "int", "categorical", "bool", "layers")
+# what a trial does to its trained model before it is judged (trial.py); keys beside the config's
+STEPS = {"export.int8": ("bool",)}
 
 DEFAULT_SPACE: dict[str, dict] = {
     "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [128, 256, 512, 1024]},
@@ -19,7 +21,8 @@ DEFAULT_SPACE: dict[str, dict] = {
     "train.epochs": {"type": "int", "low": 5, "high": 20},
     # flipped views and an augmentation preset exclude each other (config.validate)
     "train.flip_views": {"type": "bool", "when": {"train.augment": "none"}},
-    "backbone.features": {"type": "categorical", "choices": ["last", "multi"]},
+    # one backbone pass serves all three: their average-pooled features are columns of "blocks"
+    "backbone.features": {"type": "categorical", "choices": ["last", "multi", "blocks"]},
 }
 
 
@@ -28,8 +31,10 @@ def check_space(space: dict) -> dict:
     if not isinstance(space, dict) or not space:
         raise ConfigError("search space: empty; give at least one config key to search")
     for key, entry in space.items():
-        if key not in KEYS:
-            near = suggest(key, KEYS)
+        if key in STEPS and (not isinstance(entry, dict) or entry.get("type") not in STEPS[key]):
+            raise ConfigError(f"search space: {key}: needs type: {' or '.join(STEPS[key])}")
+        if key not in KEYS and key not in STEPS:
+            near = suggest(key, [*KEYS, *STEPS])
             raise ConfigError(f"search space: unknown config key {key}"
                               + (f"; did you mean {near}?" if near else ""))
         if not isinstance(entry, dict) or entry.get("type") not in TYPES:
@@ -45,7 +50,7 @@ def check_space(space: dict) -> dict:
         if kind in ("categorical", "layers") and not entry.get("choices"):
             raise ConfigError(f"search space: {key}: empty choices")
         for other in entry.get("when") or {}:
-            if other not in KEYS:
+            if other not in KEYS and other not in STEPS:
                 raise ConfigError(f"search space: {key}: `when` names unknown config key {other}")
     return space
 
@@ -83,3 +88,30 @@ def _value(cfg: RunConfig, key: str):
     return node
 
 
+
+
+def base_params(space: dict, base: RunConfig) -> dict:
+    """The base config's own values as the trial parameters `sample` names them, where the space
+    can hold them: enqueued as a trial, the hand-made configuration is scored like any other and
+    marked on the plots. Values outside the space are left for the sampler to choose."""
+    params: dict = {}
+    for key, e in space.items():
+        value = False if key in STEPS else _value(base, key)
+        if any((_value(base, k) if k not in STEPS else False) != v for k, v in (e.get("when") or {}).items()):
+            continue
+        kind = e["type"]
+        if kind in ("float", "int") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if e.get("zero") and value == 0:
+                params[f"{key}.zero"] = True
+            elif e["low"] <= value <= e["high"]:
+                params.update({f"{key}.zero": False} if e.get("zero") else {})
+                params[key] = value
+        elif kind == "categorical" and value in e["choices"]:
+            params[key] = value
+        elif kind == "bool" and isinstance(value, bool):
+            params[key] = value
+        elif kind == "layers" and isinstance(value, list) and e["low"] <= len(value) <= e["high"] \
+                and all(w in e["choices"] for w in value):
+            params[f"{key}.layers"] = len(value)
+            params.update({f"{key}.{i}": w for i, w in enumerate(value)})
+    return params

@@ -1,5 +1,10 @@
 """One trial: the sampled parameters applied to the base config, trained as an ordinary run, and
-the numbers the study is told (validation accuracy first, then latency and size when asked)."""
+the numbers the study is told (validation accuracy first, then latency and size when asked).
+
+Besides config keys a space may hold STEPS, what happens to the trained model before it is judged:
+    export.int8: {type: bool}   # the int8 ONNX model is what the trial ships: its validation accuracy
+                                # and its latency are the trial's
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +14,7 @@ from ..config import RunConfig, resolve
 from ..errors import GraftError
 from ..train.loop import Callback
 from .settings import SearchSettings
-from .space import sample
+from .space import STEPS, sample
 
 
 @dataclass
@@ -26,6 +31,8 @@ class TrialReporter(Callback):
 
     def __init__(self, trial):
         self.trial, self.pruned, self.step = trial, False, 0
+        # Optuna prunes single-objective studies only (Trial.report refuses several objectives)
+        self.reports = len(getattr(getattr(trial, "study", None), "directions", [None])) == 1
 
     def after_epoch(self, state, row: dict) -> None:
         acc = row.get("val_acc")
@@ -33,6 +40,8 @@ class TrialReporter(Callback):
             raise GraftError("search: trials are chosen on validation accuracy; the data has no "
                              "validation split (set data.val_fraction > 0)")
         self.step += 1
+        if not self.reports:
+            return
         self.trial.report(float(acc), self.step)
         if self.trial.should_prune():
             self.pruned = state.stop = True
@@ -55,9 +64,20 @@ def run_trial(trial, folder: Path, base: RunConfig, space: dict, settings: Searc
     """Train the trial under SEARCH/trials/trial-NNN; raises GraftError for a bad combination or a
     diverged run (the runner records it and goes on)."""
     from ..train.pipeline import train
-    overrides = {**sample(trial, space, base), "out": str(folder / "trials"), "name": f"trial-{trial.number:03d}"}
+    chosen = sample(trial, space, base)
+    steps = {k: chosen.pop(k) for k in list(chosen) if k in STEPS}
+    overrides = {**chosen, "out": str(folder / "trials"), "name": f"trial-{trial.number:03d}"}
     reporter = TrialReporter(trial)
     cfg = resolve(folder / "base.yaml", overrides)
     result = train(cfg, callbacks=[reporter], test=False)
     acc = saved_val_acc(cfg, result.history)
-    return Outcome(values=[acc], pruned=reporter.pruned, run=Path(result.run_dir), attrs={"val_acc": acc})
+    attrs = {"val_acc": acc}
+    int8 = bool(steps.get("export.int8"))
+    if not reporter.pruned and (settings.measures_latency or int8 or "size_mb" in settings.objectives):
+        from .measure import measure_run
+        attrs.update(measure_run(result.run_dir, int8, settings.latency_batch))
+        if int8:  # the shipped model is the int8 one: it is judged by its own accuracy
+            attrs["val_acc_fp32"], acc = acc, attrs.pop("val_acc_int8")
+            attrs["val_acc"] = acc
+    values = [acc] + [attrs[o] for o in settings.objectives[1:]]
+    return Outcome(values=values, pruned=reporter.pruned, run=Path(result.run_dir), attrs=attrs)

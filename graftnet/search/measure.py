@@ -1,0 +1,51 @@
+"""What a trial's model costs where it runs: exported to ONNX (int8 when the trial asks), timed with
+ONNX Runtime on this CPU, and sized; an int8 model's validation accuracy is its own, measured on the
+validation split (never the test split: trials are chosen on validation alone)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig
+from ..export.exporter import export_run, load_run
+from ..export.quantize import calibration_images, quantize_onnx
+from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, to_input
+
+CALIBRATION = 256   # training images, as `graft quantize`'s default
+
+
+def validation_images(cfg: RunConfig, size: int):
+    """The run's validation split, decoded as training decoded it (from the decoded-image cache)."""
+    from ..data.decoded import load_images_cached
+    from ..data.images import config_splits
+    from ..data.sources import open_source
+    from ..io import cache_root
+    source = open_source(cfg.data.path, cfg.cache_dir)
+    samples = config_splits(source, cfg.data)["val"]
+    return load_images_cached(source, samples, size, cfg.data.skip_bad, cfg.data.workers, lambda n: None,
+                              cfg.data.grayscale, cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None)
+
+
+def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
+    """{"latency_ms", "latency_ms_b64", "size_mb", "int8", and with int8 "val_acc_int8"} of the
+    run's exported model. Latency is the median of ORT runs on one batch (the model alone)."""
+    run = Path(run)
+    fp32 = run / "export" / "model.onnx"
+    if not fp32.is_file():
+        export_run(run, "onnx", fp32)
+    path, out = fp32, {"int8": bool(int8)}
+    if int8:
+        _, spec, cfg = load_run(run)
+        pre = read_preprocess(fp32)
+        calib = calibration_images(cfg, spec, CALIBRATION, cfg.train.seed)
+        path = quantize_onnx(fp32, fp32.with_name("model.int8.onnx"), "static",
+                             to_input([im.numpy() for im in calib.images], pre))
+        val = validation_images(cfg, spec.image_size)
+        out["val_acc_int8"] = float(evaluate_onnx(path, val)["accuracy"]) if len(val) else float("nan")
+    out["latency_ms"] = measure_latency(path, batch_size=batch_size)["median_ms"]
+    if batch_size != 64:
+        out["latency_ms_b64"] = measure_latency(path, batch_size=64, repeats=5)["median_ms"]
+    out["size_mb"] = path.stat().st_size / 1e6
+    out["model"] = str(path)
+    return {k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v) for k, v in out.items()}
