@@ -68,6 +68,8 @@ def test_resume_adds_trials_until_the_total(image_folder, tmp_path):
     ({"train.optimizer": {"type": "categorical", "choices": []}}, "empty choices"),
     ({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "when": {"head.nope": 1}}}, "head.nope"),
     ({}, "empty"),
+    ({"train.lr": {"type": "float", "low": "tiny", "high": 1e-2}}, "low 'tiny' is not a number"),
+    ({"train.epochs": {"type": "int", "low": 2.5, "high": 5}}, "not a whole number"),
 ])
 def test_bad_space_is_one_line_and_creates_nothing(image_folder, tmp_path, capsys, space, message):
     path = tmp_path / "space.yaml"
@@ -87,6 +89,12 @@ def test_resume_of_a_non_search_folder_is_a_clear_error(tmp_path, capsys):
     assert "not a search folder" in capsys.readouterr().err
     assert main(["search", "--resume", str(tmp_path / "run"), "--lr", "0.1"]) == 2
     assert "saved base.yaml" in capsys.readouterr().err
+
+
+def test_exponents_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-4 as a string: the space takes it as the number a user meant."""
+    space = search.check_space(yaml.safe_load("train.lr: {type: float, low: 1e-4, high: 3e-3, log: true}"))
+    assert space["train.lr"]["low"] == 1e-4 and space["train.lr"]["high"] == 3e-3
 
 
 def test_timeout_parsing():

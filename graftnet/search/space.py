@@ -19,8 +19,8 @@ DEFAULT_SPACE: dict[str, dict] = {
     "train.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
     "train.batch_size": {"type": "categorical", "choices": [64, 128, 256]},
     "train.epochs": {"type": "int", "low": 5, "high": 20},
-    # flipped views and an augmentation preset exclude each other (config.validate)
-    "train.flip_views": {"type": "bool", "when": {"train.augment": "none"}},
+    # not train.flip_views: a second backbone pass (as long as the first) for no measured gain on
+    # multi-depth features (BENCHMARKS.md); a space file can add it: {type: bool, when: {train.augment: none}}
     # one backbone pass serves all three: their average-pooled features are columns of "blocks"
     "backbone.features": {"type": "categorical", "choices": ["last", "multi", "blocks"]},
 }
@@ -43,6 +43,8 @@ def check_space(space: dict) -> dict:
         if kind in ("float", "int", "layers"):
             if "low" not in entry or "high" not in entry:
                 raise ConfigError(f"search space: {key}: a {kind} needs low and high")
+            for end in ("low", "high"):  # YAML reads 1e-4 (no dot) as a string
+                entry[end] = _number(key, end, entry[end], float if kind == "float" else int)
             if not entry["low"] < entry["high"]:
                 raise ConfigError(f"search space: {key}: low ({entry['low']}) must be below high ({entry['high']})")
             if entry.get("log") and entry["low"] <= 0:
@@ -88,6 +90,16 @@ def _value(cfg: RunConfig, key: str):
     return node
 
 
+
+
+def _number(key: str, end: str, value, kind):
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"search space: {key}: {end} {value!r} is not a number") from None
+    if kind is int and number != float(value):
+        raise ConfigError(f"search space: {key}: {end} {value!r} is not a whole number")
+    return number
 
 
 def base_params(space: dict, base: RunConfig) -> dict:
