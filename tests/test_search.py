@@ -157,9 +157,16 @@ def test_steps_and_the_base_config_in_the_space(image_folder, tmp_path):
     space = {"export.int8": {"type": "bool"}, "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
              "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": list({16, 32, *cfg.head.hidden})},
              "train.optimizer": {"type": "categorical", "choices": ["sgd"]}}   # the base's adam is not in it
+    assert search.base_params(space, cfg) is None   # the base's optimizer lies outside the space
+    del space["train.optimizer"]
     params = search.base_params(space, cfg)
     assert params["export.int8"] is False and params["train.lr"] == cfg.train.lr
-    assert params["head.hidden.layers"] == len(cfg.head.hidden) and "train.optimizer" not in params
+    assert params["head.hidden.layers"] == len(cfg.head.hidden)
+    summary = search.run_search(cfg, space, tmp_path / "s", trials=2)
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    assert rows[0]["label"] == "base config" and rows[0]["params"] == params
+    assert Path(rows[0]["run"], "config.yaml").read_text().count(f"lr: {cfg.train.lr}") == 1
+    assert summary["trials_done"] == 2
     with pytest.raises(ConfigError, match="export.int8: needs type: bool"):
         search.check_space({"export.int8": {"type": "float", "low": 0, "high": 1}})
     with pytest.raises(ConfigError, match="did you mean export.int8"):

@@ -19,7 +19,7 @@ from ..io import atomic_write_text
 from ..progress import log
 from .results import best_trial, finish
 from .settings import SearchSettings
-from .space import check_space
+from .space import base_params, check_space
 from .storage import (GRACE_S, JOURNAL, STUDY, claim, counted, folder_lock, heartbeat, open_storage, quiet, recover,
                       shown)
 from .trial import run_trial
@@ -89,8 +89,13 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
         study.set_user_attr("trials", trials if trials is not None else DEFAULT_TRIALS)
     deadline = time.time() + timeout_s if timeout_s is not None else None
     workers = workers or settings.workers
+    if workers > 1 and not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+        # the first trial alone, with every core: it fills the feature cache that all the others read,
+        # where N workers would each run the same backbone pass on 1/N of the cores
+        if _work(study, storage, folder, cfg, space, settings, deadline, limit=1) != "done":
+            workers = 0   # stopped or out of time: no workers, and no second loop either
     # after local workers, this process goes on alone: it runs the retries of any worker that died
-    if not (workers > 1 and _run_workers(folder, workers, deadline)):
+    if workers and not (workers > 1 and _run_workers(folder, workers, deadline)):
         _work(study, storage, folder, cfg, space, settings, deadline)
     from ..evaluation import evaluate_run
     return finish(study, folder, space, cfg, command, evaluate_run)
@@ -132,17 +137,28 @@ def _create(cfg: RunConfig, space: dict, folder: Path, settings: SearchSettings)
     for key, value in {"name": folder.name, "base": load_yaml(folder / "base.yaml"), "space": space,
                        "settings": dataclasses.asdict(settings) | shared}.items():
         study.set_user_attr(key, value)
+    # the user's own configuration is trial 0 when the space holds it: what the search must beat,
+    # marked on the plots; TPE learns from it as from any trial
+    params = base_params(space, cfg)
+    if params:
+        study.enqueue_trial(params, user_attrs={"label": "base config"})
     return storage, study
 
 
-def _work(study, storage, folder: Path, cfg, space, settings, deadline, speak: bool = True) -> str:
-    """One worker's loop: 'done' (the study holds its total), 'budget' (time spent) or 'stopped' (Ctrl-C)."""
+def _work(study, storage, folder: Path, cfg, space, settings, deadline, speak: bool = True,
+          limit: int | None = None) -> str:
+    """One worker's loop: 'done' (the study holds its total, or this call ran `limit` trials),
+    'budget' (time spent) or 'stopped' (Ctrl-C)."""
     import torch
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
     oom = (MemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
     with _StopAfterTrial(speak) as stopper:
+        ran = 0
         while not stopper.requested:
+            if limit is not None and ran >= limit:
+                return "done"
+            ran += 1
             if deadline is not None and time.time() >= deadline:
                 if speak:
                     log("search: time budget spent")

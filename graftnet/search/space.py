@@ -10,14 +10,15 @@ TYPES = ("float", "int", "categorical", "bool", "layers")
 STEPS = {"export.int8": ("bool",)}
 
 DEFAULT_SPACE: dict[str, dict] = {
-    "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [128, 256, 512, 1024]},
-    "head.dropout": {"type": "float", "low": 0.0, "high": 0.6},
+    "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [256, 512, 1024]},
+    "head.dropout": {"type": "float", "low": 0.0, "high": 0.7},
     "head.activation": {"type": "categorical", "choices": ["relu", "gelu", "silu"]},
     "train.optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
     "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True, "zero": True},
+    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True, "zero": True},
     "train.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-    "train.batch_size": {"type": "categorical", "choices": [64, 128, 256]},
+    # larger batches: fewer steps per epoch, so cheaper trials on a CPU
+    "train.batch_size": {"type": "categorical", "choices": [128, 256, 512]},
     "train.epochs": {"type": "int", "low": 5, "high": 20},
     # not train.flip_views: a second backbone pass (as long as the first) for no measured gain on
     # multi-depth features (BENCHMARKS.md); a space file can add it: {type: bool, when: {train.augment: none}}
@@ -105,7 +106,7 @@ def _number(key: str, end: str, value, kind):
 def base_params(space: dict, base: RunConfig) -> dict:
     """The base config's own values as the trial parameters `sample` names them, where the space
     can hold them: enqueued as a trial, the hand-made configuration is scored like any other and
-    marked on the plots. Values outside the space are left for the sampler to choose."""
+    marked on the plots. None when a value lies outside the space: that trial would not be the base."""
     params: dict = {}
     for key, e in space.items():
         value = False if key in STEPS else _value(base, key)
@@ -126,4 +127,8 @@ def base_params(space: dict, base: RunConfig) -> dict:
                 and all(w in e["choices"] for w in value):
             params[f"{key}.layers"] = len(value)
             params.update({f"{key}.{i}": w for i, w in enumerate(value)})
+        else:
+            return None
+        if key not in params and f"{key}.zero" not in params and f"{key}.layers" not in params:
+            return None
     return params
