@@ -165,3 +165,22 @@ def test_a_real_search_writes_its_report(image_folder, tmp_path):
     assert html.count("<tr>") >= 1 + 3 and "graft search --trials 3" in html
     assert "Best config (best.yaml)" in html and "graft train --config best.yaml" in html
     assert summary["trial_seconds"] > 0 and summary["span_seconds"] >= 0 and summary["selection"] == SELECTION
+
+
+def test_a_best_trial_run_on_another_machine_is_named_not_read(tmp_path):
+    """A shared study's best trial ran elsewhere: its folder is not here, so no best.yaml and no
+    test score from this machine, and a line that says where it is."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+    from graftnet.search import SearchSettings
+    from graftnet.search.results import finish
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(params={"train.lr": 1e-3}, distributions={"train.lr": FloatDistribution(1e-4, 1e-2)},
+                                 values=[0.9], state=TrialState.COMPLETE,
+                                 user_attrs={"run": str(tmp_path / "elsewhere" / "trial-000"),
+                                             "worker": {"host": "gpu-box", "pid": 1}}))
+    calls = []
+    summary = finish(study, tmp_path, {}, None, None, lambda run: calls.append(run) or {}, SearchSettings())
+    assert summary["best_trial"] == 0 and summary["test_accuracy"] is None and not calls
+    assert not (tmp_path / "best.yaml").exists() and (tmp_path / "search.json").is_file()

@@ -1,13 +1,21 @@
-"""Hyperparameter search of the head on the frozen backbone (Optuna): `graft search`.
+"""Search of a grafted network's head, features, input size and int8 export (Optuna): `graft search`.
 
     graft search --data DIR --trials 30 --timeout 1h [--space space.yaml] [--workers 2]
+    graft search --data DIR --space nas.yaml --objectives val_acc,latency_ms [--max-latency-ms 5]
 
 Each trial is an ordinary run (`train(cfg, test=False)`) under SEARCH/trials/trial-NNN. Trials with
-the same backbone, image size, features and data share the feature cache, so after the first one a
-trial costs seconds. Trials are chosen on validation accuracy alone; only the best trial's run is
-scored on the test split, once, so the test accuracy in search.json is not itself chosen by the search.
-The study lives in SEARCH/study.journal (Optuna's journal file: append-only, survives a kill), so
-`graft search --resume SEARCH --trials N` goes on until N trials are done.
+the same backbone, image size and data share one feature cache (every feature mode is read from one
+"blocks" pass), so after the first one a trial costs seconds. The base config is trial 0 when the
+space holds its values. Trials are chosen on validation accuracy alone; only the chosen trials'
+runs (the best one, and with several objectives the Pareto front) are scored on the test split,
+once. The study lives in SEARCH/study.journal (Optuna's journal file: append-only, survives a
+kill), so `graft search --resume SEARCH --trials N` goes on until N trials are done.
+
+Objectives: validation accuracy alone (default, with the median pruner on each epoch's accuracy),
+or with latency_ms (each trial's ONNX model timed with ONNX Runtime on this CPU, --latency-batch
+images) and size_mb: the result is the Pareto front, and --max-latency-ms keeps only the trials
+within it. The space may hold export.int8 ({type: bool}): such a trial ships its int8 model, so
+its accuracy is the int8 model's on the validation split and its latency the int8 model's.
 
 Workers: `--workers N` runs N trials at a time in local processes sharing the study; --trials and
 --timeout count for all of them, Ctrl-C lets the running trials end and stops them all. A worker
@@ -30,8 +38,10 @@ A space is YAML, dotted config key -> one entry:
     train.flip_views: {type: bool, when: {backbone.features: multi}}   # sampled only when ... equals
 `when` compares with the value sampled earlier in the space, else with the base config's.
 
-Not in this slice (later): architecture search beyond the head's widths, plots and a report.html,
-the benchmark.
+Results: trials.csv/json, best.yaml (`graft train --config best.yaml` reproduces the best trial),
+search.json, history/importance/Pareto plots and report.html. Not searched yet: where to cut the
+backbone, channel pruning and which groups to fine-tune (finetune.* keys work in a space, but the
+trials' cost on a CPU is the fine-tuning's).
 """
 from __future__ import annotations
 

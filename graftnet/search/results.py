@@ -126,7 +126,7 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     def test_accuracy(t) -> float | None:
         run = t.user_attrs.get("run")
         if run is not None and run not in scored:
-            scored[run] = _score(Path(run), evaluate_run)
+            scored[run] = _score(Path(run), evaluate_run) if Path(run, "config.yaml").is_file() else None
         return scored.get(run)
 
     complete = states.get("COMPLETE", 0)
@@ -139,8 +139,15 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
         log(f"[yellow]search: {summary['no_feasible']}[/]")
     elif choice.best is None:
         log("[yellow]search: no trial completed[/]")
-    else:
-        best, run = choice.best, Path(choice.best.user_attrs["run"])
+    best = choice.best
+    run = Path(best.user_attrs["run"]) if best is not None else None
+    if best is not None and not (run / "config.yaml").is_file():
+        # a trial of a shared study that ran on another machine: its run folder is there
+        host = (best.user_attrs.get("worker") or {}).get("host", "another machine")
+        summary.update(best_trial=best.number, params=best.params, val_accuracy=best.values[0], run=str(run))
+        log(f"[yellow]search: the best trial ({best.number}) ran on {host}; its run folder {run} is not "
+            "here: best.yaml and its test score come from the search folder on that machine[/]")
+    elif best is not None:
         # the trial's config with the base's out and name: a rerun lands beside other runs, not in trials/
         best_cfg = dataclasses.replace(resolve(run / "config.yaml"), out=base.out, name=base.name)
         save_yaml(best_cfg, folder / "best.yaml",
