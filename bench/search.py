@@ -211,7 +211,9 @@ def main() -> None:
         print(f"{stage}: running ({dt.datetime.now():%H:%M})", flush=True)
         started = dt.datetime.now().isoformat(timespec="seconds")
         result = STAGES[stage](a, work, results)
-        results["stages"][stage] = {**result, "started": started, "loadavg_end": loadavg()}
+        # each stage with the tree it ran from: a resumed benchmark may run later stages from a later commit
+        results["stages"][stage] = {**result, "started": started, "loadavg_end": loadavg(),
+                                    "commit": git_state(ROOT)["commit"]}
         atomic_write_json(out, results)
         print(json.dumps({k: v for k, v in result.items() if k not in ("trial_seconds", "front", "space")}), flush=True)
 

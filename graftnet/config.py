@@ -64,6 +64,9 @@ class BackboneConfig:
     pretrained: bool = option(True, flag="no-pretrained",
                               help="start from pretrained weights; --no-pretrained: random initialisation")
     image_size: int | None = option(None, metavar="PX", help="input size (default: the backbone's)")
+    # timm's prune_intermediate_layers: the later blocks and the final 1x1 convolution go
+    cut: int = option(0, metavar="N", help="drop the backbone's last N stages: a smaller, faster "
+                      "network (small images sometimes need no more)")
     features: str = option("last", choices=("last", "multi", "blocks"),
                            help="final feature map; + pooled outputs of late stages (multi); + of "
                            "every block (blocks)")
@@ -271,6 +274,8 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= ft.ema < 1:
         raise ConfigError(f"finetune.ema: the average's decay must be in [0, 1) (0: off), got {ft.ema}")
     parse_unfreeze(ft.unfreeze)
+    if not isinstance(cfg.backbone.cut, int) or cfg.backbone.cut < 0:
+        raise ConfigError(f"backbone.cut: a number of stages >= 0, got {cfg.backbone.cut!r}")
     if cfg.head.pool == "flatten" and cfg.backbone.features != "last":
         raise ConfigError("head.pool=flatten works on the final feature map only: use backbone.features=last")
     if not 0 < cfg.eval.target_sensitivity <= 1:

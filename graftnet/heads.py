@@ -31,8 +31,9 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.model = model
         self.tap_names: list[str] = []
+        modules = dict(model.named_modules())
         if features == "multi":
-            info = list(getattr(model, "feature_info", None) or [])
+            info = [i for i in getattr(model, "feature_info", None) or [] if i["module"] in modules]
             # The last stage is often the final map itself (ResNet's layer4); EfficientNet adds a
             # 1x1 conv head after it, so there the last stage is a tap of its own.
             if info and info[-1]["num_chs"] == model.num_features:
@@ -40,7 +41,6 @@ class FeatureExtractor(nn.Module):
             self.tap_names = [i["module"] for i in info[-taps:]]
         elif features == "blocks":
             self.tap_names = block_names(model)
-        modules = dict(model.named_modules())
         # A plain list, not registered submodules: a deep copy maps it onto the copy's own modules,
         # and forward need not walk the module tree on every batch.
         self._tapped = [modules[name] for name in self.tap_names]
@@ -88,13 +88,31 @@ class FeatureExtractor(nn.Module):
         return shapes
 
 
+def cut_backbone(model: nn.Module, cut: int) -> None:
+    """Drop the last `cut` stages of a timm backbone in place, with its final 1x1 convolution and
+    norm (timm's prune_intermediate_layers; by block stages where the model offers them, as
+    EfficientNet's 7, else by feature stages). Its final map is then the last kept stage's."""
+    prune = getattr(model, "prune_intermediate_layers", None)
+    if prune is None:
+        raise ValueError(f"{type(model).__name__}: timm cannot cut this architecture (no prune_intermediate_layers)")
+    import inspect
+    by_blocks = "extra_blocks" in inspect.signature(prune).parameters and hasattr(model, "blocks")
+    stages = len(model.blocks) if by_blocks else len(model.feature_info) - 1   # the stem is index 0
+    if not 0 < cut < stages:
+        raise ValueError(f"backbone.cut {cut}: {type(model).__name__} has {stages} stages after its stem; "
+                         f"cut 1 to {stages - 1} of them")
+    prune(indices=[stages - cut], prune_norm=True, prune_head=True, **({"extra_blocks": True} if by_blocks else {}))
+    model.graft_cut = cut   # block_names: the final map is now the last block's output
+
+
 def block_names(model: nn.Module) -> list[str]:
     """Every block of every stage: the children of the containers that hold timm's feature_info
     stages (EfficientNet's blocks.S.B, ResNet's layerS.B). A model without stage containers (or
     without feature_info) falls back to its stages themselves. The last block is left out when it
     is the final map itself (ResNet's layer4's last block)."""
-    info = list(getattr(model, "feature_info", None) or [])
     modules = dict(model.named_modules())
+    # a cut backbone (cut_backbone) still lists the stages it lost
+    info = [i for i in getattr(model, "feature_info", None) or [] if i["module"] in modules]
     names: list[str] = []
     parents = dict.fromkeys(i["module"].rpartition(".")[0] for i in info)
     for parent in parents:
@@ -106,8 +124,9 @@ def block_names(model: nn.Module) -> list[str]:
                 continue  # the stem, pooling or the classifier: not a stage of blocks
             kids = list(stage.named_children()) if isinstance(stage, nn.Sequential) else []
             names += [f"{full}.{k}" for k, _ in kids] if kids else [full]
-    if names and info and info[-1]["module"] in names[-1:] + [names[-1].rpartition(".")[0]] \
-            and info[-1]["num_chs"] == model.num_features:
+    last_is_final = info and info[-1]["module"] in names[-1:] + [names[-1].rpartition(".")[0]] \
+        and info[-1]["num_chs"] == model.num_features
+    if names and (last_is_final or getattr(model, "graft_cut", 0)):  # a cut backbone ends in its last block
         names = names[:-1]
     return names
 

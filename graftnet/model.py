@@ -14,7 +14,7 @@ import torch
 from . import backbones
 from .config import HeadConfig, RunConfig
 from .errors import GraftError
-from .heads import FeatureExtractor, GraftedModel, Pool, make_mlp
+from .heads import FeatureExtractor, GraftedModel, Pool, cut_backbone, make_mlp
 from .io import atomic_write_json, save_tensors
 from .shapes import apply_shapes
 
@@ -33,6 +33,7 @@ class ModelSpec:
     head: dict = field(default_factory=dict)
     feature_dim: int = 0
     pruned: dict = field(default_factory=dict)  # structured pruning: module -> changed sizes (shapes.py)
+    cut: int = 0                                 # backbone stages dropped from the end (heads.cut_backbone)
 
     @property
     def num_classes(self) -> int:
@@ -40,6 +41,11 @@ class ModelSpec:
 
 
 def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
+    if spec.cut:
+        try:
+            cut_backbone(timm_model, spec.cut)
+        except ValueError as e:
+            raise GraftError(f"{spec.backbone}: {e}") from None
     extractor = FeatureExtractor(timm_model, spec.features, spec.multi_taps)
     head_cfg = HeadConfig(**spec.head)
     pool = Pool(head_cfg.pool)
@@ -58,7 +64,7 @@ def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, Model
         backbone=bspec.name, timm_name=bspec.timm_name, weights_id=weights_id, classes=list(classes),
         image_size=cfg.backbone.image_size or bspec.input_size, mean=list(bspec.mean),
         std=list(bspec.std), features=cfg.backbone.features, multi_taps=bspec.multi_taps,
-        head=asdict(cfg.head))
+        head=asdict(cfg.head), cut=cfg.backbone.cut)
     model = _assemble(timm_model, spec)
     for p in model.extractor.parameters():  # the backbone starts frozen
         p.requires_grad_(False)

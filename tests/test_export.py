@@ -225,3 +225,33 @@ def test_clear_errors(run, tmp_path, capsys):
     (tmp_path / "preprocess.json").write_text((run / "export" / "preprocess.json").read_text())
     with pytest.raises(GraftError, match="junk.onnx: ONNX Runtime cannot load it"):
         runtime.predict_onnx(tmp_path / "junk.onnx", tmp_path / "x.png")
+
+
+def test_a_cut_backbone_trains_saves_and_exports_smaller(tmp_path):
+    """backbone.cut drops the last stages: the run's model is smaller, reloads from its folder as
+    saved, and its ONNX export gives PyTorch's logits."""
+    data = make_folder(tmp_path / "data", splits={"train": 12, "test": 6})
+    full = train(config.resolve(None, tiny_overrides(data, tmp_path, **{"backbone.precision": "fp32", "name": "full"})))
+    cut = train(config.resolve(None, tiny_overrides(data, tmp_path, **{"backbone.precision": "fp32", "name": "cut",
+                                                                     "backbone.cut": 2})))
+    (m_full, _), (m_cut, spec) = load_model(full), load_model(cut)
+    assert spec.cut == 2
+    count = lambda m: sum(p.numel() for p in m.extractor.parameters())
+    assert count(m_cut) < count(m_full)
+    result = exporter.export_run(cut)
+    x = torch.randn(3, 3, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        expected = m_cut(x).numpy()
+    got = runtime.session(result["path"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_a_cut_beyond_the_backbone_is_one_line(tmp_path, capsys):
+    from graftnet.cli import main
+    data = make_folder(tmp_path / "data", n=4)
+    code = main(["train", "--data", str(data), "--backbone", "test_efficientnet", "--no-pretrained",
+                 "--cut", "9", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and "backbone.cut 9" in errors[0] and "Traceback" not in err
+    assert not any((tmp_path / "runs").iterdir())   # nothing half-made is left

@@ -15,7 +15,7 @@ from graftnet.errors import ConfigError
 # setting the same keys (scripts, recipes' headers and BENCHMARKS.md commands use them).
 OLD_FLAGS = {
     "data": "data.path", "backbone": "backbone.name", "weights": "backbone.weights",
-    "image-size": "backbone.image_size", "features": "backbone.features",
+    "image-size": "backbone.image_size", "features": "backbone.features", "cut": "backbone.cut",
     "precision": "backbone.precision", "epochs": "train.epochs", "batch-size": "train.batch_size",
     "lr": "train.lr", "optimizer": "train.optimizer", "weight-decay": "train.weight_decay",
     "seed": "train.seed", "out": "out", "name": "name", "cache-dir": "cache_dir",

@@ -39,9 +39,10 @@ A space is YAML, dotted config key -> one entry:
 `when` compares with the value sampled earlier in the space, else with the base config's.
 
 Results: trials.csv/json, best.yaml (`graft train --config best.yaml` reproduces the best trial),
-search.json, history/importance/Pareto plots and report.html. Not searched yet: where to cut the
-backbone, channel pruning and which groups to fine-tune (finetune.* keys work in a space, but the
-trials' cost on a CPU is the fine-tuning's).
+search.json, history/importance/Pareto plots and report.html. backbone.name, backbone.image_size,
+backbone.cut (stages dropped from the end) and finetune.* are config keys like the head's: each new
+backbone, size or cut costs a backbone pass, a fine-tuning trial what fine-tuning costs. Not
+searched yet: channel pruning.
 """
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
             "mean": spec.mean, "std": spec.std, "features": spec.features, "taps": spec.multi_taps,
             "pool": cfg.head.pool,
             "precision": resolve_precision(cfg.backbone.precision, pick_device(cfg.train.device).type),
-            **({"grayscale": True} if cfg.data.grayscale else {})}  # absent when off: old keys hold
+            **({"grayscale": True} if cfg.data.grayscale else {}),  # absent when off: old keys hold
+            **({"cut": spec.cut} if spec.cut else {})}
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
