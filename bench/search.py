@@ -1,7 +1,7 @@
 """Benchmark of `graft search` on CIFAR-10 with the embedded EfficientNet-Lite0.
 
     python bench/search.py [--work DIR] [--stages demo,search,naive,pareto,samplers] [--redo STAGE]
-        [--trials 40] [--size 160] [--workers 2] [--pruner median] [--naive 3] [--pareto-trials 30]
+        [--trials 40] [--size 160] [--workers 2] [--pruner median] [--naive 3] [--pareto-trials 18]
         [--sampler-trials 20] [--out bench/results/search.json]
 
 Stages, each written to the JSON as soon as it ends (temp file, then rename) and skipped on the
@@ -43,7 +43,7 @@ from equivalence import atomic_write_json, git_state, loadavg, machine  # noqa: 
 
 RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
 PARETO_SPACE = {
-    "backbone.image_size": {"type": "categorical", "choices": [96, 112, 128, 160]},
+    "backbone.image_size": {"type": "categorical", "choices": [96, 128, 160]},
     "backbone.features": {"type": "categorical", "choices": ["last", "multi", "blocks"]},
     "head.hidden": {"type": "layers", "low": 0, "high": 1, "choices": [256, 512, 1024]},
     "head.dropout": {"type": "float", "low": 0.0, "high": 0.6},
@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--pruner", default="median")
     p.add_argument("--naive", type=int, default=3)
-    p.add_argument("--pareto-trials", type=int, default=30)
+    p.add_argument("--pareto-trials", type=int, default=18)
     p.add_argument("--sampler-trials", type=int, default=20)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
     a = p.parse_args()

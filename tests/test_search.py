@@ -150,6 +150,12 @@ def test_latency_objective_and_int8_step_measure_the_shipped_model(image_folder,
         if r["int8"]:  # int8 is judged by its own accuracy, the fp32 one is kept beside it
             assert r["val_acc"] == r["value"] and "val_acc_fp32" in r
     assert summary["pareto"] and all(p["test_accuracy"] is not None for p in summary["pareto"])
+    for p in summary["pareto"]:  # an int8 member is scored as shipped: its int8 model, not the PyTorch one
+        row = next(r for r in done if r["number"] == p["number"])
+        shipped = Path(row["run"], "export", "model.int8.test.json")
+        assert shipped.is_file() == bool(row["int8"])
+        if row["int8"]:
+            assert json.loads(shipped.read_text())["accuracy"] == p["test_accuracy"]
 
 
 def test_steps_and_the_base_config_in_the_space(image_folder, tmp_path):

@@ -178,8 +178,13 @@ def test_two_machines_share_one_study_on_postgres(postgres, flags, tmp_path):
         # the first machine waits at its lock until the second has a trial: both surely work
         fcntl.flock(lock, fcntl.LOCK_EX)
         first = graft("search", "--resume", str(a / "s"), "--trials", "6")
-        second = graft("search", "--join", url, "--out", str(b), "--trials", "6")
+        # the first machine sets the total just before it reaches the lock: once the study holds it,
+        # the first is at the lock, so the second cannot run every trial before the first gets one
         deadline = time.monotonic() + 60
+        while _study(url).user_attrs.get("trials") != 6:
+            assert first.poll() is None and time.monotonic() < deadline, output(first)
+            time.sleep(0.05)
+        second = graft("search", "--join", url, "--out", str(b), "--trials", "6")
         while not any(t.user_attrs.get("worker", {}).get("pid") == second.pid for t in _study(url).trials):
             assert second.poll() is None and time.monotonic() < deadline, output(second)
             time.sleep(0.05)

@@ -126,7 +126,11 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     def test_accuracy(t) -> float | None:
         run = t.user_attrs.get("run")
         if run is not None and run not in scored:
-            scored[run] = _score(Path(run), evaluate_run) if Path(run, "config.yaml").is_file() else None
+            here = Path(run, "config.yaml").is_file()
+            # a trial that ships its int8 model is scored as shipped: the int8 ONNX model on the test split
+            model = t.user_attrs.get("model") if t.user_attrs.get("int8") else None
+            scored[run] = None if not here else _score_onnx(Path(run), Path(model)) if model else \
+                _score(Path(run), evaluate_run)
         return scored.get(run)
 
     complete = states.get("COMPLETE", 0)
@@ -177,6 +181,23 @@ def _score(run: Path, evaluate_run) -> float | None:
     # a resumed search finds its chosen runs already scored: the test split is never scored twice
     evaluation = {} if (run / "evaluations").is_dir() else evaluate_run(run)
     return evaluation.get("accuracy") if evaluation else _read_test(run)
+
+
+def _score_onnx(run: Path, model: Path) -> float | None:
+    """The test accuracy of a run's exported (int8) model, written beside it once and read back after."""
+    done = model.with_suffix(".test.json")
+    if done.is_file():
+        return json.loads(done.read_text()).get("accuracy")
+    from ..export.quantize import held_out_images
+    from ..export.runtime import evaluate_onnx
+    from ..model import load_model
+    _, spec = load_model(run)
+    images = held_out_images(resolve(run / "config.yaml"), spec)
+    if images is None:
+        return None
+    result = evaluate_onnx(model, images)
+    atomic_write_json(done, {"accuracy": result["accuracy"], "n": result["n"], "model": str(model)})
+    return result["accuracy"]
 
 
 def _read_test(run: Path) -> float | None:
