@@ -30,8 +30,13 @@ def _legend_outside(ax) -> None:
 
 
 def _label(ax, text: str, xy) -> None:
-    ax.annotate(text, xy, xytext=(9, -14), textcoords="offset points", fontsize=8.5, zorder=7,
-                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.6", alpha=0.9))
+    # below and to the left of a point in the right half, so the box stays inside the axes
+    lo, hi = ax.get_xlim()
+    x = xy[0]
+    frac = (math.log(x / lo) / math.log(hi / lo)) if ax.get_xscale() == "log" and x > 0 and lo > 0 else (x - lo) / (hi - lo)
+    left = frac > 0.5
+    ax.annotate(text, xy, xytext=(-9 if left else 9, -14), textcoords="offset points", fontsize=8.5, zorder=7,
+                ha="right" if left else "left", bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.6", alpha=0.9))
 
 
 def plot_history(rows: list[dict], limited: bool, path: Path) -> Path:
