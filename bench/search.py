@@ -19,8 +19,8 @@ next start when its result is there, so a killed benchmark goes on where it stop
             feature mode, head and int8, on the search stage's cache; its Pareto front against the
             recipe's int8 export (`graft quantize` of the demo run): target, a front model at least
             1.5x faster than it at no more than 1 point less test accuracy, and 5 front models
-  samplers  TPE against random sampling, --sampler-trials each, seeds 0-2, on the warm cache of
-            the search stage: the mean best validation accuracy of each and the gap
+  samplers  TPE against random sampling, --sampler-trials each, seeds 0-2 (--workers each), on the
+            warm cache of the search stage: the mean best validation accuracy of each and the gap
 
 Every command runs in a subprocess with PYTHONPATH set to this tree (its graftnet is the one
 measured) and GRAFTNET_QUIET=1; its log lies in WORK/logs. Wall times are of the whole command.
@@ -169,7 +169,8 @@ def stage_samplers(a, work: Path, results: dict) -> dict:
             name = f"sampler-{sampler}-{seed}"
             shutil.rmtree(work / name, ignore_errors=True)
             seconds = graft(search_args(a, work, name, work / "cache-search", "--trials", str(a.sampler_trials),
-                                        "--sampler", sampler, "--seed", str(seed)), work / "logs" / f"{name}.log")
+                                        "--sampler", sampler, "--seed", str(seed), "--workers", str(a.workers)),
+                            work / "logs" / f"{name}.log")
             summary = json.loads((work / name / "search.json").read_text())
             rows[name] = {"val_accuracy": summary["val_accuracy"], "test_accuracy": summary["test_accuracy"],
                           "seconds": round(seconds, 1)}

@@ -157,7 +157,8 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
         save_yaml(best_cfg, folder / "best.yaml",
                   f"the best trial ({best.number}, validation accuracy {best.values[0]:.4f}) of this search"
                   + (f", the most accurate within {settings.max_latency_ms:g} ms" if settings.max_latency_ms else "")
-                  + ";\n`graft train --config best.yaml` reproduces it")
+                  + ";\n`graft train --config best.yaml` reproduces it"
+                  + ("; it ships int8: then `graft quantize RUN`" if best.user_attrs.get("int8") else ""))
         test_acc = test_accuracy(best)
         summary.update(best_trial=best.number, params=best.params, val_accuracy=best.values[0],
                        test_accuracy=test_acc, run=str(run))
