@@ -48,22 +48,22 @@ def calibration_images(cfg, spec, n: int, seed: int = 0):
                        workers=cfg.data.workers, gray=cfg.data.grayscale)
 
 
-def held_out_images(cfg, spec):
-    """The run's whole test split, decoded as its evaluation decoded it (from the decoded-image
-    cache when it is there); None when the run's data is no longer where it was."""
+def held_out_images(cfg, spec, split: str = "test"):
+    """The run's whole test (or validation) split, decoded as its evaluation decoded it (from the
+    decoded-image cache when it is there); None when the run's data is no longer where it was."""
     from ..data.decoded import load_images_cached
     from ..data.images import config_splits
     from ..data.sources import open_source
     from ..io import cache_root
     try:
         source = open_source(cfg.data.path, cfg.cache_dir)
-        samples = config_splits(source, cfg.data)["test"]
-        with bar(len(samples), "decoding the test split") as advance:
+        samples = config_splits(source, cfg.data)[split]
+        with bar(len(samples), f"decoding the {split} split") as advance:
             images = load_images_cached(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
                                         advance, cfg.data.grayscale,
                                         cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None)
     except (GraftError, OSError) as e:
-        log(f"[yellow]the run's test split is not readable ({e}); no test accuracy for the int8 model[/]")
+        log(f"[yellow]the run's {split} split is not readable ({e}); no {split} accuracy for the int8 model[/]")
         return None
     return images if len(images) else None
 

@@ -7,24 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RunConfig
 from ..export.exporter import export_run, load_run
-from ..export.quantize import calibration_images, quantize_onnx
+from ..export.quantize import calibration_images, held_out_images, quantize_onnx
 from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, to_input
 
 CALIBRATION = 256   # training images, as `graft quantize`'s default
-
-
-def validation_images(cfg: RunConfig, size: int):
-    """The run's validation split, decoded as training decoded it (from the decoded-image cache)."""
-    from ..data.decoded import load_images_cached
-    from ..data.images import config_splits
-    from ..data.sources import open_source
-    from ..io import cache_root
-    source = open_source(cfg.data.path, cfg.cache_dir)
-    samples = config_splits(source, cfg.data)["val"]
-    return load_images_cached(source, samples, size, cfg.data.skip_bad, cfg.data.workers, lambda n: None,
-                              cfg.data.grayscale, cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None)
 
 
 def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
@@ -41,8 +28,8 @@ def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
         calib = calibration_images(cfg, spec, CALIBRATION, cfg.train.seed)
         path = quantize_onnx(fp32, fp32.with_name("model.int8.onnx"), "static",
                              to_input([im.numpy() for im in calib.images], pre))
-        val = validation_images(cfg, spec.image_size)
-        out["val_acc_int8"] = float(evaluate_onnx(path, val)["accuracy"]) if len(val) else float("nan")
+        val = held_out_images(cfg, spec, "val")
+        out["val_acc_int8"] = float(evaluate_onnx(path, val)["accuracy"]) if val is not None else float("nan")
     out["latency_ms"] = measure_latency(path, batch_size=batch_size)["median_ms"]
     if batch_size != 64:
         out["latency_ms_b64"] = measure_latency(path, batch_size=64, repeats=5)["median_ms"]
