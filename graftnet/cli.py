@@ -18,7 +18,8 @@ FINETUNE_EPOCHS = 3
 # Modules that add subcommands: each has `add_commands(subparsers) -> {name: handler(args)}`, so an
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
 COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.compare", "graftnet.serve",
-                              "graftnet.export.commands", "graftnet.compress.cli", "graftnet.search"]
+                              "graftnet.export.commands", "graftnet.compress.cli", "graftnet.search",
+                              "graftnet.continual"]
 EXTRA_COMMANDS: dict = {}
 
 

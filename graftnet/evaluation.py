@@ -150,7 +150,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
     spec, cfg = predictor.spec, resolve(run_dir / "config.yaml")
     data = data or cfg.data.path
     source = open_source(data, cfg.cache_dir)
-    if source.classes != spec.classes:
+    if sorted(source.classes) != sorted(spec.classes):
         missing = sorted(set(spec.classes) - set(source.classes))
         extra = sorted(set(source.classes) - set(spec.classes))
         raise DataError(f"{data}: classes do not match the model's (missing: {missing or 'none'}; "
@@ -164,6 +164,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         samples = source.splits["all"]
     images = load_images(source, samples, predictor.image_size, cfg.data.skip_bad, cfg.data.workers,
                          gray=cfg.data.grayscale)
+    if source.classes != spec.classes:  # the same classes in another order (a run extended with new
+        # classes keeps its old indices): the data's labels become the model's indices
+        images.labels = torch.tensor([spec.classes.index(source.classes[i]) for i in images.labels.tolist()],
+                                     dtype=torch.long)
     logits = predictor.logits(images, batch_size, "evaluate")
     out = run_dir / "evaluations" / (Path(data).stem + "-tta" * tta)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,147 @@
+"""Benchmark of continual learning on Split CIFAR-10 (5 tasks of 2 classes), frozen Lite0 at 128 px.
+
+    python bench/continual.py [--work DIR] [--stages class,orders,linear,task,extend] [--redo STAGE]
+        [--seeds 0,1,2] [--out bench/results/continual.json]
+
+Stages, each a `graft continual` folder (or an extend run) under WORK, written to the JSON as soon
+as it ends (temp file, then rename) and skipped on the next start when its result is there; a
+killed stage goes on after its last finished task (`--resume`):
+  class    class-incremental, every method, --seeds: the methods' table (naive, EWC, LwF, replay 500,
+           NCM, ridge, joint), each run's wall time with the features cached; the first stage also
+           pays the one backbone pass (timed apart)
+  orders   ridge and NCM over 3 task orders (seed 0): the spread of final accuracy across orders
+  linear   joint training of a linear head (no hidden layer) on the same features: the yardstick
+           the ridge is held to (within 1 point)
+  task     task-incremental (a head per task) on the frozen features with the recipe's shared hidden
+           layer: naive, EWC, LwF, replay
+  taskft   task-incremental with the backbone's top 2 groups (blocks.6 + conv_head) trained too, on
+           the cached maps below them (final features only, 3 epochs per task): naive, EWC (each
+           --ewc-lambdas value its own folder), LwF, replay
+  extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge:
+           the old classes' accuracy before and after
+
+The base config is recipes/paper-cifar10.yaml (multi-depth features, head 256, 10 epochs per task).
+Runs in-process with this tree's graftnet; logs in WORK/<stage>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("GRAFTNET_QUIET", "1")
+from equivalence import atomic_write_json, git_state, loadavg, machine  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "paper-cifar10.yaml"
+CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
+ALL_METHODS = ["naive", "ewc", "lwf", "replay", "ncm", "ridge", "joint"]
+
+
+def continual(work: Path, name: str, methods: list[str], seeds: list[int], scenario: str = "class",
+              order_seeds=None, overrides: dict | None = None, **settings) -> dict:
+    from graftnet.config import resolve
+    from graftnet.continual.runner import run_continual
+    from graftnet.continual.tasks import ContinualSettings, TaskSequence, split_tasks
+    from graftnet.data.sources import open_source
+    folder = work / name
+    cfg = resolve(RECIPE, {"data.path": str(CIFAR_ZIP), "cache_dir": str(work / "cache"), **(overrides or {})})
+    classes = open_source(cfg.data.path).classes
+    sequences = {("given" if s is None else f"o{s}"): TaskSequence(cfg.data.path, split_tasks(classes, 5, s))
+                 for s in (order_seeds or [None])}
+    s = ContinualSettings(scenario=scenario, methods=methods, seeds=seeds, **settings)
+    t0 = time.perf_counter()
+    resume = (folder / "continual.yaml").is_file()
+    summary = run_continual(None if resume else cfg, None if resume else sequences, None if resume else s, folder,
+                            resume=resume)
+    return {"folder": str(folder), "wall_s": time.perf_counter() - t0, "summary": summary}
+
+
+def extract(classes: list[str], dest: Path) -> Path:
+    """The shared ZIP's images of `classes` as a class folder with train/ and test/."""
+    if (dest / ".done").is_file():
+        return dest
+    with zipfile.ZipFile(CIFAR_ZIP) as zf:
+        for info in zf.infolist():
+            parts = info.filename.split("/")
+            if len(parts) == 4 and parts[2] in classes and parts[3]:
+                target = dest / parts[1] / parts[2] / parts[3]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(info))
+    (dest / ".done").touch()
+    return dest
+
+
+def stage_extend(work: Path) -> dict:
+    from graftnet.config import resolve
+    from graftnet.continual.extend import extend_run
+    from graftnet.train.pipeline import train
+    names = sorted(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])
+    old, new = extract(names[:5], work / "data-a"), extract(names[5:], work / "data-b")
+    run = work / "extend" / "five"
+    t0 = time.perf_counter()
+    if not (run / "model.safetensors").is_file():
+        train(resolve(RECIPE, {"data.path": str(old), "cache_dir": str(work / "cache"), "out": str(run.parent),
+                               "name": "five"}))
+    train_s = time.perf_counter() - t0
+    before = json.loads((run / "test_metrics.json").read_text())["accuracy"]
+    t0 = time.perf_counter()
+    folder = run.parent / "five-extended"
+    if not (folder / "extend.json").is_file():
+        extend_run(run, str(new), "ridge", name="five-extended")
+    out = json.loads((folder / "extend.json").read_text())
+    return {"train_s": train_s, "extend_s": time.perf_counter() - t0, "five_class_test_acc": before, **out}
+
+
+def stage_taskft(work: Path, seeds: list[int], lambdas: list[float]) -> dict:
+    ft = {"backbone.features": "last", "train.epochs": 3}
+    out = {"base": continual(work, "taskft", ["naive", "lwf", "replay"], seeds, "task", overrides=ft, top_groups=2)}
+    for lam in lambdas:
+        out[f"ewc_{lam:g}"] = continual(work, f"taskft-ewc{lam:g}", ["ewc"], seeds, "task", overrides=ft,
+                                        top_groups=2, ewc_lambda=lam)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "continual")
+    p.add_argument("--stages", default="class,orders,linear,task,extend")
+    p.add_argument("--redo", default="", help="stages to run again although their result is there")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ewc-lambdas", default="100,1000,10000", help="taskft: EWC strengths, one folder each")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    results = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    results.update({"command": "python bench/continual.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                    "git": git_state(ROOT), "recipe": str(RECIPE.relative_to(ROOT))})
+    stages = {
+        "class": lambda: continual(a.work, "class", ALL_METHODS, seeds),
+        "orders": lambda: continual(a.work, "orders", ["ncm", "ridge"], [0], order_seeds=[0, 1, 2]),
+        "linear": lambda: continual(a.work, "linear", ["joint"], seeds, overrides={"head.hidden": []}),
+        "task": lambda: continual(a.work, "task", ["naive", "ewc", "lwf", "replay", "joint"], seeds, scenario="task"),
+        "extend": lambda: stage_extend(a.work),
+        "taskft": lambda: stage_taskft(a.work, seeds, [float(v) for v in a.ewc_lambdas.split(",")]),
+    }
+    redo = {s for s in a.redo.split(",") if s}
+    for name in [s for s in a.stages.split(",") if s]:
+        if name in results.get("stages", {}) and name not in redo:
+            print(f"{name}: done before, skipped")
+            continue
+        print(f"{name}: running", flush=True)
+        out = stages[name]()
+        out.update({"date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg()})
+        results.setdefault("stages", {})[name] = out
+        atomic_write_json(a.out, results)
+        print(f"{name}: {json.dumps(out)[:400]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

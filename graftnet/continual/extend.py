@@ -1,0 +1,115 @@
+"""`graft extend RUN --data NEW`: a finished run learns the classes of NEW that it lacks.
+
+The run's classes keep their output indices and the new ones are appended, so anything that stored
+an old class's index (a database of predictions, a client) stays right. It is a two-task continual
+run (continual/learner.py): task 1 is the run's own classes on its own data, task 2 the new classes.
+
+- `ridge` (default) and `ncm` refit the head in closed form from the statistics of both tasks'
+  cached features: no gradient step, no stored images; the old classes' statistics come from the
+  run's own data (its config's data path), read again, not kept.
+- `lwf`, `ewc`, `naive`, `replay` (and combinations) start from the run's trained head and train on
+  the new classes' rows, with their term against forgetting.
+
+The result is a run folder like any (predict, evaluate, export, serve), whose report and
+extend.json show the old and the new classes' test accuracy before and after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import resolve
+from ..errors import ConfigError, DataError, GraftError
+from ..io import atomic_write_json
+from ..model import load_model
+from ..progress import log
+from .data import load_features, task_table
+from .methods import method_parts
+from .runner import learn_run
+from .tasks import ContinualSettings, Task, TaskSequence
+
+
+def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | None = None, name: str | None = None,
+               settings: ContinualSettings | None = None, seed: int | None = None) -> Path:
+    run = Path(run)
+    old_model, spec = load_model(run)
+    cfg = resolve(run / "config.yaml")
+    if cfg.finetune.epochs or cfg.train.init or spec.pruned:
+        raise GraftError(f"{run}: its backbone was changed (fine-tuned, started from another run or pruned); "
+                         "extend reads the stock frozen backbone's features, which its head was not trained on")
+    parts = method_parts(method)
+    folder = Path(out or run.parent) / (name or f"{run.name}-extended")
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(f"{folder}: already exists and is not empty; choose another --name")
+    from ..data.sources import open_source
+    try:
+        open_source(cfg.data.path, cfg.cache_dir)
+    except DataError as e:
+        raise DataError(f"extend: {run}'s own data cannot be read ({e}); extend takes the old classes' "
+                        "statistics and their before/after scores from it") from None
+    new_classes = [c for c in open_source(data, cfg.cache_dir).classes if c not in spec.classes]
+    if not new_classes:
+        raise ConfigError(f"extend: {data} brings no class that {run} lacks (its classes: "
+                          f"{', '.join(spec.classes)}); nothing to add")
+    settings = settings or ContinualSettings()
+    settings.scenario, settings.methods = "class", [method]
+    seed = cfg.train.seed if seed is None else seed
+    settings.seeds = [seed]
+    seq = TaskSequence(cfg.data.path, [Task("old", list(spec.classes)), Task("new", new_classes, data=data)])
+    features, model, fspec = load_features(cfg, seq, "class", built=(old_model, spec))
+    table = task_table(seq, features, "class")
+    # the finished head's accuracy on the old classes' test rows, over its own outputs
+    old_rows = table.rows("test", [0])
+    with torch.no_grad():
+        before = old_model.mlp.eval()(table.x["test"][old_rows]).argmax(1)
+    before_acc = (before == table.y["test"][old_rows]).float().mean().item()
+    learner_hook = None
+    if parts[0].gradient and not parts[0].cumulative:
+        learner_hook = old_model.mlp   # start from the run's head
+    t0 = time.perf_counter()
+    record = learn_run(table, method, seed, settings, cfg, (model, fspec), folder, seq, preset=learner_hook)
+    after = record["matrix"][-1]
+    # class-incremental accuracy per task: old classes among all outputs, new ones likewise
+    result = {"run": str(run), "data": data, "method": method, "old_classes": list(spec.classes),
+              "new_classes": new_classes, "old_acc_before": before_acc, "old_acc_after": after[0],
+              "new_acc_after": after[1], "old_change_points": 100 * (after[0] - before_acc),
+              "seconds": time.perf_counter() - t0}
+    atomic_write_json(folder / "extend.json", result)
+    log(f"extend: old classes {100 * before_acc:.2f}% -> {100 * after[0]:.2f}% "
+        f"({result['old_change_points']:+.2f} points), new classes {100 * after[1]:.2f}%")
+    _report(folder, record, result, cfg)
+    return folder
+
+
+def _report(folder: Path, record: dict, result: dict, cfg) -> None:
+    from ..report.html import write_report
+    cards = {"method": result["method"], "old classes before": result["old_acc_before"],
+             "old classes after": result["old_acc_after"], "new classes after": result["new_acc_after"],
+             "change on old classes (points)": f"{result['old_change_points']:+.2f}"}
+    rows = [["old: " + ", ".join(result["old_classes"]), result["old_acc_before"], result["old_acc_after"]],
+            ["new: " + ", ".join(result["new_classes"]), "—", result["new_acc_after"]]]
+    note = ("Test accuracy of each group's images, predicted among all the model's classes (before: the "
+            "finished run among its own classes).")
+    write_report(folder / "report.html", f"graftnet extend: {folder.name}", cards,
+                 {"extend": {k: v for k, v in result.items() if k != "seconds"}, "base config": dataclasses.asdict(cfg)},
+                 [], None, {"Accuracy on old and new classes (columns) after each step (rows), %": folder / "matrix.png"},
+                 record.get("classes", []), tables=[("Old and new classes", note, ["classes", "before", "after"], rows)])
+
+
+def add_extend(sub) -> dict:
+    p = sub.add_parser("extend", help="teach a finished run the classes of new data it lacks (old class "
+                       "indices stay)", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a finished run folder (frozen backbone)")
+    p.add_argument("--data", required=True, help="data with the new classes (folder, ZIP)")
+    p.add_argument("--method", default="ridge", help="ridge (default), ncm, lwf, ewc, naive, replay, or a "
+                   "combination such as lwf+replay")
+    p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
+    p.add_argument("--name", help="default: RUN-extended")
+    p.add_argument("--seed", type=int, help="default: the run's seed")
+
+    def cmd_extend(args) -> None:
+        print(extend_run(args.run, args.data, args.method, args.out, args.name, seed=args.seed))
+    return {"extend": cmd_extend}

@@ -1,0 +1,267 @@
+"""Learning a task sequence with one method and seed: the head trained task after task on the one
+training loop (train/loop.py's `fit`, the methods joining as callbacks), or a prototype classifier
+updated task after task; after each task every task's test rows are scored, giving one row of the
+accuracy matrix.
+
+Outputs a run has so far: the seen classes (class-incremental: one growing head, every row scored
+over all outputs seen so far) or, task-incremental, each row's own task's outputs (a head per
+task; the task is known at test time). A run folder is resumable by task: after each task the
+head, every callback's state and the matrix so far are written (safetensors + JSON, atomically),
+and each task's shuffling is seeded from (seed, task), so a run resumed after task k equals one
+never stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from ..config import RunConfig
+from ..heads import make_mlp
+from ..io import atomic_write_json, save_tensors
+from ..progress import log
+from ..train.callbacks import schedule
+from ..train.loop import State, feature_batches, fit, predict_logits
+from ..train.optim import make_optimizer
+from .data import TaskTable
+from .methods import TaskCallback, method_parts
+from .prototype import NearestClassMean, RidgeClassifier
+from .tasks import ContinualSettings
+
+PROGRESS, STATE = "progress.json", "continual_state.safetensors"
+
+
+class Visible(nn.Module):
+    """The head with the outputs not yet learned masked out (-inf): a class-incremental head grows."""
+
+    def __init__(self, head: nn.Module, visible: torch.Tensor):
+        super().__init__()
+        self.head, self.visible = head, visible
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).masked_fill(~self.visible, float("-inf"))
+
+
+def masked_loss(own_task: torch.Tensor | None) -> callable:
+    """Cross-entropy over the outputs a row may use: all visible ones (class-incremental), or its own
+    task's (`own_task[class]`: the class's task's columns as a mask row; task-incremental)."""
+    def loss(logits: torch.Tensor, y: torch.Tensor, *targets) -> torch.Tensor:
+        if own_task is not None:
+            logits = logits.masked_fill(~own_task[y], float("-inf"))
+        return F.cross_entropy(logits, y)
+    return loss
+
+
+def score(table: TaskTable, logits: torch.Tensor, y: torch.Tensor, task: torch.Tensor, scenario: str,
+          visible: torch.Tensor) -> list[float]:
+    """Accuracy on each task's rows: over the visible outputs, or over the row's own task's."""
+    out = []
+    for i, cols in enumerate(table.task_cols):
+        rows = task == i
+        if not rows.any():
+            out.append(float("nan"))
+            continue
+        if scenario == "task":
+            pred = cols[logits[rows][:, cols].argmax(1)]
+        else:
+            masked = logits[rows].masked_fill(~visible, float("-inf"))
+            pred = masked.argmax(1) if visible.any() else torch.full((int(rows.sum()),), -1)
+        out.append((pred == y[rows]).float().mean().item())
+    return out
+
+
+class Learner:
+    """One method and seed over a task table, writing into `run_dir`."""
+
+    def __init__(self, table: TaskTable, method: str, seed: int, settings: ContinualSettings, cfg: RunConfig,
+                 run_dir: Path, base: nn.Module | None = None):
+        """`base`: the grafted model whose top groups train when settings.top_groups > 0 (the table's
+        rows are then the maps below them)."""
+        self.table, self.method, self.seed, self.s, self.cfg, self.dir = table, method, seed, settings, cfg, run_dir
+        self.base = base
+        self.parts = method_parts(method)
+        self.gradient = self.parts[0].gradient
+        self.cumulative = self.parts[0].cumulative
+        k = len(table.classes)
+        own = torch.zeros(k, k, dtype=torch.bool)
+        for cols in table.task_cols:
+            own[cols.unsqueeze(1), cols] = True
+        self.own_task = own if settings.scenario == "task" else None
+        self.head = self._new_head()
+        self.callbacks: list[TaskCallback] = [cb for m in self.parts for cb in m.callbacks(self.head, settings)]
+        self.proto = None
+        if not self.gradient:
+            self.proto = (NearestClassMean() if method == "ncm" else
+                          RidgeClassifier(table.dim, projection=settings.projection, seed=seed))
+        self.preset: nn.Module | None = None   # a finished run's head: the first task counts as learned
+        self.matrix: list[list[float]] = []
+        self.initial: list[float] = []
+        self.seconds: list[float] = []
+        self.history: list[dict] = []
+
+    def _new_head(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        if self.s.top_groups:
+            from .top import Top
+            width = self.base.extractor.model.conv_head.out_channels
+            return Top(self.base, self.s.top_groups, make_mlp(width, len(self.table.classes), self.cfg.head))
+        return make_mlp(self.table.dim, len(self.table.classes), self.cfg.head)
+
+    # --- resume by task -------------------------------------------------------------------------
+    def _save(self) -> None:
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for cb in self.callbacks:
+            tensors.update({f"cb.{cb.key}.{k}": v for k, v in cb.state_dict().items()})
+        if self.proto is not None:
+            tensors.update({f"proto.{k}": v for k, v in self.proto.state_dict().items()})
+        save_tensors(self.dir / STATE, {k: v.contiguous() for k, v in tensors.items()})
+        atomic_write_json(self.dir / PROGRESS, {"method": self.method, "seed": self.seed, "matrix": self.matrix,
+                                                "initial": self.initial, "seconds": self.seconds,
+                                                "history": self.history})
+
+    def _load(self) -> None:
+        path = self.dir / PROGRESS
+        if not path.is_file() or not (self.dir / STATE).is_file():
+            return
+        done = json.loads(path.read_text())
+        self.matrix, self.initial, self.seconds, self.history = (done["matrix"], done["initial"], done["seconds"],
+                                                                 done.get("history", []))
+        tensors = load_file(str(self.dir / STATE))
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        for cb in self.callbacks:
+            prefix = f"cb.{cb.key}."
+            cb.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if self.proto is not None:
+            self.proto.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("proto.")})
+        if self.matrix:
+            log(f"{self.dir.name}: resumed after task {len(self.matrix)} of {len(self.table.task_cols)}")
+
+    # --- one task -------------------------------------------------------------------------------
+    def visible(self, t: int) -> torch.Tensor:
+        v = torch.zeros(len(self.table.classes), dtype=torch.bool)
+        for cols in self.table.task_cols[:t + 1]:
+            v[cols] = True
+        return v
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.proto is not None:
+            out = torch.full((len(x), len(self.table.classes)), float("-inf"))
+            if self.proto.classes:
+                got = self.proto.logits(x)
+                out[:, :got.shape[1]] = got
+            return out
+        return predict_logits(self.head, feature_batches(x, torch.zeros(len(x), dtype=torch.long),
+                                                           self.cfg.train.eval_batch_size, None))[0]
+
+    def evaluate(self, t: int) -> list[float]:
+        tb = self.table
+        return score(tb, self.logits(tb.x["test"]), tb.y["test"], tb.task["test"], self.s.scenario, self.visible(t))
+
+    def learn_task(self, t: int) -> None:
+        tb, c = self.table, self.cfg.train
+        rows = tb.rows("train", range(t + 1) if self.cumulative else [t])
+        x, y = tb.x["train"][rows], tb.y["train"][rows]
+        generator = torch.Generator().manual_seed(self.seed * 1000 + t)
+        if self.proto is not None:
+            self.proto.update(x, y)
+            if isinstance(self.proto, RidgeClassifier):
+                seen = tb.rows("val", range(t + 1))
+                self.proto.fit(tb.x["val"][seen], tb.y["val"][seen]) if len(seen) else self.proto.fit()
+            return
+        if self.cumulative:  # joint training: every task so far, from a fresh head
+            self.head.load_state_dict(self._new_head().state_dict())
+        task_x, task_y = x, y
+        for cb in self.callbacks:
+            x, y, _ = cb.feature_rows(None, x, y, None)
+        visible = self.visible(t)
+        module = Visible(self.head, visible)
+        # a trained top of the backbone moves at fine-tuning's rate, the head at training's
+        body = [p for n, p in self.head.named_parameters() if n.startswith("body.")]
+        rest = [p for n, p in self.head.named_parameters() if not n.startswith("body.")]
+        optimizer = make_optimizer([{"params": rest}, *([{"params": body, "lr": self.cfg.finetune.lr}] if body else [])],
+                                   c.optimizer, c.lr, c.weight_decay)
+        state = State(stage=tb.task_names[t])
+        n_batches = -(-len(y) // c.batch_size)
+        cbs = [*self.callbacks, *schedule(optimizer, c.schedule, c.warmup_epochs, c.epochs, 0, n_batches, state)]
+        val = tb.rows("val", [t])
+        make_val = (lambda: feature_batches(tb.x["val"][val], tb.y["val"][val], c.eval_batch_size, None)) \
+            if len(val) else None
+        fit(module, lambda: feature_batches(x, y, c.batch_size, generator), n_batches, make_val, optimizer,
+            c.epochs, state, cbs, loss_fn=masked_loss(self.own_task))
+        self.history += [{**r, "task": tb.task_names[t]} for r in state.history]
+        cols = tb.task_cols[t] if self.s.scenario == "task" else torch.nonzero(visible).flatten()
+        for cb in self.callbacks:
+            cb.after_task(self.head, task_x, task_y, cols, generator)
+
+    def run(self) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+        if not self.initial:
+            self.initial = self.evaluate(-1)
+        if self.preset is not None and not self.matrix:
+            self._take_preset()
+        for t in range(len(self.matrix), len(self.table.task_cols)):
+            t0 = time.perf_counter()
+            self.learn_task(t)
+            self.matrix.append(self.evaluate(t))
+            self.seconds.append(time.perf_counter() - t0)
+            log(f"{self.dir.name}: task {t + 1}/{len(self.table.task_cols)} ({self.table.task_names[t]}) "
+                f"accuracy per task " + " ".join(f"{a:.3f}" for a in self.matrix[-1][:t + 1])
+                + f"  ({self.seconds[-1]:.1f}s)")
+            self._save()
+        return {"matrix": self.matrix, "initial": self.initial, "seconds": self.seconds}
+
+    def _take_preset(self) -> None:
+        """Start from a finished run's head as if it had just learned task 1 (`graft extend`): its
+        outputs are the first task's, the new outputs start as this head's fresh rows; the methods
+        hear that task 1 ended (EWC's Fisher and LwF's teacher come from the finished head)."""
+        own = self.head.state_dict()
+        for k, v in self.preset.state_dict().items():
+            if own[k].shape == v.shape:
+                own[k] = v.clone()
+            else:   # the output layer: the old classes' rows, the new ones' stay fresh
+                own[k][:v.shape[0]] = v
+        self.head.load_state_dict(own)
+        rows = self.table.rows("train", [0])
+        generator = torch.Generator().manual_seed(self.seed * 1000)
+        cols = self.table.task_cols[0]
+        for cb in self.callbacks:
+            cb.after_task(self.head, self.table.x["train"][rows], self.table.y["train"][rows], cols, generator)
+        self.matrix.append(self.evaluate(0))
+        self.seconds.append(0.0)
+        self._save()
+
+    def final_head(self) -> tuple[nn.Module, dict]:
+        """The model after the last task as an ordinary head (an MLP over the features) and the head
+        config that rebuilds it: predict, evaluate, export and serve read it like any run's."""
+        if self.proto is None:
+            return self.head, dict(vars(self.cfg.head))   # a Top puts itself into the model (Top.into)
+        return prototype_head(self.proto, self.table.dim, len(self.table.classes), self.cfg.head.pool)
+
+
+def prototype_head(proto, dim: int, k: int, pool: str) -> tuple[nn.Sequential, dict]:
+    """A prototype classifier as the MLP every run has: ridge on random features is Linear(D, M)
+    (the fixed projection, no bias) -> ReLU -> Linear(M, K); ridge on the features, or nearest class
+    mean, is one Linear. NCM's logits become x . m_c / |m_c|: the cosine times |x|, the same
+    ranking of classes for every row (probabilities are sharper or flatter, predictions the same)."""
+    layers: list[nn.Module] = []
+    if isinstance(proto, RidgeClassifier):
+        w = proto.W.T.float()                                   # K x M
+        if proto.weight_in is not None:
+            first = nn.Linear(dim, proto.projection)
+            first.weight.data, first.bias.data = proto.weight_in.T.contiguous().float(), torch.zeros(proto.projection)
+            layers += [first, nn.ReLU()]
+        hidden = [proto.projection] if proto.weight_in is not None else []
+    else:
+        w = F.normalize(proto.sums / proto.counts.clamp_min(1).unsqueeze(1), dim=1).float()
+        hidden = []
+    last = nn.Linear(w.shape[1], k)
+    last.weight.data = torch.zeros(k, w.shape[1])
+    last.weight.data[:len(w)] = w
+    last.bias.data = torch.zeros(k)
+    return nn.Sequential(*layers, last), {"pool": pool, "hidden": hidden, "activation": "relu", "dropout": 0.0}

@@ -1,0 +1,247 @@
+"""`graft continual` and `graft extend`: methods on the one loop, resume by task, the run folders they
+leave, and one clear line for each bad input.
+
+Learner tests use a synthetic task table (Gaussian class clusters as "features"), so they need no
+backbone; command tests use generated images on the tiny random-weight backbone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graftnet.cli import main
+from graftnet.config import resolve
+from graftnet.continual.data import TaskTable
+from graftnet.continual.learner import Learner, prototype_head
+from graftnet.continual.methods import EWC, diagonal_fisher
+from graftnet.continual.tasks import ContinualSettings, Task, TaskSequence, check_tasks, split_tasks
+from graftnet.errors import ConfigError
+
+from .conftest import TINY, make_folder
+
+
+def synthetic_table(n_tasks: int = 3, per_task: int = 2, dim: int = 16, rows: int = 40, seed: int = 0,
+                    spread: float = 3.0) -> TaskTable:
+    """Classes as Gaussian clusters around random centres (`spread` apart): separable, so a head learns
+    each task; closer clusters leave the head unsure, so its Fisher is far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    k = n_tasks * per_task
+    centres = spread * torch.randn(k, dim, generator=g)
+    x, y, task = {}, {}, {}
+    for split, n in (("train", rows), ("val", rows // 4), ("test", rows // 2)):
+        labels = torch.arange(k).repeat_interleave(n)
+        x[split] = centres[labels] + torch.randn(len(labels), dim, generator=g)
+        y[split], task[split] = labels, labels // per_task
+    return TaskTable(x, y, task, [f"c{i}" for i in range(k)], [f"t{i}" for i in range(n_tasks)],
+                     [torch.arange(i * per_task, (i + 1) * per_task) for i in range(n_tasks)])
+
+
+def cfg(**extra):
+    return resolve(None, {"head.hidden": [32], "head.dropout": 0.0, "train.epochs": 3, "train.batch_size": 16,
+                          "train.lr": 0.01, **extra})
+
+
+def learn(tmp_path, method: str, scenario: str = "class", table=None, name=None, **settings):
+    s = ContinualSettings(scenario=scenario, methods=[method], **settings)
+    learner = Learner(table or synthetic_table(), method, 0, s, cfg(), tmp_path / (name or method))
+    return learner, learner.run()
+
+
+def test_naive_forgets_in_class_incremental_and_replay_and_ridge_do_not(tmp_path):
+    _, naive = learn(tmp_path, "naive")
+    _, replay = learn(tmp_path, "replay", replay=60)
+    _, ridge = learn(tmp_path, "ridge", projection=64)
+    # the classic failure: trained only on the newest task's classes, the head predicts only them
+    assert naive["matrix"][-1][0] < 0.1 and naive["matrix"][-1][-1] > 0.9
+    assert replay["matrix"][-1][0] > 0.8
+    assert all(a > 0.95 for a in ridge["matrix"][-1])
+    # a class-incremental head cannot predict a class it has not met: future tasks score 0
+    assert naive["matrix"][0][1] == 0 and naive["initial"] == [0.0, 0.0, 0.0]
+
+
+def test_task_incremental_scores_each_task_among_its_own_outputs(tmp_path):
+    _, naive = learn(tmp_path, "naive", scenario="task")
+    # with the task known, the newest task's training cannot make old rows pick new outputs
+    assert naive["matrix"][-1][0] > 0.8
+
+
+def test_ewc_keeps_weights_near_the_old_task_and_its_penalty_is_zero_at_the_anchor(tmp_path):
+    table = synthetic_table(n_tasks=2, spread=0.4)
+    strong, _ = learn(tmp_path, "ewc", "task", table, "strong", ewc_lambda=1e3)
+    weak, _ = learn(tmp_path, "naive", "task", table, "weak")
+    fisher, anchor = strong.callbacks[0].terms[0]
+    drift = {n: sum(((dict(h.named_parameters())[k] - anchor[k]) ** 2 * fisher[k]).sum().item() for k in fisher)
+             for n, h in (("strong", strong.head), ("weak", weak.head))}
+    assert drift["strong"] < 0.2 * drift["weak"]
+    cb = EWC(strong.head, 5.0, None, 100)
+    cb.terms = [(fisher, {k: v.detach().clone() for k, v in strong.head.named_parameters()})]
+    loss = torch.tensor(1.0)
+    assert cb.after_loss(None, loss).item() == pytest.approx(1.0)   # no penalty at the anchor
+
+
+def test_fisher_from_zero_samples_is_a_clear_error():
+    with pytest.raises(ConfigError, match="zero samples"):
+        diagonal_fisher(torch.nn.Linear(4, 2), torch.empty(0, 4), torch.empty(0, dtype=torch.long))
+
+
+def test_fisher_is_the_mean_squared_per_row_gradient():
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    got = diagonal_fisher(model, x, y)
+    want = torch.zeros_like(model.weight)
+    for xi, yi in zip(x, y):
+        model.zero_grad()
+        torch.log_softmax(model(xi[None]), 1)[0, yi].backward()
+        want += model.weight.grad ** 2
+    assert torch.allclose(got["weight"], want / 5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ewc+replay", "lwf", "online_ewc", "ridge"])
+def test_a_run_resumed_after_a_task_equals_one_never_stopped(tmp_path, method):
+    table = synthetic_table()
+    s = ContinualSettings(methods=[method], replay=30, projection=32)
+    whole = Learner(table, method, 0, s, cfg(), tmp_path / "whole")
+    whole.run()
+    part = Learner(table, method, 0, s, cfg(), tmp_path / "part")
+    part.initial = part.evaluate(-1)
+    part.learn_task(0)   # "killed" after its first task was saved
+    part.matrix.append(part.evaluate(0))
+    part.seconds.append(0.0)
+    part._save()
+    again = Learner(table, method, 0, s, cfg(), tmp_path / "part")
+    out = again.run()
+    assert out["matrix"] == whole.matrix
+    a, b = load_file(str(tmp_path / "whole" / "continual_state.safetensors")), \
+        load_file(str(tmp_path / "part" / "continual_state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prototype_heads_are_ordinary_mlps_with_the_same_predictions(tmp_path):
+    table = synthetic_table()
+    for method in ("ncm", "ridge"):
+        learner, _ = learn(tmp_path, method, projection=32)
+        head, head_cfg = prototype_head(learner.proto, table.dim, len(table.classes), "avg")
+        x = table.x["test"]
+        assert torch.equal(head(x).argmax(1), learner.proto.logits(x).argmax(1))
+        assert head_cfg["hidden"] == ([32] if method == "ridge" else [])
+
+
+def test_split_and_task_checks_give_one_line():
+    tasks = split_tasks(list("abcdef"), 3, seed=1)
+    assert sorted(c for t in tasks for c in t.classes) == list("abcdef") and all(len(t.classes) == 2 for t in tasks)
+    assert split_tasks(list("abcdef"), 3, 1) == tasks and split_tasks(list("abcdef"), 3, 2) != tasks
+    with pytest.raises(ConfigError, match="do not divide"):
+        split_tasks(list("abcde"), 2)
+    seq = TaskSequence("d", [Task("one", ["a", "b"]), Task("two", ["b", "c"])])
+    with pytest.raises(ConfigError, match="task two repeats class 'b' of task one"):
+        check_tasks(seq, "class", {"d": list("abc")})
+    check_tasks(seq, "task", {"d": list("abc")})   # a head per task: tasks may share classes
+    with pytest.raises(ConfigError, match="class\\(es\\) zebra are not in d"):
+        check_tasks(TaskSequence("d", [Task("one", ["a", "zebra"])]), "class", {"d": list("abc")})
+
+
+def tiny_flags(tmp_path: Path) -> list[str]:
+    return ["--backbone", TINY, "--no-pretrained", "--image-size", "32", "--features", "multi", "--hidden", "32",
+            "--dropout", "0", "--epochs", "3", "--batch-size", "8", "--lr", "3e-3",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
+
+
+def test_graft_continual_writes_runs_a_summary_and_a_report(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c", "d"), splits={"train": 16, "test": 6})
+    assert main(["continual", "--data", str(data), "--split", "2", "--methods", "naive,ridge,lwf+replay",
+                 "--projection", "64", "--seeds", "0,1", "--name", "c", *tiny_flags(tmp_path)]) == 0
+    folder = tmp_path / "runs" / "c"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["methods"]) == {"naive", "ridge", "lwf+replay"}
+    assert summary["methods"]["naive"]["runs"] == 2 and summary["methods"]["naive"]["metrics"]["forgetting"]["n"] == 2
+    assert (folder / "report.html").stat().st_size > 10_000 and (folder / "steps.png").is_file()
+    run = folder / "runs" / "ridge-s1"
+    record = json.loads((run / "continual.json").read_text())
+    assert len(record["matrix"]) == 2 and record["seed"] == 1
+    assert main(["predict", str(run), str(data / "test" / "a")]) == 0
+    assert main(["evaluate", str(run)]) == 0   # the run folder is an ordinary run
+    capsys.readouterr()
+    # resuming a finished folder reads its runs back and rewrites the same summary
+    assert main(["continual", "--resume", str(folder)]) == 0
+    assert json.loads((folder / "summary.json").read_text())["methods"]["ridge"]["metrics"] == \
+        summary["methods"]["ridge"]["metrics"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "3"], "do not divide into 3 tasks"),
+    (["--split", "2", "--methods", "naive,ewcc"], "unknown ewcc"),
+    (["--split", "2", "--methods", "ridge+ewc"], "only gradient methods combine"),
+    ([], "--tasks tasks.yaml or --split N"),
+])
+def test_bad_continual_input_is_one_line_and_makes_no_folder(tmp_path, capsys, args, message):
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c", "d"), n=4)
+    assert main(["continual", "--data", str(data), *args, "--name", "bad", *tiny_flags(tmp_path)]) == 2
+    err = "".join(capsys.readouterr())
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_tasks_file_repeating_a_class_in_class_incremental_mode(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", classes=("a", "b", "c"), n=4)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"data: {data}\ntasks:\n  - {{name: first, classes: [a, b]}}\n  - {{name: second, classes: [b, c]}}\n")
+    assert main(["continual", "--tasks", str(tasks), "--methods", "naive", "--name", "t", *tiny_flags(tmp_path)]) == 2
+    assert "task second repeats class 'b' of task first" in "".join(capsys.readouterr())
+    assert main(["continual", "--resume", str(tmp_path)]) == 2
+    assert "not a continual folder" in "".join(capsys.readouterr())
+
+
+def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
+    old = make_folder(tmp_path / "old", classes=("a", "b", "c", "d", "e"), splits={"train": 16, "test": 6})
+    new = tmp_path / "new"
+    make_folder(new, classes=("a", "b", "c", "d", "e"), splits={"train": 16, "test": 6}, seed=1)
+    for split in ("train", "test"):   # the old run knows a, b, c; the new data brings d and e (and a again)
+        for c in ("d", "e"):
+            (old / split / c).rename(tmp_path / f"{split}-{c}")
+        for c in ("b", "c"):
+            for f in (new / split / c).iterdir():
+                f.unlink()
+            (new / split / c).rmdir()
+    flags = tiny_flags(tmp_path)
+    assert main(["train", "--data", str(old), "--name", "old", *flags]) == 0
+    run = tmp_path / "runs" / "old"
+    assert main(["extend", str(run), "--data", str(new), "--name", "ext"]) == 0
+    ext = tmp_path / "runs" / "ext"
+    spec = json.loads((ext / "model.json").read_text())
+    assert spec["classes"] == ["a", "b", "c", "d", "e"]
+    out = json.loads((ext / "extend.json").read_text())
+    assert out["new_classes"] == ["d", "e"] and out["new_acc_after"] > 0.5
+    assert (ext / "report.html").is_file()
+    capsys.readouterr()
+    # nothing new to learn: one line
+    assert main(["extend", str(run), "--data", str(old), "--name", "ext2"]) == 2
+    assert "brings no class" in "".join(capsys.readouterr())
+
+
+def test_top_groups_train_the_backbone_top_on_cached_maps_and_the_saved_model_agrees(tmp_path):
+    from graftnet.continual.top import MapsBelow, Top
+    from graftnet.model import build_model
+    model, spec = build_model(cfg(**{"backbone.name": TINY, "backbone.pretrained": False,
+                                     "backbone.image_size": 32}), ["a", "b", "c", "d"])
+    model.eval()
+    images = torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        maps = MapsBelow(model, 2).features(images)
+    labels = torch.arange(4).repeat(12)
+    table = TaskTable({s: maps for s in ("train", "val", "test")}, {s: labels for s in ("train", "val", "test")},
+                      {s: labels // 2 for s in ("train", "val", "test")}, list("abcd"), ["t0", "t1"],
+                      [torch.arange(0, 2), torch.arange(2, 4)])
+    s = ContinualSettings(methods=["ewc"], top_groups=2, ewc_lambda=10.0)
+    learner = Learner(table, "ewc", 0, s, cfg(), tmp_path / "top", base=model)
+    learner.run()
+    assert isinstance(learner.head, Top)
+    saved = learner.head.into(model).eval()
+    body, stock = saved.extractor.model, model.extractor.model
+    assert torch.equal(body.conv_stem.weight, stock.conv_stem.weight) and all(   # below: frozen
+        torch.equal(a, b) for a, b in zip(body.blocks[0].parameters(), stock.blocks[0].parameters()))
+    assert not torch.equal(body.conv_head.weight, stock.conv_head.weight)                      # the top trained
+    with torch.no_grad():   # the saved model on images = the learner's top on the cached maps
+        assert torch.allclose(saved(images), learner.logits(maps), atol=1e-4)
