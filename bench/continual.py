@@ -17,6 +17,8 @@ killed stage goes on after its last finished task (`--resume`):
   taskft   task-incremental with the backbone's top 2 groups (blocks.6 + conv_head) trained too, on
            the cached maps below them (final features only, 3 epochs per task): naive, EWC (each
            --ewc-lambdas value its own folder), LwF, replay
+  adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
+           groups adapted on the first task only (3 epochs), then frozen
   extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge:
            the old classes' accuracy before and after
 
@@ -112,7 +114,7 @@ def stage_taskft(work: Path, seeds: list[int], lambdas: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "continual")
-    p.add_argument("--stages", default="class,orders,linear,task,extend")
+    p.add_argument("--stages", default="class,orders,linear,task,extend,taskft,adapt")
     p.add_argument("--redo", default="", help="stages to run again although their result is there")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ewc-lambdas", default="100,1000,10000", help="taskft: EWC strengths, one folder each")
@@ -128,6 +130,10 @@ def main() -> None:
         "linear": lambda: continual(a.work, "linear", ["joint"], seeds, overrides={"head.hidden": []}),
         "task": lambda: continual(a.work, "task", ["naive", "ewc", "lwf", "replay", "joint"], seeds, scenario="task"),
         "extend": lambda: stage_extend(a.work),
+        "adapt": lambda: {"frozen": continual(a.work, "adapt-frozen", ["ncm", "ridge"], [0], overrides={
+                              "backbone.features": "last"}),
+                          "adapted": continual(a.work, "adapt", ["ncm", "ridge"], seeds, overrides={
+                              "backbone.features": "last", "train.epochs": 3}, top_groups=2)},
         "taskft": lambda: stage_taskft(a.work, seeds, [float(v) for v in a.ewc_lambdas.split(",")]),
     }
     redo = {s for s in a.redo.split(",") if s}

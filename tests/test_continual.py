@@ -221,7 +221,9 @@ def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
     assert "brings no class" in "".join(capsys.readouterr())
 
 
-def test_top_groups_train_the_backbone_top_on_cached_maps_and_the_saved_model_agrees(tmp_path):
+@pytest.mark.parametrize("method", ["ewc", "ridge"])
+def test_top_groups_train_the_backbone_top_on_cached_maps_and_the_saved_model_agrees(tmp_path, method):
+    """ewc trains the top on every task; ridge adapts it on the first task, then fits on its features."""
     from graftnet.continual.top import MapsBelow, Top
     from graftnet.model import build_model
     model, spec = build_model(cfg(**{"backbone.name": TINY, "backbone.pretrained": False,
@@ -234,11 +236,12 @@ def test_top_groups_train_the_backbone_top_on_cached_maps_and_the_saved_model_ag
     table = TaskTable({s: maps for s in ("train", "val", "test")}, {s: labels for s in ("train", "val", "test")},
                       {s: labels // 2 for s in ("train", "val", "test")}, list("abcd"), ["t0", "t1"],
                       [torch.arange(0, 2), torch.arange(2, 4)])
-    s = ContinualSettings(methods=["ewc"], top_groups=2, ewc_lambda=10.0)
-    learner = Learner(table, "ewc", 0, s, cfg(), tmp_path / "top", base=model)
+    s = ContinualSettings(methods=[method], top_groups=2, ewc_lambda=10.0, projection=16)
+    learner = Learner(table, method, 0, s, cfg(), tmp_path / "top", base=model)
     learner.run()
-    assert isinstance(learner.head, Top)
-    saved = learner.head.into(model).eval()
+    head, _ = learner.final_head()
+    assert isinstance(head, Top)
+    saved = head.into(model).eval()
     body, stock = saved.extractor.model, model.extractor.model
     assert torch.equal(body.conv_stem.weight, stock.conv_stem.weight) and all(   # below: frozen
         torch.equal(a, b) for a, b in zip(body.blocks[0].parameters(), stock.blocks[0].parameters()))

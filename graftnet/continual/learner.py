@@ -96,8 +96,9 @@ class Learner:
         self.callbacks: list[TaskCallback] = [cb for m in self.parts for cb in m.callbacks(self.head, settings)]
         self.proto = None
         if not self.gradient:
+            width = self.head.body[-2].out_channels if settings.top_groups else table.dim  # conv_head's
             self.proto = (NearestClassMean() if method == "ncm" else
-                          RidgeClassifier(table.dim, projection=settings.projection, seed=seed))
+                          RidgeClassifier(width, projection=settings.projection, seed=seed))
         self.preset: nn.Module | None = None   # a finished run's head: the first task counts as learned
         self.matrix: list[list[float]] = []
         self.initial: list[float] = []
@@ -148,11 +149,21 @@ class Learner:
             v[cols] = True
         return v
 
+    @torch.no_grad()
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """A prototype method's features: the rows themselves, or, with a top adapted on the first
+        task, the cached maps through it, pooled."""
+        if not self.s.top_groups:
+            return x
+        self.head.eval()
+        return torch.cat([self.head.body(xs.float()).mean((2, 3)) for xs in x.split(256)]) if len(x) \
+            else torch.empty(0, self.head.body[-2].out_channels)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.proto is not None:
             out = torch.full((len(x), len(self.table.classes)), float("-inf"))
             if self.proto.classes:
-                got = self.proto.logits(x)
+                got = self.proto.logits(self._pooled(x))
                 out[:, :got.shape[1]] = got
             return out
         return predict_logits(self.head, feature_batches(x, torch.zeros(len(x), dtype=torch.long),
@@ -163,18 +174,27 @@ class Learner:
         return score(tb, self.logits(tb.x["test"]), tb.y["test"], tb.task["test"], self.s.scenario, self.visible(t))
 
     def learn_task(self, t: int) -> None:
-        tb, c = self.table, self.cfg.train
+        tb = self.table
         rows = tb.rows("train", range(t + 1) if self.cumulative else [t])
         x, y = tb.x["train"][rows], tb.y["train"][rows]
         generator = torch.Generator().manual_seed(self.seed * 1000 + t)
         if self.proto is not None:
-            self.proto.update(x, y)
+            if self.s.top_groups and t == 0:   # first-task adaptation: the top learns task 1, then stays
+                self._fit(t, x, y, generator)
+                for p in self.head.parameters():
+                    p.requires_grad_(False)
+            self.proto.update(self._pooled(x), y)
             if isinstance(self.proto, RidgeClassifier):
                 seen = tb.rows("val", range(t + 1))
-                self.proto.fit(tb.x["val"][seen], tb.y["val"][seen]) if len(seen) else self.proto.fit()
+                self.proto.fit(self._pooled(tb.x["val"][seen]), tb.y["val"][seen]) if len(seen) else self.proto.fit()
             return
         if self.cumulative:  # joint training: every task so far, from a fresh head
             self.head.load_state_dict(self._new_head().state_dict())
+        self._fit(t, x, y, generator)
+
+    def _fit(self, t: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        """Train the head (and a top of the backbone) on task t's rows, with the methods' callbacks."""
+        tb, c = self.table, self.cfg.train
         task_x, task_y = x, y
         for cb in self.callbacks:
             x, y, _ = cb.feature_rows(None, x, y, None)
@@ -241,7 +261,11 @@ class Learner:
         config that rebuilds it: predict, evaluate, export and serve read it like any run's."""
         if self.proto is None:
             return self.head, dict(vars(self.cfg.head))   # a Top puts itself into the model (Top.into)
-        return prototype_head(self.proto, self.table.dim, len(self.table.classes), self.cfg.head.pool)
+        mlp, head_cfg = prototype_head(self.proto, self.proto.dim, len(self.table.classes), self.cfg.head.pool)
+        if self.s.top_groups:   # the adapted top carries the prototype head
+            self.head.mlp = mlp
+            return self.head, head_cfg
+        return mlp, head_cfg
 
 
 def prototype_head(proto, dim: int, k: int, pool: str) -> tuple[nn.Sequential, dict]:

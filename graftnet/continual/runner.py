@@ -28,7 +28,6 @@ from ..progress import log
 from ..run import write_environment, write_history
 from .data import load_features, task_table
 from .learner import Learner
-from .methods import method_parts
 from .metrics import mean_sd, summarize
 from .report import COLUMNS, plot_matrix, plot_steps, write_continual_report
 from .tasks import ContinualSettings, Task, TaskSequence
@@ -71,8 +70,6 @@ def run_continual(cfg: RunConfig | None, sequences: dict[str, TaskSequence] | No
     first = next(iter(sequences.values()))
     if settings.top_groups and (cfg.backbone.features != "last" or cfg.head.pool != "avg"):
         raise ConfigError("top_groups trains the backbone's top on its maps: use backbone.features last, head.pool avg")
-    if settings.top_groups and any(not p.gradient for m in settings.methods for p in method_parts(m)):
-        raise ConfigError("top_groups: ncm and ridge read frozen features; run them without top_groups")
     features, model, spec = load_features(cfg, first, settings.scenario, top_groups=settings.top_groups)
     for seq in list(sequences.values())[1:]:   # another order of the same classes: same sources
         load_features_check(seq, features, settings.scenario)

@@ -39,8 +39,9 @@ class ContinualSettings:
     lwf_alpha: float = option(1.0, help="LwF: weight of the distillation term on old classes' outputs")
     lwf_temperature: float = option(2.0, help="LwF: softmax temperature of the distillation term")
     replay: int = option(500, help="replay: rows kept in the class-balanced buffer, over all classes")
-    top_groups: int = option(0, help="gradient methods: also train the backbone's top N groups (as "
-                             "finetune.unfreeze top:N counts them) on the cached maps below them; 0: frozen")
+    top_groups: int = option(0, help="also train the backbone's top N groups (as finetune.unfreeze top:N "
+                             "counts them) on the cached maps below them: gradient methods on every task, "
+                             "ncm and ridge on the first task only (first-task adaptation); 0: frozen")
     projection: int = option(2048, help="ridge: random features (RanPAC; 0: ridge on the features themselves)")
 
     def check(self) -> None:
