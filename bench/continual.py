@@ -14,9 +14,11 @@ killed stage goes on after its last finished task (`--resume`):
            the ridge is held to (within 1 point)
   task     task-incremental (a head per task) on the frozen features with the recipe's shared hidden
            layer: naive, EWC, LwF, replay
-  taskft   task-incremental with the backbone's top 2 groups (blocks.6 + conv_head) trained too, on
-           the cached maps below them (final features only, 3 epochs per task): naive, EWC (each
-           --ewc-lambdas value its own folder), LwF, replay
+  taskft   task-incremental with the backbone's top group (conv_head) trained too, on the cached
+           maps below it (final features only, 2 epochs per task), --ft-seeds: naive, LwF, replay,
+           EWC (each --ewc-lambdas value its own folder; choose on the validation matrix)
+  prototypes  ridge and NCM again, class-incremental, --seeds, at the current default projection,
+           on a quiet machine: their wall time with the features cached (target: a run within 60 s)
   adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
            groups adapted on the first task only (3 epochs), then frozen
   extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge:
@@ -103,11 +105,11 @@ def stage_extend(work: Path) -> dict:
 
 
 def stage_taskft(work: Path, seeds: list[int], lambdas: list[float]) -> dict:
-    ft = {"backbone.features": "last", "train.epochs": 3}
-    out = {"base": continual(work, "taskft", ["naive", "lwf", "replay"], seeds, "task", overrides=ft, top_groups=2)}
+    ft = {"backbone.features": "last", "train.epochs": 2}
+    out = {"base": continual(work, "taskft", ["naive", "lwf", "replay"], seeds, "task", overrides=ft, top_groups=1)}
     for lam in lambdas:
         out[f"ewc_{lam:g}"] = continual(work, f"taskft-ewc{lam:g}", ["ewc"], seeds, "task", overrides=ft,
-                                        top_groups=2, ewc_lambda=lam)
+                                        top_groups=1, ewc_lambda=lam)
     return out
 
 
@@ -117,7 +119,8 @@ def main() -> None:
     p.add_argument("--stages", default="class,orders,linear,task,extend,taskft,adapt")
     p.add_argument("--redo", default="", help="stages to run again although their result is there")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ewc-lambdas", default="100,1000,10000", help="taskft: EWC strengths, one folder each")
+    p.add_argument("--ewc-lambdas", default="100,10000,1000000", help="taskft: EWC strengths, one folder each")
+    p.add_argument("--ft-seeds", default="0,1", help="taskft: seeds (each run trains the backbone's top)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -134,7 +137,9 @@ def main() -> None:
                               "backbone.features": "last"}),
                           "adapted": continual(a.work, "adapt", ["ncm", "ridge"], seeds, overrides={
                               "backbone.features": "last", "train.epochs": 3}, top_groups=2)},
-        "taskft": lambda: stage_taskft(a.work, seeds, [float(v) for v in a.ewc_lambdas.split(",")]),
+        "taskft": lambda: stage_taskft(a.work, [int(v) for v in a.ft_seeds.split(",")],
+                                       [float(v) for v in a.ewc_lambdas.split(",")]),
+        "prototypes": lambda: continual(a.work, "prototypes", ["ncm", "ridge"], seeds),
     }
     redo = {s for s in a.redo.split(",") if s}
     for name in [s for s in a.stages.split(",") if s]:

@@ -109,11 +109,12 @@ def test_a_run_resumed_after_a_task_equals_one_never_stopped(tmp_path, method):
     part.initial = part.evaluate(-1)
     part.learn_task(0)   # "killed" after its first task was saved
     part.matrix.append(part.evaluate(0))
+    part.val_matrix.append(part.evaluate(0, "val"))
     part.seconds.append(0.0)
     part._save()
     again = Learner(table, method, 0, s, cfg(), tmp_path / "part")
     out = again.run()
-    assert out["matrix"] == whole.matrix
+    assert out["matrix"] == whole.matrix and out["val_matrix"] == whole.val_matrix
     a, b = load_file(str(tmp_path / "whole" / "continual_state.safetensors")), \
         load_file(str(tmp_path / "part" / "continual_state.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

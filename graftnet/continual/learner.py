@@ -101,6 +101,7 @@ class Learner:
                           RidgeClassifier(width, projection=settings.projection, seed=seed))
         self.preset: nn.Module | None = None   # a finished run's head: the first task counts as learned
         self.matrix: list[list[float]] = []
+        self.val_matrix: list[list[float]] = []   # the same on validation rows: to choose a method's settings
         self.initial: list[float] = []
         self.seconds: list[float] = []
         self.history: list[dict] = []
@@ -123,6 +124,7 @@ class Learner:
         save_tensors(self.dir / STATE, {k: v.contiguous() for k, v in tensors.items()})
         atomic_write_json(self.dir / PROGRESS, {"method": self.method, "seed": self.seed, "matrix": self.matrix,
                                                 "initial": self.initial, "seconds": self.seconds,
+                                                "val_matrix": self.val_matrix,
                                                 "history": self.history})
 
     def _load(self) -> None:
@@ -132,6 +134,7 @@ class Learner:
         done = json.loads(path.read_text())
         self.matrix, self.initial, self.seconds, self.history = (done["matrix"], done["initial"], done["seconds"],
                                                                  done.get("history", []))
+        self.val_matrix = done.get("val_matrix", [])
         tensors = load_file(str(self.dir / STATE))
         self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         for cb in self.callbacks:
@@ -169,9 +172,9 @@ class Learner:
         return predict_logits(self.head, feature_batches(x, torch.zeros(len(x), dtype=torch.long),
                                                            self.cfg.train.eval_batch_size, None))[0]
 
-    def evaluate(self, t: int) -> list[float]:
+    def evaluate(self, t: int, split: str = "test") -> list[float]:
         tb = self.table
-        return score(tb, self.logits(tb.x["test"]), tb.y["test"], tb.task["test"], self.s.scenario, self.visible(t))
+        return score(tb, self.logits(tb.x[split]), tb.y[split], tb.task[split], self.s.scenario, self.visible(t))
 
     def learn_task(self, t: int) -> None:
         tb = self.table
@@ -199,7 +202,9 @@ class Learner:
         for cb in self.callbacks:
             x, y, _ = cb.feature_rows(None, x, y, None)
         visible = self.visible(t)
-        module = Visible(self.head, visible)
+        # task-incremental: only the heads of the tasks in these rows (the task's own, and replayed
+        # ones'), so the loop's accuracies are those of rows among their own task's outputs
+        module = Visible(self.head, self.own_task[torch.unique(y)].any(0) if self.own_task is not None else visible)
         # a trained top of the backbone moves at fine-tuning's rate, the head at training's
         body = [p for n, p in self.head.named_parameters() if n.startswith("body.")]
         rest = [p for n, p in self.head.named_parameters() if not n.startswith("body.")]
@@ -229,12 +234,13 @@ class Learner:
             t0 = time.perf_counter()
             self.learn_task(t)
             self.matrix.append(self.evaluate(t))
+            self.val_matrix.append(self.evaluate(t, "val"))
             self.seconds.append(time.perf_counter() - t0)
             log(f"{self.dir.name}: task {t + 1}/{len(self.table.task_cols)} ({self.table.task_names[t]}) "
                 f"accuracy per task " + " ".join(f"{a:.3f}" for a in self.matrix[-1][:t + 1])
                 + f"  ({self.seconds[-1]:.1f}s)")
             self._save()
-        return {"matrix": self.matrix, "initial": self.initial, "seconds": self.seconds}
+        return {"matrix": self.matrix, "val_matrix": self.val_matrix, "initial": self.initial, "seconds": self.seconds}
 
     def _take_preset(self) -> None:
         """Start from a finished run's head as if it had just learned task 1 (`graft extend`): its
@@ -253,6 +259,7 @@ class Learner:
         for cb in self.callbacks:
             cb.after_task(self.head, self.table.x["train"][rows], self.table.y["train"][rows], cols, generator)
         self.matrix.append(self.evaluate(0))
+        self.val_matrix.append(self.evaluate(0, "val"))
         self.seconds.append(0.0)
         self._save()
 

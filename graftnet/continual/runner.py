@@ -106,8 +106,11 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
     out = learner.run()
     sizes = [int((table.task["test"] == i).sum()) for i in range(len(table.task_cols))]
     metrics = summarize(out["matrix"], out["initial"], sizes)
+    val_sizes = [int((table.task["val"] == i).sum()) for i in range(len(table.task_cols))]
+    val_metrics = summarize(out["val_matrix"], None, val_sizes) if all(val_sizes) else None
     record = {"method": method, "seed": seed, "scenario": settings.scenario, "tasks": table.task_names,
               "task_classes": [t.classes for t in seq.tasks], "classes": table.classes, **out, "metrics": metrics,
+              "val_metrics": val_metrics,
               "total_seconds": sum(out["seconds"])}
     head, head_cfg = learner.final_head()
     run_cfg = replace(cfg, head=HeadConfig(**head_cfg), name=run_dir.name, out=str(run_dir.parent),

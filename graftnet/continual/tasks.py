@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..fields import option
+from .prototype import PROJECTION
 
 SCENARIOS = ("class", "task")
 
@@ -42,7 +43,7 @@ class ContinualSettings:
     top_groups: int = option(0, help="also train the backbone's top N groups (as finetune.unfreeze top:N "
                              "counts them) on the cached maps below them: gradient methods on every task, "
                              "ncm and ridge on the first task only (first-task adaptation); 0: frozen")
-    projection: int = option(2048, help="ridge: random features (RanPAC; 0: ridge on the features themselves)")
+    projection: int = option(PROJECTION, help="ridge: random features (RanPAC; 0: ridge on the features themselves)")
 
     def check(self) -> None:
         if self.scenario not in SCENARIOS:
