@@ -146,6 +146,10 @@ def main() -> None:
         if name in results.get("stages", {}) and name not in redo:
             print(f"{name}: done before, skipped")
             continue
+        if name in redo:   # a stage's folders start afresh: resuming them would read the old runs back
+            import shutil
+            for old in [a.work / name, *a.work.glob(f"{name}-*")]:
+                shutil.rmtree(old, ignore_errors=True)
         print(f"{name}: running", flush=True)
         out = stages[name]()
         out.update({"date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg()})
