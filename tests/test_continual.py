@@ -215,6 +215,8 @@ def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
     assert spec["classes"] == ["a", "b", "c", "d", "e"]
     out = json.loads((ext / "extend.json").read_text())
     assert out["new_classes"] == ["d", "e"] and out["new_acc_after"] > 0.5
+    # fewer competing outputs can only keep or add correct answers
+    assert out["old_acc_after_among_old"] >= out["old_acc_after"]
     assert (ext / "report.html").is_file()
     capsys.readouterr()
     # nothing new to learn: one line

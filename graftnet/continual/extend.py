@@ -72,14 +72,22 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     t0 = time.perf_counter()
     record = learn_run(table, method, seed, settings, cfg, (model, fspec), folder, seq, preset=learner_hook)
     after = record["matrix"][-1]
+    # the old rows among the old outputs only: what was forgotten, apart from the new classes now
+    # competing for the same rows (a cat that is now called a dog)
+    new_model, _ = load_model(folder)
+    with torch.no_grad():
+        among_old = new_model.mlp(table.x["test"][old_rows])[:, :len(spec.classes)].argmax(1)
+    among_old_acc = (among_old == table.y["test"][old_rows]).float().mean().item()
     # class-incremental accuracy per task: old classes among all outputs, new ones likewise
     result = {"run": str(run), "data": data, "method": method, "old_classes": list(spec.classes),
               "new_classes": new_classes, "old_acc_before": before_acc, "old_acc_after": after[0],
               "new_acc_after": after[1], "old_change_points": 100 * (after[0] - before_acc),
+              "old_acc_after_among_old": among_old_acc, "old_change_among_old_points": 100 * (among_old_acc - before_acc),
               "seconds": time.perf_counter() - t0}
     atomic_write_json(folder / "extend.json", result)
-    log(f"extend: old classes {100 * before_acc:.2f}% -> {100 * after[0]:.2f}% "
-        f"({result['old_change_points']:+.2f} points), new classes {100 * after[1]:.2f}%")
+    log(f"extend: old classes {100 * before_acc:.2f}% -> {100 * after[0]:.2f}% among all classes "
+        f"({result['old_change_points']:+.2f} points; {100 * among_old_acc:.2f}% among the old ones), "
+        f"new classes {100 * after[1]:.2f}%")
     _report(folder, record, result, cfg)
     return folder
 
@@ -89,14 +97,16 @@ def _report(folder: Path, record: dict, result: dict, cfg) -> None:
     cards = {"method": result["method"], "old classes before": result["old_acc_before"],
              "old classes after": result["old_acc_after"], "new classes after": result["new_acc_after"],
              "change on old classes (points)": f"{result['old_change_points']:+.2f}"}
-    rows = [["old: " + ", ".join(result["old_classes"]), result["old_acc_before"], result["old_acc_after"]],
-            ["new: " + ", ".join(result["new_classes"]), "—", result["new_acc_after"]]]
-    note = ("Test accuracy of each group's images, predicted among all the model's classes (before: the "
-            "finished run among its own classes).")
+    rows = [["old: " + ", ".join(result["old_classes"]), result["old_acc_before"], result["old_acc_after"],
+             result["old_acc_after_among_old"]],
+            ["new: " + ", ".join(result["new_classes"]), "—", result["new_acc_after"], "—"]]
+    note = ("Test accuracy of each group's images. Before: the finished run, among its own classes. After: "
+            "among all the model's classes, and among the old classes only (what was forgotten, apart from "
+            "new classes now competing for the same images).")
     write_report(folder / "report.html", f"graftnet extend: {folder.name}", cards,
                  {"extend": {k: v for k, v in result.items() if k != "seconds"}, "base config": dataclasses.asdict(cfg)},
                  [], None, {"Accuracy on old and new classes (columns) after each step (rows), %": folder / "matrix.png"},
-                 record.get("classes", []), tables=[("Old and new classes", note, ["classes", "before", "after"], rows)])
+                 record.get("classes", []), tables=[("Old and new classes", note, ["classes", "before", "after", "after, among the old classes"], rows)])
 
 
 def add_extend(sub) -> dict:
