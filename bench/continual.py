@@ -152,7 +152,8 @@ def main() -> None:
                 shutil.rmtree(old, ignore_errors=True)
         print(f"{name}: running", flush=True)
         out = stages[name]()
-        out.update({"date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg()})
+        out.update({"date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg(),
+                    "git": git_state(ROOT)})   # stages of one file may come from different commits
         results.setdefault("stages", {})[name] = out
         atomic_write_json(a.out, results)
         print(f"{name}: {json.dumps(out)[:400]}", flush=True)

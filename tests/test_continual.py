@@ -176,6 +176,7 @@ def test_graft_continual_writes_runs_a_summary_and_a_report(tmp_path, capsys):
     (["--split", "2", "--methods", "naive,ewcc"], "unknown ewcc"),
     (["--split", "2", "--methods", "ridge+ewc"], "only gradient methods combine"),
     ([], "--tasks tasks.yaml or --split N"),
+    (["--split", "2", "--finetune-epochs", "2"], "finetune.epochs not used here"),
 ])
 def test_bad_continual_input_is_one_line_and_makes_no_folder(tmp_path, capsys, args, message):
     data = make_folder(tmp_path / "data", classes=("a", "b", "c", "d"), n=4)
@@ -191,6 +192,7 @@ def test_tasks_file_repeating_a_class_in_class_incremental_mode(tmp_path, capsys
     tasks.write_text(f"data: {data}\ntasks:\n  - {{name: first, classes: [a, b]}}\n  - {{name: second, classes: [b, c]}}\n")
     assert main(["continual", "--tasks", str(tasks), "--methods", "naive", "--name", "t", *tiny_flags(tmp_path)]) == 2
     assert "task second repeats class 'b' of task first" in "".join(capsys.readouterr())
+    assert not (tmp_path / "runs" / "t").exists()   # nothing half-made is left
     assert main(["continual", "--resume", str(tmp_path)]) == 2
     assert "not a continual folder" in "".join(capsys.readouterr())
 

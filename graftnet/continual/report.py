@@ -35,10 +35,10 @@ def plot_steps(curves: dict[str, list[tuple[float, float]]], tasks: list[str], p
     """Accuracy over the tasks seen so far after each task: (mean, sd) per step, one line per method."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     steps = range(1, len(tasks) + 1)
-    for name, points in curves.items():
+    for (name, points), marker in zip(curves.items(), "osD^vPX*hp" * 3):   # shapes tell overlapping lines apart
         mean = [100 * m for m, _ in points]
         sd = [100 * (s or 0) for _, s in points]
-        line, = ax.plot(steps, mean, marker="o", label=name)
+        line, = ax.plot(steps, mean, marker=marker, markersize=5, label=name)
         ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                         color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xticks(list(steps), [f"{i}\n{t}" for i, t in zip(steps, tasks)], fontsize=8)

@@ -25,7 +25,7 @@ from ..errors import ConfigError, GraftError
 from ..io import atomic_write_json, atomic_write_text
 from ..model import save_model
 from ..progress import log
-from ..run import write_environment, write_history
+from ..run import run_scope, write_environment, write_history
 from .data import load_features, task_table
 from .learner import Learner
 from .metrics import mean_sd, summarize
@@ -65,27 +65,45 @@ def run_continual(cfg: RunConfig | None, sequences: dict[str, TaskSequence] | No
         if folder.exists() and any(folder.iterdir()):
             raise ConfigError(f"{folder}: already exists and is not empty; choose another --name or --resume it")
         settings.check()
+        check_config(cfg)
+        if settings.top_groups and (cfg.backbone.features != "last" or cfg.head.pool != "avg"):
+            raise ConfigError("top_groups trains the backbone's top on its maps: use backbone.features last, head.pool avg")
         save_setup(folder, cfg, settings, sequences, command)
-    t0 = time.perf_counter()
-    first = next(iter(sequences.values()))
-    if settings.top_groups and (cfg.backbone.features != "last" or cfg.head.pool != "avg"):
-        raise ConfigError("top_groups trains the backbone's top on its maps: use backbone.features last, head.pool avg")
-    features, model, spec = load_features(cfg, first, settings.scenario, top_groups=settings.top_groups)
-    for seq in list(sequences.values())[1:]:   # another order of the same classes: same sources
-        load_features_check(seq, features, settings.scenario)
-    feature_s = time.perf_counter() - t0
-    results: dict[str, list[dict]] = {}
-    for label, seq in sequences.items():
-        table = task_table(seq, features, settings.scenario)
-        for method in settings.methods:
-            for seed in settings.seeds:
-                name = f"{method}-s{seed}" + (f"-{label}" if len(sequences) > 1 else "")
-                results.setdefault(method, []).append(learn_run(table, method, seed, settings, cfg, (model, spec),
-                                                               folder / "runs" / name, seq))
-    summary = _summarize(results, settings, first, sequences, feature_s)
-    atomic_write_json(folder / "summary.json", summary)
-    _write_pages(folder, summary, results, first, cfg, settings)
-    return summary
+    # a failure before any run exists leaves no half-made folder (the log goes to CONTINUAL/log.txt)
+    with run_scope(folder, keep_if=("runs",), remove=not resume):
+        t0 = time.perf_counter()
+        first = next(iter(sequences.values()))
+        features, model, spec = load_features(cfg, first, settings.scenario, top_groups=settings.top_groups)
+        for seq in list(sequences.values())[1:]:   # another order of the same classes: same sources
+            load_features_check(seq, features, settings.scenario)
+        feature_s = time.perf_counter() - t0
+        results: dict[str, list[dict]] = {}
+        for label, seq in sequences.items():
+            table = task_table(seq, features, settings.scenario)
+            for method in settings.methods:
+                for seed in settings.seeds:
+                    name = f"{method}-s{seed}" + (f"-{label}" if len(sequences) > 1 else "")
+                    results.setdefault(method, []).append(learn_run(table, method, seed, settings, cfg, (model, spec),
+                                                                   folder / "runs" / name, seq))
+        summary = _summarize(results, settings, first, sequences, feature_s)
+        atomic_write_json(folder / "summary.json", summary)
+        _write_pages(folder, summary, results, first, cfg, settings)
+        return summary
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Settings of `graft train` that a continual run does not use: say so rather than ignore them."""
+    t = cfg.train
+    unused = {"train.augment": t.augment != "none", "train.mixup/cutmix": bool(t.mixup or t.cutmix),
+              "train.cache_views": bool(t.cache_views), "train.flip_views": t.flip_views,
+              "train.label_smoothing": bool(t.label_smoothing), "train.class_weights": t.class_weights != "none",
+              "train.sampler": t.sampler != "none", "train.early_stopping": bool(t.early_stopping),
+              "train.init": bool(t.init), "finetune.epochs": bool(cfg.finetune.epochs),
+              "callbacks": bool(cfg.callbacks)}
+    given = [k for k, v in unused.items() if v]
+    if given:
+        raise ConfigError(f"continual: {', '.join(given)} not used here (each task trains on cached features, "
+                          "or with --top-groups on cached maps); drop them")
 
 
 def load_features_check(seq: TaskSequence, features: dict, scenario: str) -> None:
