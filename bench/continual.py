@@ -21,8 +21,8 @@ killed stage goes on after its last finished task (`--resume`):
            on a quiet machine: their wall time with the features cached (target: a run within 60 s)
   adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
            groups adapted on the first task only (3 epochs), then frozen
-  extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge:
-           the old classes' accuracy before and after
+  extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge
+           and by replay (the run's head, 500 stored rows): the old classes' accuracy before and after
 
 The base config is recipes/paper-cifar10.yaml (multi-depth features, head 256, 10 epochs per task).
 Runs in-process with this tree's graftnet; logs in WORK/<stage>/.
@@ -96,12 +96,14 @@ def stage_extend(work: Path) -> dict:
                                "name": "five"}))
     train_s = time.perf_counter() - t0
     before = json.loads((run / "test_metrics.json").read_text())["accuracy"]
-    t0 = time.perf_counter()
-    folder = run.parent / "five-extended"
-    if not (folder / "extend.json").is_file():
-        extend_run(run, str(new), "ridge", name="five-extended")
-    out = json.loads((folder / "extend.json").read_text())
-    return {"train_s": train_s, "extend_s": time.perf_counter() - t0, "five_class_test_acc": before, **out}
+    out = {"train_s": train_s, "five_class_test_acc": before}
+    for method in ("ridge", "replay"):   # closed form from both tasks' statistics; the run's head + 500 stored rows
+        t0 = time.perf_counter()
+        name = "five-extended" if method == "ridge" else f"five-extended-{method}"
+        if not (run.parent / name / "extend.json").is_file():
+            extend_run(run, str(new), method, name=name)
+        out[method] = {"extend_s": time.perf_counter() - t0, **json.loads((run.parent / name / "extend.json").read_text())}
+    return out
 
 
 def stage_taskft(work: Path, seeds: list[int], lambdas: list[float]) -> dict:
