@@ -6,6 +6,7 @@ backbone; command tests use generated images on the tiny random-weight backbone.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,28 +199,30 @@ def test_tasks_file_repeating_a_class_in_class_incremental_mode(tmp_path, capsys
 
 
 def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
-    old = make_folder(tmp_path / "old", classes=("a", "b", "c", "d", "e"), splits={"train": 16, "test": 6})
-    new = tmp_path / "new"
-    make_folder(new, classes=("a", "b", "c", "d", "e"), splits={"train": 16, "test": 6}, seed=1)
-    for split in ("train", "test"):   # the old run knows a, b, c; the new data brings d and e (and a again)
-        for c in ("d", "e"):
-            (old / split / c).rename(tmp_path / f"{split}-{c}")
-        for c in ("b", "c"):
-            for f in (new / split / c).iterdir():
-                f.unlink()
-            (new / split / c).rmdir()
+    """The old run knows b, c, d; the new data brings a and e (and b again): the extended run's
+    outputs are b, c, d, a, e, and `graft evaluate` on data holding all five maps labels by name."""
+    full = make_folder(tmp_path / "full", classes=("a", "b", "c", "d", "e"), splits={"train": 16, "test": 6})
+    old, new = tmp_path / "old", tmp_path / "new"
+    for split in ("train", "test"):
+        for c, dest in (("b", old), ("c", old), ("d", old), ("a", new), ("e", new), ("b", new)):
+            (dest / split).mkdir(parents=True, exist_ok=True)
+            shutil.copytree(full / split / c, dest / split / c)
     flags = tiny_flags(tmp_path)
     assert main(["train", "--data", str(old), "--name", "old", *flags]) == 0
     run = tmp_path / "runs" / "old"
     assert main(["extend", str(run), "--data", str(new), "--name", "ext"]) == 0
     ext = tmp_path / "runs" / "ext"
     spec = json.loads((ext / "model.json").read_text())
-    assert spec["classes"] == ["a", "b", "c", "d", "e"]
+    assert spec["classes"] == ["b", "c", "d", "a", "e"]   # old indices stay, new classes after them
     out = json.loads((ext / "extend.json").read_text())
-    assert out["new_classes"] == ["d", "e"] and out["new_acc_after"] > 0.5
+    assert out["new_classes"] == ["a", "e"] and out["new_acc_after"] > 0.5
     # fewer competing outputs can only keep or add correct answers
     assert out["old_acc_after_among_old"] >= out["old_acc_after"]
     assert (ext / "report.html").is_file()
+    assert main(["evaluate", str(ext), "--data", str(full)]) == 0
+    scored = json.loads((ext / "evaluations" / "full" / "test_metrics.json").read_text())
+    recall = {r["class"]: r["recall"] for r in scored["per_class"]}
+    assert set(recall) == {"a", "b", "c", "d", "e"} and recall["a"] > 0.5   # a new class, scored under its name
     capsys.readouterr()
     # nothing new to learn: one line
     assert main(["extend", str(run), "--data", str(old), "--name", "ext2"]) == 2
