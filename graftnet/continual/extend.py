@@ -106,7 +106,8 @@ def _report(folder: Path, record: dict, result: dict, cfg) -> None:
     write_report(folder / "report.html", f"graftnet extend: {folder.name}", cards,
                  {"extend": {k: v for k, v in result.items() if k != "seconds"}, "base config": dataclasses.asdict(cfg)},
                  [], None, {"Accuracy on old and new classes (columns) after each step (rows), %": folder / "matrix.png"},
-                 record.get("classes", []), tables=[("Old and new classes", note, ["classes", "before", "after", "after, among the old classes"], rows)])
+                 record.get("classes", []), tables=[("Old and new classes", note, ["classes", "before", "after", "after, among the old classes"], rows)],
+                 tables_first=True)
 
 
 def add_extend(sub) -> dict:

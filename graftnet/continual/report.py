@@ -16,7 +16,7 @@ def plot_matrix(matrix: list[list[float]], tasks: list[str], title: str, path: P
     """Rows: after training task j; columns: accuracy on task i. Above the diagonal: tasks not yet
     learned."""
     n = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.1 * n + 2.4, 0.9 * n + 1.6))
+    fig, ax = plt.subplots(figsize=(0.85 * n + 2.4, 0.7 * n + 1.5))
     im = ax.imshow([[100 * v for v in row] for row in matrix], vmin=0, vmax=100, cmap="viridis")
     for j, row in enumerate(matrix):
         for i, v in enumerate(row):
@@ -73,4 +73,4 @@ def write_continual_report(folder: Path, summary: dict, config: dict, images: di
             "definition); BWT = −forgetting; FWT: accuracy on a task before learning it minus the untrained "
             "model's. Seconds: training and scoring of one run, features already cached.")
     return write_report(folder / "report.html", f"graftnet continual: {folder.name}", cards, config, [], None,
-                        images, [], tables=[("Methods", note, header, table_rows(summary))])
+                        images, [], tables=[("Methods", note, header, table_rows(summary))], tables_first=True)

@@ -70,12 +70,18 @@ def _figure(caption: str, path: str | Path) -> str:
 def write_report(path: str | Path, title: str, summary: dict, config: dict, history: list[dict],
                  test: dict | None, images: dict[str, str | Path], classes: list[str],
                  environment: dict | None = None,
-                 tables: list[tuple[str, str, list[str], list[list]]] = ()) -> Path:
-    """`tables`: extra (title, note, header, rows) sections after the test metrics."""
+                 tables: list[tuple[str, str, list[str], list[list]]] = (), tables_first: bool = False) -> Path:
+    """`tables`: extra (title, note, header, rows) sections after the test metrics, or right after
+    the summary cards (`tables_first`: where the table is the result, as a comparison of methods)."""
     parts = [f"<h1>{escape(title)}</h1>", '<div class="cards">']
     parts += [f'<div class="card"><div class="label">{escape(str(k))}</div>'
               f'<div class="value">{escape(_fmt(v))}</div></div>' for k, v in summary.items()]
     parts.append("</div>")
+    extra = []
+    for name, note, header, rows in tables:
+        extra += [f"<h2>{escape(name)}</h2>", f"<p>{escape(note)}</p>" if note else "", _table(header, rows)]
+    if tables_first:
+        parts += extra
 
     figures = [_figure(caption, p) for caption, p in images.items()]
     if any(figures):
@@ -99,8 +105,8 @@ def write_report(path: str | Path, title: str, summary: dict, config: dict, hist
                   _table(["class", "precision", "recall", "F1", "support"], rows,
                          total=["macro", macro["precision"], macro["recall"], macro["f1"], test["n"]])]
 
-    for title, note, header, rows in tables:
-        parts += [f"<h2>{escape(title)}</h2>", f"<p>{escape(note)}</p>" if note else "", _table(header, rows)]
+    if not tables_first:
+        parts += extra
 
     if classes:
         parts += [f"<h2>Classes ({len(classes)})</h2>", f"<p>{escape(', '.join(map(str, classes)))}</p>"]
