@@ -17,6 +17,8 @@ killed stage goes on after its last finished task (`--resume`):
   taskft   task-incremental with the backbone's top group (conv_head) trained too, on the cached
            maps below it (final features only, 2 epochs per task), --ft-seeds: naive, LwF, replay,
            EWC (each --ewc-lambdas value its own folder; choose on the validation matrix)
+  combos   class-incremental online EWC and the combinations with replay (ewc+replay, lwf+replay),
+           --seeds; and online EWC task-incremental on the frozen features
   prototypes  ridge and NCM again, class-incremental, --seeds, at the current default projection,
            on a quiet machine: their wall time with the features cached (target: a run within 60 s)
   adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
@@ -142,6 +144,8 @@ def main() -> None:
         "taskft": lambda: stage_taskft(a.work, [int(v) for v in a.ft_seeds.split(",")],
                                        [float(v) for v in a.ewc_lambdas.split(",")]),
         "prototypes": lambda: continual(a.work, "prototypes", ["ncm", "ridge"], seeds),
+        "combos": lambda: {"class": continual(a.work, "combos", ["online_ewc", "ewc+replay", "lwf+replay"], seeds),
+                           "task": continual(a.work, "combos-task", ["online_ewc"], seeds, "task")},
     }
     redo = {s for s in a.redo.split(",") if s}
     for name in [s for s in a.stages.split(",") if s]:
