@@ -12,17 +12,19 @@ prototype method over Split CIFAR-10 costs seconds and a gradient method a head'
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+import typing
 from pathlib import Path
 
 from ..config import resolve
 from ..errors import ConfigError
 from .methods import METHODS
-from .tasks import SCENARIOS, ContinualSettings, TaskSequence, load_tasks, split_tasks
+from .tasks import ContinualSettings, TaskSequence, load_tasks, split_tasks
 
-# ContinualSettings fields that are flags of their own (dashes for underscores)
-SETTING_FLAGS = {"ewc_lambda": float, "ewc_gamma": float, "fisher_samples": int, "lwf_alpha": float,
-                 "lwf_temperature": float, "replay": int, "projection": int, "top_groups": int}
+# ContinualSettings' options (fields declared with option(): type, default, help, choices) are flags of
+# their own, dashes for underscores; the list fields (methods, seeds) have flags of their own below
+SETTINGS = {f.name: f for f in dataclasses.fields(ContinualSettings) if "help" in f.metadata}
 
 
 def _ints(text: str) -> list[int]:
@@ -42,15 +44,13 @@ def add_commands(sub) -> dict:
                    "(Split CIFAR-10: --data cifar10 --split 5)")
     p.add_argument("--order-seeds", type=_ints, metavar="LIST", help="with --split: one task order per "
                    "seed, each run separately (default: the data's class order)")
-    p.add_argument("--scenario", choices=SCENARIOS, help="class (default): one growing head, task unknown at "
-                   "test time; task: a head per task, task known")
     p.add_argument("--methods", metavar="LIST", help=f"comma-separated, from {', '.join(METHODS)}; combine "
                    "with + (ewc+replay) (default: all but online_ewc)")
     p.add_argument("--seeds", type=_ints, metavar="LIST", help="one run per seed (default: 0)")
-    for name, typ in SETTING_FLAGS.items():
-        default = ContinualSettings.__dataclass_fields__[name]
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, metavar="X",
-                       help=f"{default.metadata['help']} (default: {default.default})")
+    hints = typing.get_type_hints(ContinualSettings)
+    for name, f in SETTINGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=hints[name], choices=f.metadata["choices"],
+                       metavar=None if f.metadata["choices"] else "X", help=f"{f.metadata['help']} (default: {f.default})")
     p.add_argument("--resume", metavar="DIR", help="continue a continual folder with its saved settings")
     p.add_argument("--out", default="runs", help="the folder is OUT/NAME (default: runs)")
     p.add_argument("--name", help="default: continual-<timestamp>")
@@ -62,8 +62,7 @@ def add_commands(sub) -> dict:
         command = "graft " + shlex.join(sys.argv[1:])
         if args.resume:
             given = [k for k, v in train_overrides(args).items() if v is not None and k not in ("out", "name")]
-            given += [f for f in ("tasks", "split", "methods", "seeds", "scenario", *SETTING_FLAGS)
-                      if getattr(args, f, None) is not None]
+            given += [f for f in ("tasks", "split", "methods", "seeds", *SETTINGS) if getattr(args, f, None) is not None]
             if given:
                 raise ConfigError(f"--resume continues with the folder's saved settings; drop {', '.join(given)}")
             run_continual(None, None, None, Path(args.resume), resume=True, command=command)
@@ -71,9 +70,7 @@ def add_commands(sub) -> dict:
             return
         cfg = resolve(args.config, {**train_overrides(args), "name": None})
         sequences = build_sequences(args, cfg)
-        settings = ContinualSettings(**{k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None})
-        if args.scenario:
-            settings.scenario = args.scenario
+        settings = ContinualSettings(**{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
         if args.methods:
             settings.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if args.seeds is not None:

@@ -50,17 +50,18 @@ class TaskTable:
 
 
 def load_features(cfg: RunConfig, seq: TaskSequence, scenario: str, built: tuple | None = None,
-                  top_groups: int = 0) -> tuple[dict[str, SourceFeatures], GraftedModel, ModelSpec]:
+                  top_groups: int = 0, opened: dict[str, Source] | None = None) -> tuple[dict[str, SourceFeatures], GraftedModel, ModelSpec]:
     """Decode each source the tasks read and cache its features on the config's backbone; check the
     tasks against the sources' classes first (one line for a class a source lacks). Returns the
-    model too: a run saves this very backbone (a random-weight one is not built the same twice)."""
+    model too: a run saves this very backbone (a random-weight one is not built the same twice).
+    `opened`: sources a caller opened already, by location."""
     from ..data.sources import open_source
-    opened = {loc: open_source(loc, cfg.cache_dir) for loc in seq.sources()}
+    opened = {loc: (opened or {}).get(loc) or open_source(loc, cfg.cache_dir) for loc in seq.sources()}
     check_tasks(seq, scenario, {loc: s.classes for loc, s in opened.items()})
     out, (model, spec) = {}, built or (None, None)   # built: a finished run's (model, spec) (extend)
     for loc in opened:
         src_cfg = replace(cfg, data=replace(cfg.data, path=loc))
-        source, sets = load_data(src_cfg)
+        source, sets = load_data(src_cfg, opened[loc])
         if model is None:
             model, spec = build_model(cfg, source.classes)
             model.eval()
@@ -77,42 +78,31 @@ def load_features(cfg: RunConfig, seq: TaskSequence, scenario: str, built: tuple
 
 def split_maps(model, spec: ModelSpec, cfg: RunConfig, source: Source, images, split: str, groups: int) -> torch.Tensor:
     """The maps below the top `groups` groups of one split, through the feature cache (continual/top.py)."""
-    from ..features import cached_features
-    from ..io import cache_root
-    from ..train.inputs import feature_parts
     from .top import MapsBelow
-    parts = {**feature_parts(spec, cfg), "maps_below_top_groups": groups}
-    maps, hit = cached_features(
-        MapsBelow(model, groups), images, parts, source.fingerprint,
-        cache_root(cfg.cache_dir) if cfg.train.cache_features else None, size=spec.image_size, mean=spec.mean,
-        std=spec.std, batch_size=cfg.train.eval_batch_size, micro_batch=cfg.train.micro_batch,
-        precision=cfg.backbone.precision, channels_last=cfg.backbone.channels_last,
-        description=f"backbone below its top {groups} groups: {split}")
-    log(f"maps {split}: {tuple(maps.shape)} {'from cache' if hit else 'computed'}")
-    return maps
+    return split_features(MapsBelow(model, groups), spec, cfg, source, images, split,
+                          extra_parts={"maps_below_top_groups": groups}, what="maps")
 
 
 def task_table(seq: TaskSequence, features: dict[str, SourceFeatures], scenario: str) -> TaskTable:
     """The rows of every task, with global class ids in task order. Task-incremental outputs are named
     task/class: two tasks may share a class name and still have heads of their own."""
     classes, cols = [], []
-    lookup: dict[tuple[str, int], tuple[int, int]] = {}   # (source, source class) -> (task, global id)
+    # per source: its class index -> (task, global id), -1 for a class no task brings
+    task_of = {loc: torch.full((len(f.source.classes),), -1, dtype=torch.long) for loc, f in features.items()}
+    global_of = {loc: torch.full((len(f.source.classes),), -1, dtype=torch.long) for loc, f in features.items()}
     for i, t in enumerate(seq.tasks):
         loc = t.data or seq.data
         src = features[loc].source
         start = len(classes)
         for c in t.classes:
-            lookup[(loc, src.classes.index(c))] = (i, len(classes))
+            task_of[loc][src.classes.index(c)], global_of[loc][src.classes.index(c)] = i, len(classes)
             classes.append(f"{t.name}/{c}" if scenario == "task" else c)
         cols.append(torch.arange(start, len(classes)))
     x, y, task = {}, {}, {}
     for s in SPLITS:
-        xs, ys, ts = [], [], []
+        parts = []
         for loc, f in features.items():
-            pairs = [lookup.get((loc, int(label)), (-1, -1)) for label in f.labels[s]]
-            keep = torch.tensor([p[0] >= 0 for p in pairs], dtype=torch.bool)
-            xs.append(f.x[s][keep])
-            ys.append(torch.tensor([p[1] for p in pairs], dtype=torch.long)[keep])
-            ts.append(torch.tensor([p[0] for p in pairs], dtype=torch.long)[keep])
-        x[s], y[s], task[s] = torch.cat(xs), torch.cat(ys), torch.cat(ts)
+            keep = task_of[loc][f.labels[s]] >= 0
+            parts.append((f.x[s][keep], global_of[loc][f.labels[s]][keep], task_of[loc][f.labels[s]][keep]))
+        x[s], y[s], task[s] = (torch.cat(p) for p in zip(*parts))
     return TaskTable(x, y, task, classes, [t.name for t in seq.tasks], cols)

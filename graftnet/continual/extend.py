@@ -46,11 +46,12 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
         raise ConfigError(f"{folder}: already exists and is not empty; choose another --name")
     from ..data.sources import open_source
     try:
-        open_source(cfg.data.path, cfg.cache_dir)
+        old_source = open_source(cfg.data.path, cfg.cache_dir)
     except DataError as e:
         raise DataError(f"extend: {run}'s own data cannot be read ({e}); extend takes the old classes' "
                         "statistics and their before/after scores from it") from None
-    new_classes = [c for c in open_source(data, cfg.cache_dir).classes if c not in spec.classes]
+    new_source = open_source(data, cfg.cache_dir)
+    new_classes = [c for c in new_source.classes if c not in spec.classes]
     if not new_classes:
         raise ConfigError(f"extend: {data} brings no class that {run} lacks (its classes: "
                           f"{', '.join(spec.classes)}); nothing to add")
@@ -59,7 +60,8 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     seed = cfg.train.seed if seed is None else seed
     settings.seeds = [seed]
     seq = TaskSequence(cfg.data.path, [Task("old", list(spec.classes)), Task("new", new_classes, data=data)])
-    features, model, fspec = load_features(cfg, seq, "class", built=(old_model, spec))
+    features, model, fspec = load_features(cfg, seq, "class", built=(old_model, spec),
+                                           opened={cfg.data.path: old_source, data: new_source})
     table = task_table(seq, features, "class")
     # the finished head's accuracy on the old classes' test rows, over its own outputs
     old_rows = table.rows("test", [0])
@@ -70,13 +72,12 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     if parts[0].gradient and not parts[0].cumulative:
         learner_hook = old_model.mlp   # start from the run's head
     t0 = time.perf_counter()
-    record = learn_run(table, method, seed, settings, cfg, (model, fspec), folder, seq, preset=learner_hook)
+    record, head = learn_run(table, method, seed, settings, cfg, (model, fspec), folder, seq, preset=learner_hook)
     after = record["matrix"][-1]
     # the old rows among the old outputs only: what was forgotten, apart from the new classes now
     # competing for the same rows (a cat that is now called a dog)
-    new_model, _ = load_model(folder)
     with torch.no_grad():
-        among_old = new_model.mlp(table.x["test"][old_rows])[:, :len(spec.classes)].argmax(1)
+        among_old = head.eval()(table.x["test"][old_rows])[:, :len(spec.classes)].argmax(1)
     among_old_acc = (among_old == table.y["test"][old_rows]).float().mean().item()
     # class-incremental accuracy per task: old classes among all outputs, new ones likewise
     result = {"run": str(run), "data": data, "method": method, "old_classes": list(spec.classes),

@@ -99,6 +99,7 @@ class Learner:
             width = self.head.body[-2].out_channels if settings.top_groups else table.dim  # conv_head's
             self.proto = (NearestClassMean() if method == "ncm" else
                           RidgeClassifier(width, projection=settings.projection, seed=seed))
+        self._proto_cache: dict[str, torch.Tensor] = {}   # _proto_features, per split
         self.preset: nn.Module | None = None   # a finished run's head: the first task counts as learned
         self.matrix: list[list[float]] = []
         self.val_matrix: list[list[float]] = []   # the same on validation rows: to choose a method's settings
@@ -162,11 +163,19 @@ class Learner:
         return torch.cat([self.head.body(xs.float()).mean((2, 3)) for xs in x.split(256)]) if len(x) \
             else torch.empty(0, self.head.body[-2].out_channels)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _proto_features(self, split: str) -> torch.Tensor:
+        """_pooled of a whole split, once: the adapted top is frozen after the first task, so its
+        features of a row never change (one pass per split, not one per task and evaluation)."""
+        if split not in self._proto_cache:
+            self._proto_cache[split] = self._pooled(self.table.x[split])
+        return self._proto_cache[split]
+
+    def logits(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """Logits of rows `x` (for a prototype method, `pooled`: x are its features already)."""
         if self.proto is not None:
             out = torch.full((len(x), len(self.table.classes)), float("-inf"))
             if self.proto.classes:
-                got = self.proto.logits(self._pooled(x))
+                got = self.proto.logits(x if pooled else self._pooled(x))
                 out[:, :got.shape[1]] = got
             return out
         return predict_logits(self.head, feature_batches(x, torch.zeros(len(x), dtype=torch.long),
@@ -174,7 +183,9 @@ class Learner:
 
     def evaluate(self, t: int, split: str = "test") -> list[float]:
         tb = self.table
-        return score(tb, self.logits(tb.x[split]), tb.y[split], tb.task[split], self.s.scenario, self.visible(t))
+        logits = self.logits(self._proto_features(split), pooled=True) if self.proto is not None and self.proto.classes \
+            else self.logits(tb.x[split])
+        return score(tb, logits, tb.y[split], tb.task[split], self.s.scenario, self.visible(t))
 
     def learn_task(self, t: int) -> None:
         tb = self.table
@@ -186,10 +197,10 @@ class Learner:
                 self._fit(t, x, y, generator)
                 for p in self.head.parameters():
                     p.requires_grad_(False)
-            self.proto.update(self._pooled(x), y)
+            self.proto.update(self._proto_features("train")[rows], y)
             if isinstance(self.proto, RidgeClassifier):
                 seen = tb.rows("val", range(t + 1))
-                self.proto.fit(self._pooled(tb.x["val"][seen]), tb.y["val"][seen]) if len(seen) else self.proto.fit()
+                self.proto.fit(self._proto_features("val")[seen], tb.y["val"][seen]) if len(seen) else self.proto.fit()
             return
         if self.cumulative:  # joint training: every task so far, from a fresh head
             self.head.load_state_dict(self._new_head().state_dict())

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
+from torch import nn
 
 from ..config import RunConfig, HeadConfig, save_yaml, resolve
 from ..errors import ConfigError, GraftError
@@ -30,7 +31,7 @@ from .data import load_features, task_table
 from .learner import Learner
 from .metrics import mean_sd, summarize
 from .report import COLUMNS, plot_matrix, plot_steps, write_continual_report
-from .tasks import ContinualSettings, Task, TaskSequence
+from .tasks import ContinualSettings, Task, TaskSequence, check_tasks
 
 SETTINGS = "continual.yaml"
 
@@ -75,19 +76,21 @@ def run_continual(cfg: RunConfig | None, sequences: dict[str, TaskSequence] | No
         first = next(iter(sequences.values()))
         features, model, spec = load_features(cfg, first, settings.scenario, top_groups=settings.top_groups)
         for seq in list(sequences.values())[1:]:   # another order of the same classes: same sources
-            load_features_check(seq, features, settings.scenario)
+            check_tasks(seq, settings.scenario, {loc: f.source.classes for loc, f in features.items()})
         feature_s = time.perf_counter() - t0
         results: dict[str, list[dict]] = {}
+        first_run: dict[str, Path] = {}   # each method's first run folder: its matrix.png goes in the report
         for label, seq in sequences.items():
             table = task_table(seq, features, settings.scenario)
             for method in settings.methods:
                 for seed in settings.seeds:
-                    name = f"{method}-s{seed}" + (f"-{label}" if len(sequences) > 1 else "")
+                    run_dir = folder / "runs" / (f"{method}-s{seed}" + (f"-{label}" if len(sequences) > 1 else ""))
+                    first_run.setdefault(method, run_dir)
                     results.setdefault(method, []).append(learn_run(table, method, seed, settings, cfg, (model, spec),
-                                                                   folder / "runs" / name, seq))
+                                                                   run_dir, seq)[0])
         summary = _summarize(results, settings, first, sequences, feature_s)
         atomic_write_json(folder / "summary.json", summary)
-        _write_pages(folder, summary, results, first, cfg, settings)
+        _write_pages(folder, summary, results, first_run, first, cfg, settings)
         return summary
 
 
@@ -106,19 +109,15 @@ def check_config(cfg: RunConfig) -> None:
                           "or with --top-groups on cached maps); drop them")
 
 
-def load_features_check(seq: TaskSequence, features: dict, scenario: str) -> None:
-    from .tasks import check_tasks
-    check_tasks(seq, scenario, {loc: f.source.classes for loc, f in features.items()})
-
-
 def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: RunConfig, backbone: tuple,
-             run_dir: Path, seq: TaskSequence, preset=None) -> dict:
-    """One method and seed, learned (or read back when finished before) and saved as a run folder;
-    `preset`: a finished run's head that counts as having learned the first task (extend)."""
+             run_dir: Path, seq: TaskSequence, preset=None) -> tuple[dict, nn.Module | None]:
+    """One method and seed, learned (or read back when finished before) and saved as a run folder:
+    its record (continual.json) and final head (None when read back). `preset`: a finished run's
+    head that counts as having learned the first task (extend)."""
     done = run_dir / "continual.json"
     if done.is_file():
         log(f"{run_dir.name}: done before, read from {done}")
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()), None
     learner = Learner(table, method, seed, settings, cfg, run_dir, base=backbone[0])
     learner.preset = preset
     out = learner.run()
@@ -150,7 +149,7 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
     write_report(run_dir / "report.html", f"graftnet continual run {run_dir.name}", cards,
                  dataclasses.asdict(run_cfg), learner.history, None,
                  {"Accuracy on each task (columns) after each task (rows), %": run_dir / "matrix.png"}, table.classes)
-    return record
+    return record, head
 
 
 def _summarize(results: dict[str, list[dict]], settings: ContinualSettings, seq: TaskSequence,
@@ -170,19 +169,17 @@ def _summarize(results: dict[str, list[dict]], settings: ContinualSettings, seq:
             "best": f"{best} ({100 * finals[best]:.2f}%)" if best else None}
 
 
-def _write_pages(folder: Path, summary: dict, results: dict, seq: TaskSequence, cfg: RunConfig,
-                 settings: ContinualSettings) -> None:
+def _write_pages(folder: Path, summary: dict, results: dict, first_run: dict[str, Path], seq: TaskSequence,
+                 cfg: RunConfig, settings: ContinualSettings) -> None:
     from rich.table import Table
     from ..progress import make_console
     from .report import COLUMNS as cols, table_rows
     images = {"Accuracy on the tasks seen so far after each task (mean ± sd)":
               plot_steps({n: m["acc_per_step"] for n, m in summary["methods"].items()},
                          summary["tasks"], folder / "steps.png")}
-    for name, runs in results.items():
-        first = runs[0]
-        path = folder / f"matrix-{name}.png"
-        plot_matrix(first["matrix"], first["tasks"], f"{name}, seed {first['seed']}", path)
-        images[f"{name}: accuracy on each task (columns) after each task (rows), seed {first['seed']}, %"] = path
+    for name, runs in results.items():   # each method's first run drew its matrix already
+        images[f"{name}: accuracy on each task (columns) after each task (rows), seed {runs[0]['seed']}, %"] = \
+            first_run[name] / "matrix.png"
     write_continual_report(folder, summary, {"settings": dataclasses.asdict(settings),
                                              "tasks": [dataclasses.asdict(t) for t in seq.tasks],
                                              "base config": dataclasses.asdict(cfg)}, images)

@@ -39,6 +39,10 @@ def _top_modules(model: GraftedModel, groups: int) -> tuple[list[nn.Module], nn.
     return [*blocks, body.conv_head, body.bn2], (blocks[0] if blocks else body.conv_head)
 
 
+class _Reached(Exception):
+    """Raised by the hook on the first trained module: the pass stops there, the top never runs."""
+
+
 class MapsBelow(nn.Module):
     """`features(x)`: the map entering the first trained module (what compute_features caches)."""
 
@@ -48,14 +52,16 @@ class MapsBelow(nn.Module):
         self.first = _top_modules(model, groups)[1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        got = {}
-        hook = self.first.register_forward_pre_hook(lambda m, inputs: got.setdefault("map", inputs[0]))
+        def stop(module, inputs):
+            raise _Reached(inputs[0])
+        hook = self.first.register_forward_pre_hook(stop)
         try:
-            # stops early: an exception would be faster still, but the pass below is cheap next to the rest
             self.model.extractor.model.forward_features(x)
+        except _Reached as reached:
+            return reached.args[0].contiguous()   # safetensors stores row-major tensors only
         finally:
             hook.remove()
-        return got["map"].contiguous()   # safetensors stores row-major tensors only
+        raise RuntimeError("the backbone's forward never reached its top groups")
 
 
 class Top(nn.Module):

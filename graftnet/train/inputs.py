@@ -32,8 +32,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def load_data(cfg: RunConfig) -> tuple[Source, dict[str, ImageSet]]:
-    source = open_source(cfg.data.path, cfg.cache_dir)
+def load_data(cfg: RunConfig, source: Source | None = None) -> tuple[Source, dict[str, ImageSet]]:
+    """`source`: cfg.data.path already opened (a caller that read its classes first)."""
+    source = source or open_source(cfg.data.path, cfg.cache_dir)
     splits = config_splits(source, cfg.data)
     size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
     sets = {}
@@ -67,9 +68,12 @@ def feature_parts(spec: ModelSpec, cfg: RunConfig) -> dict:
 
 
 def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, images: ImageSet,
-                   name: str, flip: bool = False, view: int | None = None, shared: bool = True) -> torch.Tensor:
+                   name: str, flip: bool = False, view: int | None = None, shared: bool = True,
+                   extra_parts: dict | None = None, what: str = "features") -> torch.Tensor:
     """Cached features of one split; `view` k: the k-th augmented view (cfg.train.augment). Under
-    torchrun (`shared`: every rank calls this) rank 0 fills the cache and the others read it."""
+    torchrun (`shared`: every rank calls this) rank 0 fills the cache and the others read it.
+    `model` is anything with `features(x)`; one computing something else than the grafted model's
+    pooled features (the maps below a trained top, continual/top.py) says so in `extra_parts`."""
     if shared and not is_main():
         barrier()
     augment = None
@@ -78,13 +82,13 @@ def split_features(model, spec: ModelSpec, cfg: RunConfig, source: Source, image
         augment.reseed(cfg.train.seed * 1000 + view)
     label = f"{name}{' flipped' if flip else ''}{f' view {view}' if view is not None else ''}"
     feats, hit = cached_features(
-        model, images, feature_parts(spec, cfg), source.fingerprint,
+        model, images, {**feature_parts(spec, cfg), **(extra_parts or {})}, source.fingerprint,
         cache_root(cfg.cache_dir) if cfg.train.cache_features else None,
         size=spec.image_size, mean=spec.mean, std=spec.std, batch_size=cfg.train.eval_batch_size,
         micro_batch=cfg.train.micro_batch, precision=cfg.backbone.precision,
         channels_last=cfg.backbone.channels_last, flip=flip, description=f"backbone: {label}", augment=augment,
         view=[cfg.train.augment, cfg.train.seed, view] if view is not None else None)
-    log(f"features {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
+    log(f"{what} {label}: {tuple(feats.shape)} {'from cache' if hit else 'computed'}")
     if shared and is_main():
         barrier()
     return feats
