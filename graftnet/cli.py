@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from .data.augment import AUGMENTATIONS
 from .errors import GraftError
-from .options import Parser, add_train_flags, train_overrides
+from .options import Parser, add_train_flags, number, train_overrides
 
 # `graft finetune` is about stage 2: without finetune.epochs from a flag or the config, it runs this many
 FINETUNE_EPOCHS = 3
@@ -39,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="default: the run's own data (its test split)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the logits of each image and its mirror")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="score the readable images and list the unreadable ones instead of failing")
     p = sub.add_parser("predict", help="classify an image or a folder of images")
     p.add_argument("run")
     p.add_argument("target", help="image file or folder")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=number(int, 1), default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--onnx", action="store_true",
                    help="run RUN/export/model.onnx with ONNX Runtime (implied when RUN is an .onnx file)")
@@ -51,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--config")
     p.add_argument("--out", default="preview.png")
-    p.add_argument("-n", type=int, default=32)
+    p.add_argument("-n", type=number(int, 1), default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", choices=list(AUGMENTATIONS), default="none",
                    help="show each image beside two augmented versions")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     p = sub.add_parser("lr-find", help="learning-rate range test on the head: plot and suggestion")
     # every train flag (--max-per-class: measure on a slice), but --out is the plot, not a run folder
     add_train_flags(p, exclude=("out", "name"), resume=False)
@@ -106,7 +111,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluation import evaluate_run
-    m = evaluate_run(args.run, args.data, tta=args.tta)
+    m = evaluate_run(args.run, args.data, tta=args.tta, skip_bad=args.skip_bad)
     print(json.dumps({"accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"], **m["top_k"], "n": m["n"]}))
 
 
@@ -144,7 +149,7 @@ def cmd_predict(args) -> None:
 def cmd_preview(args) -> None:
     from . import config
     from .report.preview import preview
-    overrides = {"data.path": args.data}
+    overrides = {"data.path": args.data, "data.skip_bad": True if args.skip_bad else None}
     out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed, args.augment)
     print(out)
 
@@ -211,7 +216,54 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted[/]: `graft train`, `finetune`, `distill` and `prune` "
                       "continue with `--resume RUN`")
         return 130
+    except Exception as e:  # noqa: BLE001 - the promise: no command prints a traceback
+        if os.environ.get("GRAFTNET_TRACEBACK"):
+            raise
+        console.print(f"[bold red]error:[/] {unexpected(e, args.command)}", soft_wrap=True)
+        # what the system refused (a full disk, a file where a folder goes) is the user's to fix
+        return 2 if isinstance(e, OSError) and e.errno is not None else 1
     return 0
+
+
+def unexpected(e: Exception, command: str) -> str:
+    """One line for an exception graftnet did not raise itself, the traceback saved to a file: what
+    the system refused (disk full, no permission, out of memory) is said as such; anything else is a
+    bug in graftnet and says so."""
+    log = crash_log(e, command)
+    where = f"the traceback is in {log}" if log else "set GRAFTNET_TRACEBACK=1 to see the traceback"
+    what = " ".join(str(e).split())
+    what = what if len(what) <= 300 else what[:300] + "..."
+    if isinstance(e, OSError) and e.errno is not None:
+        target = f"{e.filename}: " if e.filename else ""
+        hint = {errno.ENOSPC: " (the disk is full: free space and run again; --resume continues a "
+                              "killed training run)",
+                errno.EDQUOT: " (disk quota exceeded)"}.get(e.errno, "")
+        return f"{target}{e.strerror or what}{hint}; {where}"
+    if isinstance(e, MemoryError):
+        return (f"out of memory in `graft {command}`: smaller --batch-size, --image-size or "
+                f"--max-per-class help; {where}")
+    return (f"internal error in `graft {command}` ({type(e).__name__}: {what}); this is a bug in "
+            f"graftnet, please report it with {'the file ' + str(log) if log else 'the traceback'}")
+
+
+def crash_log(e: Exception, command: str) -> Path | None:
+    """The traceback of `e` in graftnet's cache folder (the temp folder if that cannot be written),
+    or None if neither can."""
+    import tempfile
+    import time
+    import traceback
+    from .io import cache_root
+    text = (f"graft {' '.join(sys.argv[1:]) or command}\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (cache_root() / "crash", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -173,6 +173,25 @@ class EvalConfig:
     target_sensitivity: float = option(0.95, cli=False, help="with threshold=sensitivity")
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
+@dataclass
+class TrackConfig:
+    """Where a run's parameters, per-epoch metrics, test metrics, plots and model go besides its folder."""
+    log_to: str = option("none", flag="log-to", metavar="tensorboard,mlflow",
+                         help="experiment tracking: tensorboard (event files in the run folder), "
+                              "mlflow, or both, comma-separated (none: off)")
+    mlflow_uri: str | None = option(None, flag="mlflow-uri", metavar="URI",
+                                    help="MLflow tracking server (http://host:5000) or store "
+                                         "(default: sqlite:///OUT/mlflow.db beside the run folders)")
+    experiment: str = option("graftnet", cli=False, help="MLflow experiment the runs are logged to")
+
+    @property
+    def loggers(self) -> list[str]:
+        return [t.strip() for t in self.log_to.split(",") if t.strip() and t.strip() != "none"]
+
+
 @dataclass
 class RunConfig:
     name: str | None = option(None, help="run folder name (default: <backbone>-<timestamp>)")
@@ -185,6 +204,7 @@ class RunConfig:
     finetune: FinetuneConfig = section(FinetuneConfig,
                                        help="fine-tuning (stage 2, after --epochs on the frozen backbone)")
     eval: EvalConfig = section(EvalConfig, help="two-class evaluation")
+    track: TrackConfig = section(TrackConfig, help="experiment tracking")
     callbacks: dict[str, dict] = option(factory=dict, cli=False,
                                         help="training methods joined as registered callbacks, "
                                              "name -> options (docs/training.md)")
@@ -202,9 +222,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (YAML config files are UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -233,9 +259,35 @@ def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | N
     return cfg
 
 
+MAX_IMAGE_SIZE = 4096  # 100000 px would make the shape probe alone allocate 120 GB
+
+
+def check_folder_name(name: str | None, key: str = "name") -> None:
+    """A run or search folder's name is one plain folder name: `../x` or `/abs` would write outside
+    --out without a word."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"{key}: {name!r} is not a plain folder name (no '/', '\\' or '..'); "
+                          "--out says where run folders go")
+
+
 def validate(cfg: RunConfig) -> None:
     """Allowed values come from the declarations above; ranges and combinations are checked here."""
     check_choices(cfg)
+    check_folder_name(cfg.name)
+    unknown = [t for t in cfg.track.loggers if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"track.log_to: {', '.join(unknown)} is not one of {', '.join(TRACKERS)} (or none)")
+    for key, folder in (("out", cfg.out), ("cache_dir", cfg.cache_dir)):
+        if folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"{key}: {folder} is a file, not a folder")
+    if any(w <= 0 for w in cfg.head.hidden):
+        raise ConfigError(f"head.hidden: widths must be positive, got {cfg.head.hidden}")
+    if cfg.data.max_per_class is not None and cfg.data.max_per_class < 1:
+        raise ConfigError(f"data.max_per_class: must be at least 1 (or null for all), got {cfg.data.max_per_class}")
+    if cfg.data.workers < 1:
+        raise ConfigError(f"data.workers: must be at least 1, got {cfg.data.workers}")
     if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.finetune.epochs <= 0):
         raise ConfigError(f"train.epochs: must be positive, got {cfg.train.epochs} "
                           "(0 only with finetune.epochs: stage 2 alone)")
@@ -244,8 +296,9 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    if cfg.backbone.image_size is not None and cfg.backbone.image_size < 16:
-        raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is too small (minimum 16)")
+    if cfg.backbone.image_size is not None and not 16 <= cfg.backbone.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"backbone.image_size: {cfg.backbone.image_size} is out of range "
+                          f"(16 to {MAX_IMAGE_SIZE} pixels)")
     if not 0 <= cfg.train.label_smoothing < 1 or cfg.train.warmup_epochs < 0 or cfg.train.early_stopping < 0:
         raise ConfigError("train.label_smoothing must be in [0, 1); warmup_epochs and early_stopping >= 0")
     if cfg.train.cache_views < 0 or (cfg.train.cache_views and cfg.train.augment == "none"):

@@ -19,6 +19,7 @@ from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec
 from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import console, log
+from .report.card import write_card
 from .report.html import write_report
 from .report.plots import plot_confusion, plot_curves, plot_predictions, plot_roc, plot_samples
 from .run import read_history, write_environment
@@ -38,6 +39,9 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     m = classification_metrics(logits, labels, spec.classes)
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
+    # images per split, so a model card or a later reader need not open the data again
+    m["split_sizes"] = {"train": len(train) if train is not None else None,
+                        "val": len(val[1]) if val is not None else None, "test": len(labels)}
     atomic_write_json(run_dir / f"{prefix}test_metrics.json", m)
     if len(test.keys) == len(logits):
         write_predictions(run_dir, prefix, logits, labels, test.keys, spec.classes)
@@ -92,6 +96,8 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     write_report(run_dir / f"{prefix}report.html", title or f"graftnet run {run_dir.name}", summary, to_dict(cfg),
                  history, m, images, spec.classes,
                  json.loads(env_path.read_text()) if env_path.is_file() else None, tables)
+    if not prefix:  # a model handed on carries its card (an evaluation elsewhere makes no new model)
+        write_card(run_dir)
     log(f"test accuracy {m['accuracy']:.4f}; report: {run_dir / (prefix + 'report.html')}")
     return m
 
@@ -138,11 +144,12 @@ def run_threshold(run_dir: Path) -> float | None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256,
-                 tta: bool = False) -> dict:
+                 tta: bool = False, skip_bad: bool = False) -> dict:
     """Evaluate a finished run or ensemble on a data set's test split (or on all of it if it has no
     split). `tta`: also score each image's mirror and average (results go to a folder of their
     own, `evaluations/<data>-tta`, so they never overwrite the plain evaluation). A two-class
-    run keeps the threshold it chose on plain validation scores."""
+    run keeps the threshold it chose on plain validation scores. `skip_bad` (or the run's own
+    data.skip_bad): unreadable images are left out and named in the log, not a failure."""
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir)
     if tta:
@@ -162,8 +169,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         samples = source.splits.get("test") or source.splits["val"]
     else:
         samples = source.splits["all"]
-    images = load_images(source, samples, predictor.image_size, cfg.data.skip_bad, cfg.data.workers,
+    images = load_images(source, samples, predictor.image_size, skip_bad or cfg.data.skip_bad, cfg.data.workers,
                          gray=cfg.data.grayscale)
+    for reason in images.skipped:
+        log(f"[yellow]skipped[/] {reason}")
+    if not len(images):
+        raise DataError(f"{data}: none of its {len(samples)} images could be read")
     if source.classes != spec.classes:  # the same classes in another order (a run extended with new
         # classes keeps its old indices): the data's labels become the model's indices
         images.labels = torch.tensor([spec.classes.index(source.classes[i]) for i in images.labels.tolist()],

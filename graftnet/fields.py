@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, Field
@@ -98,7 +99,7 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
         if base is int:
             return _integer(value)
         if base is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # a NaN passes every range check
                 raise ValueError(value)
             return float(value)
         return str(value)
@@ -110,6 +111,12 @@ def _integer(value: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(value)
     return int(value)
+
+
+def printable(text: str) -> str:
+    """Text as is, or quoted with escapes where it holds a newline or other control character: a
+    message about a key stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def suggest(key: str, known: Collection[str]) -> str | None:
@@ -141,7 +148,7 @@ def from_dict(cls: type, data: dict | None, where: str = "", known: Collection[s
         else:
             kwargs[f.name] = coerce(value, typ, key)
     if data:
-        unknown = [(k, suggest(k, known)) for k in (f"{where}.{k}" if where else str(k) for k in data)]
+        unknown = [(printable(k), suggest(k, known)) for k in (f"{where}.{k}" if where else str(k) for k in data)]
         if len(unknown) == 1:
             (key, near), = unknown
             raise ConfigError(f"{key}: unknown key" + (f"; did you mean {near}?" if near else ""))

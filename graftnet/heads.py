@@ -80,12 +80,22 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def channels(self, image_size: int) -> list[tuple[int, int, int]]:
+        """The shapes of the maps for one image. Found on the meta device (shapes without values): a
+        real pass at 4096 px takes seconds and gigabytes. A forward that needs values falls back to one."""
         was_training = self.training
         self.eval()
-        device = next(self.model.parameters()).device
-        shapes = [tuple(m.shape[1:]) for m in self(torch.zeros(1, 3, image_size, image_size, device=device))]
-        self.train(was_training)
-        return shapes
+        try:
+            meta = {k: v.to("meta") for k, v in [*self.named_parameters(), *self.named_buffers()]}
+            x = torch.zeros(1, 3, image_size, image_size, device="meta")
+            maps = torch.func.functional_call(self, meta, (x,))
+        except (RuntimeError, NotImplementedError):  # too small an image, or an op without meta kernel
+            for m in self._tapped:
+                m.__dict__.pop("_graft_tap", None)
+            device = next(self.model.parameters()).device
+            maps = self(torch.zeros(1, 3, image_size, image_size, device=device))
+        finally:
+            self.train(was_training)
+        return [tuple(m.shape[1:]) for m in maps]
 
 
 def cut_backbone(model: nn.Module, cut: int) -> None:

@@ -6,14 +6,17 @@ The JSON spec holds plain values only (nanoGPT keeps its config in the checkpoin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from . import backbones
-from .config import HeadConfig, RunConfig
+from .config import MAX_IMAGE_SIZE, BackboneConfig, HeadConfig, RunConfig
 from .errors import GraftError
+from .fields import check_choices, from_dict
 from .heads import FeatureExtractor, GraftedModel, Pool, cut_backbone, make_mlp
 from .io import atomic_write_json, save_tensors
 from .shapes import apply_shapes
@@ -49,12 +52,21 @@ def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
     extractor = FeatureExtractor(timm_model, spec.features, spec.multi_taps)
     head_cfg = HeadConfig(**spec.head)
     pool = Pool(head_cfg.pool)
-    spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
+    spec.feature_dim = _pooled_width(extractor, pool, spec)
     model = GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
     if spec.pruned:  # channel-pruned: shrink the stock layers to the saved sizes before loading
         apply_shapes(model, spec.pruned)
-        spec.feature_dim = pool.out_features(extractor.channels(spec.image_size))
+        spec.feature_dim = _pooled_width(extractor, pool, spec)
     return model
+
+
+def _pooled_width(extractor: FeatureExtractor, pool: Pool, spec: ModelSpec) -> int:
+    try:
+        return pool.out_features(extractor.channels(spec.image_size))
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts a ViT's fixed size
+        what = "the pruned sizes do not fit together, or " if spec.pruned else ""
+        raise GraftError(f"image_size {spec.image_size}: {what}{spec.backbone} cannot take it "
+                         f"({_first_line(e)})") from None
 
 
 def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, ModelSpec]:
@@ -119,21 +131,135 @@ def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
 
 
 def load_model(run_dir: str | Path) -> tuple[GraftedModel, ModelSpec]:
+    """The run's model. model.json is plain JSON a person may edit and the weights a file that may be
+    cut short, so both are checked, and the model is first built on the meta device (shapes, no
+    memory: a width of 10**9 in model.json costs nothing there) and compared with the weights' shapes
+    read from the file's header: a mismatch is one line naming the first tensor, not a traceback."""
     run_dir = Path(run_dir)
     spec_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
     if not spec_path.is_file() or not weights_path.is_file():
         raise GraftError(f"{run_dir}: not a finished graftnet run (model.json / model.safetensors "
                          "missing); a run interrupted before its end can be continued with --resume")
+    spec = read_spec(spec_path)
+    found = _weight_shapes(weights_path)
     try:
-        raw = json.loads(spec_path.read_text())
-        spec = ModelSpec(**{k: v for k, v in raw.items() if k != "num_classes"})
-    except (json.JSONDecodeError, TypeError) as e:
-        raise GraftError(f"{spec_path}: not a valid model spec ({e})") from None
-    model = _assemble(backbones.get_spec(spec.backbone).architecture(), spec)
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(weights_path)))
+        arch = backbones.get_spec(spec.backbone)
+        with torch.device("meta"):
+            planned = _assemble(arch.architecture(), replace(spec)).state_dict()
+    except GraftError as e:
+        raise GraftError(f"{spec_path}: {e}") from None
+    _check_fit(planned, found, spec, spec_path, weights_path)
+    model = _assemble(arch.architecture(), spec)
+    try:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(weights_path)))
+    except Exception as e:  # noqa: BLE001 - the header was sound, the data is not: one line
+        raise GraftError(f"{weights_path}: damaged ({_first_line(e)}){_retrain(weights_path)}") from None
     model.eval()
     return model, spec
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def _retrain(weights: Path) -> str:
+    return f"; train the run again: `graft train --config {weights.parent / 'config.yaml'}`"
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading the data."""
+    from safetensors import safe_open
+    try:  # safetensors checks that the header's offsets cover the file exactly: a cut file fails here
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is the problem
+        raise GraftError(f"{path}: damaged, not a readable safetensors file ({_first_line(e)})"
+                         f"{_retrain(path)}") from None
+
+
+def _check_fit(planned: dict, found: dict, spec: ModelSpec, spec_path: Path, weights_path: Path) -> None:
+    said = (f"{len(spec.classes)} classes, {spec.features} features, head {spec.head.get('hidden')}, "
+            f"pool {spec.head.get('pool')}")
+    for name, tensor in planned.items():
+        want = tuple(tensor.shape)
+        if found.get(name) != want:
+            there = f"{weights_path.name} holds {found[name]}" if name in found else \
+                f"{weights_path.name} lacks it"
+            raise GraftError(f"{spec_path}: does not match {weights_path.name} ({said}): tensor {name} "
+                             f"is {want} in the model {spec_path.name} describes, {there}")
+    extra = next((k for k in found if k not in planned), None)
+    if extra:
+        raise GraftError(f"{spec_path}: does not match {weights_path.name} ({said}): it holds tensor "
+                         f"{extra} {found[extra]}, which {spec_path.name}'s model has not")
+
+
+_FEATURES = {f.name: f for f in fields(BackboneConfig)}["features"].metadata["choices"]
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """model.json as a ModelSpec, each value checked: one GraftError names the key and what is wrong."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise GraftError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise GraftError(f"{path}: expected a JSON object describing the model, found a {type(raw).__name__}")
+    raw.pop("num_classes", None)  # older files stored it beside the classes
+    hints = typing.get_type_hints(ModelSpec)
+    for key in raw:
+        if key not in hints:
+            raise GraftError(f"{path}: unknown key {_show(key)} (a model.json holds {', '.join(hints)})")
+    for f in fields(ModelSpec):
+        if f.name not in raw and f.default is MISSING and f.default_factory is MISSING:
+            raise GraftError(f"{path}: the key {f.name!r} is missing")
+    for key, value in raw.items():
+        kind = typing.get_origin(hints[key]) or hints[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            words = {int: "an integer", str: "text", list: "a list", dict: "a JSON object"}[kind]
+            raise GraftError(f"{path}: {key}: expected {words}, found {_show(value)}")
+    try:
+        raw["head"] = asdict(_head(raw.get("head", {})))
+    except GraftError as e:
+        raise GraftError(f"{path}: {e}") from None
+    problem = _spec_problem(raw)
+    if problem:
+        raise GraftError(f"{path}: {problem}")
+    return ModelSpec(**raw)
+
+
+def _head(values: dict) -> HeadConfig:
+    """The head's settings, by the same declarations and checks as a config's `head:` section."""
+    head = from_dict(HeadConfig, values, "head")
+    check_choices(head, "head.")
+    if not all(0 < w < 2**31 for w in head.hidden):
+        raise GraftError(f"head.hidden: widths must be positive, found {_show(head.hidden)}")
+    if not 0 <= head.dropout < 1:
+        raise GraftError(f"head.dropout: must be in [0, 1), found {_show(head.dropout)}")
+    return head
+
+
+def _spec_problem(raw: dict) -> str | None:
+    classes = raw["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) < len(classes):
+        return f"classes: expected a list of distinct names, found {_show(classes)}"
+    if not 16 <= raw["image_size"] <= MAX_IMAGE_SIZE:
+        return f"image_size: {raw['image_size']} is out of range (16 to {MAX_IMAGE_SIZE} pixels)"
+    for key in ("mean", "std"):
+        v = raw[key]
+        if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                  and (key == "mean" or x > 0) for x in v):
+            return f"{key}: expected 3 finite numbers{' above 0' if key == 'std' else ''}, found {_show(v)}"
+    if raw["features"] not in _FEATURES:
+        return f"features: {_show(raw['features'])} is not one of {', '.join(_FEATURES)}"
+    if raw["multi_taps"] < 1 or raw.get("cut", 0) < 0 or raw.get("feature_dim", 0) < 0:
+        return "multi_taps must be at least 1, cut and feature_dim at least 0"
+    return None
+
+
+def _show(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

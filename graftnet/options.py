@@ -41,6 +41,28 @@ class Parser(argparse.ArgumentParser):
         return namespace
 
 
+def number(kind: type = int, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that converts and range-checks a flag's value, so `--top 0` or
+    `--port 99999` is a one-line usage error instead of a failure deep inside the command."""
+    words = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        words += f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        words += f" {'>' if low_open else '>='} {low:g}"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {words}")
+        return value
+    convert.__name__ = words  # argparse names the type in some messages
+    return convert
+
+
 def _chosen(parser: argparse.ArgumentParser, namespace) -> argparse.ArgumentParser:
     """The (sub)command parser that `namespace` was parsed by: `graft weights fetch` -> fetch's."""
     for action in parser._actions:  # argparse keeps no public list of a parser's arguments

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .config import save_yaml
+from .config import check_folder_name, save_yaml
+from .errors import ConfigError
 from .io import atomic_write_json, atomic_write_text
 
 
@@ -64,6 +65,9 @@ class RunResult(os.PathLike):
 
 def new_run_dir(out: str, name: str | None, backbone: str) -> Path:
     base = Path(out)
+    check_folder_name(name)
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder for run folders")
     if name is None:
         name = f"{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = base / name
@@ -128,9 +132,13 @@ def create_run(out: str | Path, name: str | None, prefix: str, cfg=None, seed: i
     """A new run folder (`name`, or <prefix>-<timestamp>; a suffix where the name is taken) holding
     the resolved `cfg` as config.yaml (with `header` as comment lines) and environment.json."""
     run_dir = new_run_dir(str(out), name, prefix)
-    if cfg is not None:
-        save_yaml(cfg, run_dir / "config.yaml", header=header)
-    write_environment(run_dir, seed)
+    try:
+        if cfg is not None:
+            save_yaml(cfg, run_dir / "config.yaml", header=header)
+        write_environment(run_dir, seed)
+    except BaseException:  # a full disk, a bug, Ctrl-C: the folder holds nothing a run could use
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir
 
 

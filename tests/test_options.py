@@ -28,6 +28,7 @@ OLD_FLAGS = {
     "finetune-lr": "finetune.lr", "lr-decay": "finetune.lr_decay", "bn": "finetune.bn",
     "finetune-augment": "finetune.augment", "ema": "finetune.ema", "init": "train.init",
     "checkpoint-minutes": "train.checkpoint_minutes", "micro-batch": "train.micro_batch",
+    "log-to": "track.log_to", "mlflow-uri": "track.mlflow_uri",
 }
 OLD_SWITCHES = {"no-pretrained": ("backbone.pretrained", False), "no-cache": ("train.cache_features", False),
                 "flip-views": ("train.flip_views", True), "skip-bad": ("data.skip_bad", True),
@@ -37,6 +38,7 @@ VALUES = {"features": "multi", "precision": "fp32", "optimizer": "sgd", "pool": 
           "schedule": "cosine", "augment": "paper", "finetune-augment": "rrc", "bn": "train",
           "unfreeze": "top:2", "data": "some/folder", "backbone": "vgg16", "weights": "w.safetensors",
           "out": "elsewhere", "name": "run1", "cache-dir": "c", "init": "runs/a",
+          "log-to": "tensorboard", "mlflow-uri": "http://127.0.0.1:5000",
           **{f: "0.5" for f in ("dropout", "lr", "weight-decay", "val-fraction", "label-smoothing",
                                 "mixup", "warmup-epochs", "cutmix", "finetune-lr", "lr-decay", "ema",
                                 "checkpoint-minutes")}}
@@ -161,7 +163,7 @@ def test_every_setting_is_reachable_by_a_flag_or_set():
     from graftnet.options import FLAG_KEYS
     flags = dict((key, dest) for dest, key in FLAG_KEYS.items())
     settings = [(key, f) for key, f, _ in walk(config.RunConfig) if not f.metadata.get("section")]
-    assert len(settings) == len(config.KEYS) - 6 and len(flags) == len(OLD_FLAGS) + len(OLD_SWITCHES)
+    assert len(settings) == len(config.KEYS) - 7 and len(flags) == len(OLD_FLAGS) + len(OLD_SWITCHES)
     for key, f in settings:
         assert f.metadata["help"], key
         assert (key in flags) == f.metadata["cli"], key

@@ -78,10 +78,13 @@ class MobileNetV2Features(_Features):
 def _fit_in_order(tensors: list[torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
     """Name the tensors after the model's state dict, in order, refusing any count or shape drift."""
     target = model.state_dict()
-    shapes_ok = all(t.shape == v.shape for t, v in zip(tensors, target.values()))
-    if len(tensors) != len(target) or not shapes_ok:
+    if len(tensors) != len(target):
         raise BackboneError(f"{where}: {len(tensors)} tensors do not map onto {type(model).__name__} "
                             f"({len(target)} tensors, shapes in order)")
+    for (name, want), t in zip(target.items(), tensors):
+        if t.shape != want.shape:
+            raise BackboneError(f"{where}: weights do not fit {type(model).__name__}: tensor {name} would "
+                                f"have shape {tuple(t.shape)}, the architecture's is {tuple(want.shape)}")
     return {k: t.detach().clone().contiguous() for k, t in zip(target, tensors)}
 
 
@@ -157,13 +160,15 @@ def convert_keras_vgg16_h5(path: Path) -> dict[str, torch.Tensor]:
                             torch.from_numpy(bias.copy()).float()]
     except (OSError, StopIteration) as e:
         raise BackboneError(f"{path}: cannot read Keras VGG16 weights ({type(e).__name__}: {e})") from None
+    vgg = VGG16Features()
+    _fit_in_order(tensors, vgg, str(path))  # before the folding below, which assumes 3 input channels
     w, b = tensors[0], tensors[1]
     std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
     w_rgb = w.flip(1)  # Keras channel 0 is blue
     offset = 255 * mean - torch.tensor(CAFFE_BGR_MEAN).flip(0)  # what Keras sees at x_norm = 0
     tensors[1] = b + (w_rgb * offset.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
     tensors[0] = w_rgb * (255 * std).view(1, 3, 1, 1)
-    return _fit_in_order(tensors, VGG16Features(), str(path))
+    return _fit_in_order(tensors, vgg, str(path))
 
 
 @dataclass(frozen=True)

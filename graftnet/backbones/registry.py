@@ -135,6 +135,11 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -
     never needed: the head is replaced."""
     target = model.state_dict()
     if set(sd) >= set(target):
+        wrong = next((k for k, t in target.items() if sd[k].shape != t.shape), None)
+        if wrong:  # load_state_dict would list every mismatch in a multi-line RuntimeError
+            raise BackboneError(f"{where}: weights do not fit {type(model).__name__}: tensor {wrong} has "
+                                f"shape {tuple(sd[wrong].shape)} in the file, {tuple(target[wrong].shape)} "
+                                "in the architecture; are they another model's weights?")
         model.load_state_dict({k: sd[k] for k in target})
         return
     items = list(sd.items())

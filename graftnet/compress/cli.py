@@ -1,7 +1,7 @@
 """`graft prune` and `graft distill`: thin wrappers over prune_run and distill."""
 from __future__ import annotations
 
-from ..options import add_train_flags, train_overrides
+from ..options import add_train_flags, number, train_overrides
 
 
 def add_commands(sub) -> dict:
@@ -14,19 +14,19 @@ def add_commands(sub) -> dict:
                    help="fraction of weights (unstructured) or channels per layer (structured)")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank weights/channels across all layers instead of within each layer")
-    p.add_argument("--steps", type=int, default=1, help="prune-then-recover rounds to reach --amount")
-    p.add_argument("--finetune-epochs", type=int, default=1, help="recovery epochs after each step")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the recovery fine-tune")
-    p.add_argument("--batch-size", type=int, help="default: the run's")
-    p.add_argument("--round-to", type=int, help="structured: channel counts multiple of N")
+    p.add_argument("--steps", type=number(int, 1), default=1, help="prune-then-recover rounds to reach --amount")
+    p.add_argument("--finetune-epochs", type=number(int, 0), default=1, help="recovery epochs after each step")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-4, help="learning rate of the recovery fine-tune")
+    p.add_argument("--batch-size", type=number(int, 1), help="default: the run's")
+    p.add_argument("--round-to", type=number(int, 1), help="structured: channel counts multiple of N")
     p.add_argument("--channels", choices=["all", "inner"], default="all",
                    help="structured: inner prunes only channels inside blocks (expansion, depthwise, "
                         "bottleneck middles) and keeps the widths that residual adds tie together")
-    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+    p.add_argument("--distill", type=number(float, 0, 1), default=0.0, metavar="ALPHA",
                    help="recover by distillation from the unpruned model (weight ALPHA, rest on labels)")
     p.add_argument("--importance", choices=["taylor", "magnitude"], default="taylor",
                    help="structured: rank channels by |weight x gradient| on training images, or by weight norm")
-    p.add_argument("--calibrate", type=int, default=2000, metavar="N",
+    p.add_argument("--calibrate", type=number(int, 0), default=2000, metavar="N",
                    help="training images that re-estimate BatchNorm statistics after each step, kept "
                         "where validation accuracy does not drop (0: off)")
     p.add_argument("--bn", choices=["eval", "train"], default="eval",
@@ -34,7 +34,7 @@ def add_commands(sub) -> dict:
     p.add_argument("--transfer", metavar="PATH",
                    help="with --distill: unlabeled images (a folder, or a data set's training images) "
                         "that the unpruned model labels for the recovery")
-    p.add_argument("--transfer-max", type=int, metavar="N", help="use at most N transfer images")
+    p.add_argument("--transfer-max", type=number(int, 1), metavar="N", help="use at most N transfer images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="parent folder of the new run (default: beside RUN)")
     p.add_argument("--name", help="new run folder name (default: RUN-pruned-METHODPCT)")
@@ -50,13 +50,13 @@ def add_commands(sub) -> dict:
     d.add_argument("--no-teacher", action="store_true",
                    help="baseline: the same student and budget, hard labels only (alpha 0)")
     d.add_argument("--student", metavar="BACKBONE", help="student backbone (same as --backbone)")
-    d.add_argument("--temperature", type=float, default=4.0, help="softening temperature T")
-    d.add_argument("--alpha", type=float, default=0.7,
+    d.add_argument("--temperature", type=number(float, 0, low_open=True), default=4.0, help="softening temperature T")
+    d.add_argument("--alpha", type=number(float, 0, 1), default=0.7,
                    help="weight of the teacher term; 1-alpha goes to hard-label cross-entropy")
     d.add_argument("--transfer", metavar="PATH",
                    help="unlabeled images (any folder, or a data set: its training images) that the "
                         "teacher labels for the student; the run's own train/val/test images are left out")
-    d.add_argument("--transfer-max", type=int, metavar="N", help="use at most N transfer images")
+    d.add_argument("--transfer-max", type=number(int, 1), metavar="N", help="use at most N transfer images")
     return {"prune": cmd_prune, "distill": cmd_distill}
 
 

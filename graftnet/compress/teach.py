@@ -225,7 +225,7 @@ def transfer_images(cfg: RunConfig, transfer: str, transfer_max: int | None, sou
     from ..data.images import load_images
     from ..data.sources import open_source, open_unlabeled
     try:
-        other = open_source(transfer, cfg.cache_dir)
+        other = open_source(transfer, cfg.cache_dir, min_classes=1)  # unlabeled use: any number
     except DataError:
         if not Path(transfer).is_dir():
             raise

@@ -17,7 +17,7 @@ import time
 import typing
 from pathlib import Path
 
-from ..config import resolve
+from ..config import check_folder_name, resolve
 from ..errors import ConfigError
 from .methods import METHODS
 from .tasks import ContinualSettings, TaskSequence, load_tasks, split_tasks
@@ -35,12 +35,12 @@ def _ints(text: str) -> list[int]:
 
 
 def add_commands(sub) -> dict:
-    from ..options import add_train_flags, train_overrides
+    from ..options import add_train_flags, number, train_overrides
     p = sub.add_parser("continual", help="learn a sequence of tasks (EWC, LwF, replay, prototypes...) and "
                        "measure forgetting", description=__doc__.split("\n\n")[0])
     add_train_flags(p, exclude=("out", "name"), resume=False)
     p.add_argument("--tasks", metavar="YAML", help="the task sequence (data and classes per task)")
-    p.add_argument("--split", type=int, metavar="N", help="cut the data's classes into N tasks of equal size "
+    p.add_argument("--split", type=number(int, 1), metavar="N", help="cut the data's classes into N tasks of equal size "
                    "(Split CIFAR-10: --data cifar10 --split 5)")
     p.add_argument("--order-seeds", type=_ints, metavar="LIST", help="with --split: one task order per "
                    "seed, each run separately (default: the data's class order)")
@@ -78,6 +78,7 @@ def add_commands(sub) -> dict:
         from .methods import method_parts
         for m in settings.methods:
             method_parts(m)  # an unknown name fails before any feature pass
+        check_folder_name(args.name, "--name")
         folder = Path(args.out) / (args.name or f"continual-{time.strftime('%Y%m%d-%H%M%S')}")
         run_continual(cfg, sequences, settings, folder, command=command)
         print(folder)

@@ -56,7 +56,8 @@ def load_features(cfg: RunConfig, seq: TaskSequence, scenario: str, built: tuple
     model too: a run saves this very backbone (a random-weight one is not built the same twice).
     `opened`: sources a caller opened already, by location."""
     from ..data.sources import open_source
-    opened = {loc: (opened or {}).get(loc) or open_source(loc, cfg.cache_dir) for loc in seq.sources()}
+    opened = {loc: (opened or {}).get(loc) or open_source(loc, cfg.cache_dir, min_classes=1)
+              for loc in seq.sources()}  # a task's data may hold its one class; the sequence has more
     check_tasks(seq, scenario, {loc: s.classes for loc, s in opened.items()})
     out, (model, spec) = {}, built or (None, None)   # built: a finished run's (model, spec) (extend)
     for loc in opened:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import resolve
+from ..config import check_folder_name, resolve
 from ..errors import ConfigError, DataError, GraftError
 from ..io import atomic_write_json
 from ..model import load_model
@@ -41,6 +41,7 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
         raise GraftError(f"{run}: its backbone was changed (fine-tuned, started from another run or pruned); "
                          "extend reads the stock frozen backbone's features, which its head was not trained on")
     parts = method_parts(method)
+    check_folder_name(name, "--name")
     folder = Path(out or run.parent) / (name or f"{run.name}-extended")
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"{folder}: already exists and is not empty; choose another --name")
@@ -50,7 +51,7 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     except DataError as e:
         raise DataError(f"extend: {run}'s own data cannot be read ({e}); extend takes the old classes' "
                         "statistics and their before/after scores from it") from None
-    new_source = open_source(data, cfg.cache_dir)
+    new_source = open_source(data, cfg.cache_dir, min_classes=1)  # joined to the run's classes
     new_classes = [c for c in new_source.classes if c not in spec.classes]
     if not new_classes:
         raise ConfigError(f"extend: {data} brings no class that {run} lacks (its classes: "

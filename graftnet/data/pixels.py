@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import DataError
-from .files import IMAGE_EXTENSIONS, list_images  # noqa: F401 (list_images: still importable here)
+from .files import IMAGE_EXTENSIONS, list_images, why_unreadable  # noqa: F401 (list_images: still importable here)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 
@@ -79,7 +79,9 @@ def square_array(img: Image.Image, max_size: int) -> np.ndarray:
         img = img.crop((left, top, left + s, top + s))
     if s > max_size:
         img = img.resize((max_size, max_size), Image.BICUBIC, reducing_gap=2.0)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    # a copy, always: PIL's buffer is read-only, and a 1x1 image's transpose is contiguous already,
+    # so ascontiguousarray would hand it on and torch.from_numpy warn about it
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def read_squares(paths: list[Path], size: int, gray: bool = False) -> list[np.ndarray | str]:
@@ -91,7 +93,7 @@ def read_squares(paths: list[Path], size: int, gray: bool = False) -> list[np.nd
         try:
             out.append(square_array(decode(p.read_bytes(), str(p), gray), size))
         except OSError as e:
-            out.append(f"{p}: cannot read the file ({e.strerror or e})")
+            out.append(f"{p}: {why_unreadable(p, e)}")
         except DataError as e:
             out.append(str(e))
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 import urllib.request
 import zipfile
@@ -14,14 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from ..errors import DataError
 from ..io import cache_root
-from .files import IMAGE_EXTENSIONS, list_images
+from ..progress import log
+from .files import IMAGE_EXTENSIONS, list_images, why_unreadable
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 # Files that operating systems and archivers leave behind; never data.
 _JUNK = {"thumbs.db", "desktop.ini"}
+
+# A ZIP member is read into memory whole, so its size must be bounded before and while it is read.
+# 64 MiB holds any photo or scan in practice (a 100-megapixel JPEG is ~30 MB); an image file much
+# larger is past PIL's own 179-megapixel decompression-bomb limit in most formats anyway. Image
+# formats are compressed already, so deflate gains little on them (about 1:1 on PNG or JPEG, 3:1 on
+# a BMP photo): 100:1 comes only from near-constant data, a bomb, and below 4 MiB it costs nothing.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_RATIO = 100
+RATIO_FROM_BYTES = 4 << 20
+# Deflate's output is bounded by what is asked of it; zipfile's bzip2 and LZMA readers inflate a
+# whole chunk at once (a few KB of bzip2 can hold gigabytes), so those members are not read in place.
+_BOUNDED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_EXTRACT = "; extract the archive and point --data at the folder"
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -37,19 +53,46 @@ class Source:
     splits: dict[str, list[tuple[str, int]]]          # split name -> [(key, label)]
     fingerprint: str                                   # changes when any file changes
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # in-memory images
+    bad: dict[str, str] = field(default_factory=dict, repr=False)  # key -> why it cannot be opened
     _zip: zipfile.ZipFile | None = field(default=None, repr=False)
 
     def read(self, key: str) -> bytes | np.ndarray:
         if key in self.arrays:
             return self.arrays[key]
-        # A damaged ZIP member (bad CRC, broken deflate stream) or a file that vanished is the user's
-        # data problem: say which file as a DataError (which --skip-bad skips), not a traceback.
+        # A broken link, a damaged ZIP member (bad CRC, broken deflate stream, encrypted) or a file
+        # that vanished is the user's data problem: say which file as a DataError (which --skip-bad
+        # skips), not a traceback. Found when listing or when reading, it fails here either way.
+        if key in self.bad:
+            raise DataError(f"{self.describe(key)}: {self.bad[key]}")
         try:
             if self._zip is not None:
-                return self._zip.read(key)
+                return self._read_member(key)
             return (Path(self.location) / key).read_bytes()
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        except OSError as e:
+            raise DataError(f"{self.describe(key)}: {why_unreadable(Path(self.location) / key, e)}") from None
+        except (EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
             raise DataError(f"{self.describe(key)}: cannot read the file ({e})") from None
+
+    def _read_member(self, key: str) -> bytes:
+        info = self._zip.getinfo(key)
+        size, packed = info.file_size, info.compress_size
+        problem = None
+        if info.compress_type not in _BOUNDED_METHODS:
+            method = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}.get(info.compress_type)
+            problem = f"compressed with {method or f'method {info.compress_type}'}, not stored or deflated"
+        elif size > MAX_MEMBER_BYTES:
+            problem = f"declares {size / 2**20:.0f} MiB uncompressed, over the {MAX_MEMBER_BYTES >> 20} MiB limit"
+        elif size > RATIO_FROM_BYTES and size > MAX_RATIO * packed:
+            problem = (f"declares {size / 2**20:.0f} MiB compressed {size // max(packed, 1)}:1, over "
+                       f"{MAX_RATIO}:1: a decompression bomb?")
+        if problem:
+            raise DataError(f"{self.describe(key)}: {problem}{_EXTRACT}")
+        # the header can lie: never take in more than the limit, whatever it declared
+        with self._zip.open(info) as f:
+            data = f.read(MAX_MEMBER_BYTES + 1)
+        if len(data) > MAX_MEMBER_BYTES:
+            raise DataError(f"{self.describe(key)}: holds over {MAX_MEMBER_BYTES >> 20} MiB{_EXTRACT}")
+        return data
 
     def describe(self, key: str) -> str:
         """A path a user can find: 'archive.zip:member' or the file's path."""
@@ -62,28 +105,41 @@ def _is_junk(part: str) -> bool:
     return part.startswith(".") or part.lower() in _JUNK or part == "__MACOSX"
 
 
-def _layout(location: str, files: list[tuple[str, str]], dirs: set[str]) -> tuple[list[str], dict]:
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _parts(rel: str) -> list[str]:
+    return [p for p in rel.split("/") if p not in ("", ".")]
+
+
+def _layout(location: str, files: list[tuple[str, str]], dirs: set[str],
+            min_classes: int = 2) -> tuple[list[str], dict]:
     """From (key, relative path) pairs and directory paths, find classes and splits.
 
     Accepts root/<class>/... or root/<split>/<class>/..., under any chain of single wrapper folders
-    (a ZIP of `cifar10/train/cat/1.jpg` works as is).
+    (a ZIP of `cifar10/train/cat/1.jpg` works as is). Fewer than `min_classes` classes is an error:
+    a classifier trained on one class is right on every test image and has learned nothing.
     """
-    paths = [(k, [p for p in rel.split("/") if p]) for k, rel in files]
+    paths = [(k, _parts(rel)) for k, rel in files]
     paths = [(k, p) for k, p in paths if not any(_is_junk(x) for x in p)]
-    dir_parts = [[p for p in d.split("/") if p] for d in dirs]
+    dir_parts = [_parts(d) for d in dirs]
     dir_parts = [d for d in dir_parts if d and not any(_is_junk(x) for x in d)]
     prefix: list[str] = []
     while True:
         tops = {p[len(prefix)] for _, p in paths if len(p) > len(prefix) + 1}
         loose = [p for _, p in paths if len(p) == len(prefix) + 1]
-        if len(tops) == 1 and not loose and next(iter(tops)).lower() not in SPLIT_NAMES:
+        # a lone folder holding images and no folders is a class (the only one), not a wrapper
+        only_images = (any(len(p) == len(prefix) + 2 and _is_image(p[-1]) for _, p in paths)
+                       and not any(len(p) > len(prefix) + 2 for _, p in paths))
+        if len(tops) == 1 and not loose and not only_images and next(iter(tops)).lower() not in SPLIT_NAMES:
             prefix.append(next(iter(tops)))
             continue
         break
     depth = len(prefix)
     inside = [(k, p[depth:]) for k, p in paths if p[:depth] == prefix]
     subdirs = [d[depth:] for d in dir_parts if d[:depth] == prefix and len(d) > depth]
-    loose_images = [k for k, p in inside if len(p) == 1 and Path(p[0]).suffix.lower() in IMAGE_EXTENSIONS]
+    loose_images = [k for k, p in inside if len(p) == 1 and _is_image(p[0])]
     if loose_images:
         raise DataError(f"{location}: image {loose_images[0]} lies outside any class folder; expected "
                         "<root>/<class>/<image> or <root>/train|test/<class>/<image>")
@@ -108,9 +164,16 @@ def _layout(location: str, files: list[tuple[str, str]], dirs: set[str]) -> tupl
                             "remove them or add images")
         return by_class
 
+    def enough(classes, *folders):
+        if len(classes) < min_classes:
+            raise DataError(f"{location}: the data has one class, {classes[0]} (folder "
+                            f"{'/'.join([*prefix, *folders, classes[0]])}); a classifier needs at least "
+                            "two: add a folder of images for each class")
+
     if not split_dirs:
         by_class = collect(inside, subdirs, location)
         classes = sorted(by_class)
+        enough(classes)
         return classes, {"all": [(k, classes.index(c)) for c in classes for k in sorted(by_class[c])]}
     other = [t for t in tops if t not in split_dirs]
     if other:
@@ -135,6 +198,7 @@ def _layout(location: str, files: list[tuple[str, str]], dirs: set[str]) -> tupl
             if extra:
                 parts.append(f"class(es) in {s}/ but not in train/: {', '.join(extra)}")
             raise DataError(f"{location}: splits do not match: " + "; ".join(parts))
+    enough(classes, train_name)
     splits = {}
     for s, by_class in per_split.items():
         name = "train" if s == train_name else ("test" if s.lower() == "test" else "val")
@@ -149,10 +213,43 @@ def _hash(items) -> str:
     return h.hexdigest()[:16]
 
 
-def open_folder(root: Path) -> Source:
-    files, dirs, stats = [], set(), []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
+def _stat(path: str, key: str, bad: dict[str, str]) -> tuple:
+    """(key, size, mtime) for the fingerprint. A file that cannot be opened (a link that loops or
+    leads nowhere) goes into `bad` with the reason, to fail when read like any unreadable image:
+    an error naming it, or a skip under --skip-bad."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        bad[key] = why_unreadable(Path(path), e)
+        return key, -1, 0
+    return key, st.st_size, st.st_mtime_ns
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _cannot_list(e: OSError):
+    raise DataError(f"{e.filename}: cannot list the folder ({e.strerror or e})")
+
+
+def open_folder(root: Path, min_classes: int = 2) -> Source:
+    files, dirs, stats, bad = [], set(), [], {}
+    # Linked folders are followed (a class kept elsewhere), except a link back to a folder it lies
+    # in, which would lead round forever: each folder to walk maps to the folders above it.
+    above = {os.fspath(root): {_identity(root)}}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_cannot_list, followlinks=True):
+        outer, walk = above.pop(dirpath), []
+        for d in sorted(d for d in dirnames if not _is_junk(d)):
+            full = os.path.join(dirpath, d)
+            here = _identity(full)
+            if here in outer:
+                log(f"[yellow]{escape(full)}: symbolic link back to a folder above it; not followed[/]")
+                continue
+            above[full] = outer | {here}
+            walk.append(d)
+        dirnames[:] = walk
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
         if rel_dir:
@@ -160,33 +257,57 @@ def open_folder(root: Path) -> Source:
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}" if rel_dir else name
             files.append((rel, rel))
-            st = os.stat(os.path.join(dirpath, name))
-            stats.append((rel, st.st_size, st.st_mtime_ns))
-    classes, splits = _layout(str(root), files, dirs)
-    return Source(str(root), classes, splits, _hash(stats))
+            stats.append(_stat(os.path.join(dirpath, name), rel, bad))
+    classes, splits = _layout(str(root), files, dirs, min_classes)
+    return Source(str(root), classes, splits, _hash(stats), bad=bad)
 
 
 def open_unlabeled(root: Path, classes: list[str]) -> Source:
     """Every image file under a folder, in any layout, as the split "all" with label -1: images
     that something else labels (a distillation teacher)."""
-    files = list_images(root)
-    keys = [p.relative_to(root).as_posix() for p in files]
-    stats = [(k, st.st_size, st.st_mtime_ns) for k, st in zip(keys, (p.stat() for p in files))]
-    return Source(str(root), list(classes), {"all": [(k, -1) for k in keys]}, _hash(stats))
+    keys = [p.relative_to(root).as_posix() for p in list_images(root)]
+    bad: dict[str, str] = {}
+    stats = [_stat(os.path.join(root, k), k, bad) for k in keys]
+    return Source(str(root), list(classes), {"all": [(k, -1) for k in keys]}, _hash(stats), bad=bad)
 
 
-def open_zip(path: Path) -> Source:
+def _escapes(rel: str) -> bool:
+    """Whether a member, were it extracted, could land outside the folder it is extracted to."""
+    return rel.startswith("/") or ".." in rel.split("/") or re.match(r"[A-Za-z]:", rel) is not None
+
+
+def _shown(names: list[str], most: int = 10) -> str:
+    """Member names on one line: control characters (a newline in a name) written as escapes."""
+    shown = [re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", n) for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def open_zip(path: Path, min_classes: int = 2) -> Source:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a readable ZIP archive ({e})") from None
-    infos = zf.infolist()
-    files = [(i.filename, i.filename) for i in infos if not i.is_dir()]
-    dirs = {i.filename.rstrip("/") for i in infos if i.is_dir()}
-    for name, _ in files:  # folders implied by member paths
-        parts = name.split("/")[:-1]
-        dirs.update("/".join(parts[:i + 1]) for i in range(len(parts)))
-    classes, splits = _layout(str(path), files, dirs)
+    files, dirs, escaping, seen = [], set(), [], set()
+    for i in infos:
+        rel = i.filename.replace("\\", "/")  # old Windows archivers write \ between folders
+        if _escapes(rel):  # never a key, so never a path anywhere
+            escaping.append(i.filename)
+        elif rel.endswith("/"):
+            dirs.add(rel.rstrip("/"))
+        elif i.filename not in seen:  # a name stored twice reads as its last copy: one sample
+            seen.add(i.filename)
+            files.append((i.filename, rel))
+            parts = rel.split("/")[:-1]  # folders implied by member paths
+            dirs.update("/".join(parts[:n + 1]) for n in range(len(parts)))
+    if escaping:
+        log(f"[yellow]{escape(str(path))}: ignored {len(escaping)} member(s) whose path could leave the "
+            f"folder they were extracted to (absolute, a drive, or ..): {escape(_shown(escaping))}[/]")
+    try:
+        classes, splits = _layout(str(path), files, dirs, min_classes)
+    except DataError:
+        zf.close()
+        raise
     # CRCs are content hashes, so the fingerprint follows the images, not the archive's timestamps.
     fp = _hash((i.filename, i.file_size, i.CRC) for i in infos)
     return Source(str(path), classes, splits, fp, _zip=zf)
@@ -271,16 +392,18 @@ def find_cifar10(cache_dir: str | None = None, download: bool = True, search_sha
                     f"and {archive}); point --data at a copy")
 
 
-def open_source(location: str, cache_dir: str | None = None) -> Source:
+def open_source(location: str, cache_dir: str | None = None, min_classes: int = 2) -> Source:
+    """The data set at `location`. `min_classes=1` lets a one-class source through, for a caller
+    that joins it to others (new classes for a trained run), never for training a classifier alone."""
     if location.lower() in ("cifar10", "cifar-10"):
         location = str(find_cifar10(cache_dir))
     path = Path(location).expanduser()
     if not path.exists():
-        raise DataError(f"{path}: data path does not exist")
+        raise DataError(f"{path}: data path does not exist" + " (a broken symbolic link)" * path.is_symlink())
     if path.is_dir():
-        return open_folder(path)
+        return open_folder(path, min_classes)
     if path.name.endswith((".tar.gz", ".tgz")):
         return open_cifar10_archive(path)
     if zipfile.is_zipfile(path):
-        return open_zip(path)
+        return open_zip(path, min_classes)
     raise DataError(f"{path}: not a folder, ZIP archive or CIFAR-10 python archive")

@@ -13,6 +13,7 @@ trace fine under torch.export; the legacy exporter remains as a fallback.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from ..config import resolve
 from ..data.images import ImageSet, config_splits, load_images, to_batch
 from ..errors import GraftError
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write, atomic_write_json, remove_stale_temps
 from ..model import ModelSpec, load_model
 from ..progress import log
 from .runtime import PREPROCESS_FILE, session, to_input
@@ -148,9 +149,32 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
 
     atomic_write(out, write)
     atomic_write_json(out.parent / PREPROCESS_FILE, pre)
+    remove_stale_temps(out.parent)  # of exports killed outright (SIGKILL): nothing of theirs ran
     result.update(path=str(out), checked_on=checked_on, preprocess_max_abs_diff=prep_diff,
                   size_bytes=out.stat().st_size)
     log(f"exported {out} ({result['exporter']}, {result['size_bytes'] / 1e6:.1f} MB); max |logit "
         f"difference| vs PyTorch {result['max_abs_diff']:.2e} on {checked_on}")
+    _card(run_dir, out, result)
     return result
+
+
+def _card(run_dir: Path, out: Path, result: dict) -> None:
+    """The run's model card beside the exported file, with what the export adds: its format and
+    checks, and (ONNX) its latency measured here, in ONNX Runtime, on this machine."""
+    import platform
+    from ..report.card import write_card
+    latency = None
+    if result["format"] == "onnx":
+        from .runtime import measure_latency
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+        cpu = cpu or platform.processor() or platform.machine()
+        latency = {f"ONNX Runtime fp32, batch {b}, median of {r} ({cpu}, {os.cpu_count()} cores)":
+                   measure_latency(out, batch_size=b, repeats=r)["median_ms"] for b, r in ((1, 20), (16, 5))}
+    write_card(run_dir, dest=out.parent, latency=latency, exported={
+        "file": f"`{out.name}` ({result['size_bytes'] / 1e6:.1f} MB, {result['format']}, exported with "
+                f"{result['exporter']})",
+        "checked": f"logits within {result['max_abs_diff']:.2e} of PyTorch's on {result['checked_on']}",
+        "preprocessing": "`preprocess.json` beside it (resize, crop, mean and std: what `graft predict "
+                         "--onnx` and other runtimes need)"})
 

@@ -50,7 +50,7 @@ import re
 import time
 from pathlib import Path
 
-from ..config import load_yaml, resolve
+from ..config import check_folder_name, load_yaml, resolve
 from ..errors import ConfigError
 from .runner import run_search
 from .settings import OBJECTIVES, PRUNERS, SAMPLERS, SearchSettings
@@ -72,19 +72,19 @@ def parse_timeout(text: str | None) -> float | None:
 
 
 def add_commands(sub) -> dict:
-    from ..options import add_train_flags, train_overrides
+    from ..options import add_train_flags, number, train_overrides
     p = sub.add_parser("search", help="hyperparameter search of the head on the frozen backbone (Optuna)",
                        description=__doc__.split("\n\n")[0])
     add_train_flags(p, exclude=("out", "name"), resume=False)
     p.add_argument("--space", metavar="YAML", help="search space (default: head widths, dropout, "
                    "optimizer, lr, weight decay, smoothing, batch size, epochs, flip views, features)")
-    p.add_argument("--trials", type=int, help="trials in all, across workers and resumes (default: 20; "
+    p.add_argument("--trials", type=number(int, 0), help="trials in all, across workers and resumes (default: 20; "
                    "with --resume or --join the study's total, which a given --trials changes for every worker)")
     p.add_argument("--timeout", help="time budget: 90s, 30m, 2h or seconds (no new trial starts after it)")
     p.add_argument("--resume", metavar="DIR", help="continue a search folder with its saved config and space")
     p.add_argument("--out", default="runs", help="the search folder is OUT/NAME (default: runs)")
     p.add_argument("--name", help="default: search-<timestamp> (with --join: the search's name)")
-    p.add_argument("--workers", type=int, metavar="N", help="local worker processes running trials at once (default: 1)")
+    p.add_argument("--workers", type=number(int, 1), metavar="N", help="local worker processes running trials at once (default: 1)")
     p.add_argument("--storage", metavar="URL", help="the study in a database, for workers on several machines: "
                    "postgresql://USER@HOST:PORT/DB or sqlite:///FILE (default: SEARCH/study.journal)")
     p.add_argument("--join", metavar="URL", help="work on the search whose study is in this database")
@@ -94,8 +94,8 @@ def add_commands(sub) -> dict:
     p.add_argument("--objectives", type=lambda t: [o.strip() for o in t.split(",") if o.strip()],
                    metavar="LIST", help=f"val_acc first, then any of {', '.join(o for o in OBJECTIVES if o != 'val_acc')}, "
                    "comma-separated (default: val_acc)")
-    p.add_argument("--max-latency-ms", type=float, metavar="MS", help="trials slower than this are infeasible")
-    p.add_argument("--latency-batch", type=int, metavar="N", help="batch size latency is measured at (default: 1)")
+    p.add_argument("--max-latency-ms", type=number(float, 0, low_open=True), metavar="MS", help="trials slower than this are infeasible")
+    p.add_argument("--latency-batch", type=number(int, 1), metavar="N", help="batch size latency is measured at (default: 1)")
 
     def cmd_search(args) -> None:
         import shlex
@@ -127,6 +127,7 @@ def add_commands(sub) -> dict:
         # --out/--name place the search folder; the base config keeps --out (where best.yaml's rerun goes)
         cfg = resolve(args.config, {**train_overrides(args), "name": None})
         search = SearchSettings(**settings, seed=cfg.train.seed, workers=args.workers or 1, storage=args.storage)
+        check_folder_name(args.name, "--name")
         folder = Path(args.out) / (args.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}")
         run_search(cfg, space, folder, args.trials, timeout_s, command=command, settings=search)
         print(folder)

@@ -32,6 +32,8 @@ def check_space(space: dict) -> dict:
     if not isinstance(space, dict) or not space:
         raise ConfigError("search space: empty; give at least one config key to search")
     for key, entry in space.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"search space: {key!r} is not a config key (dotted text such as train.lr)")
         if key in STEPS and (not isinstance(entry, dict) or entry.get("type") not in STEPS[key]):
             raise ConfigError(f"search space: {key}: needs type: {' or '.join(STEPS[key])}")
         if key not in KEYS and key not in STEPS:
@@ -50,11 +52,27 @@ def check_space(space: dict) -> dict:
                 raise ConfigError(f"search space: {key}: low ({entry['low']}) must be below high ({entry['high']})")
             if entry.get("log") and entry["low"] <= 0:
                 raise ConfigError(f"search space: {key}: a log range needs low > 0")
-        if kind in ("categorical", "layers") and not entry.get("choices"):
-            raise ConfigError(f"search space: {key}: empty choices")
-        for other in entry.get("when") or {}:
+        if kind in ("categorical", "layers"):
+            choices = entry.get("choices")
+            if not choices:
+                raise ConfigError(f"search space: {key}: empty choices")
+            if not isinstance(choices, list):
+                raise ConfigError(f"search space: {key}: choices must be a list, got {choices!r}")
+            # Optuna stores a categorical's choices as they are: plain values only
+            if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
+                raise ConfigError(f"search space: {key}: choices must be plain values (text, numbers, "
+                                  f"true/false), got {choices!r}")
+            if kind == "layers" and not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                            for c in choices):
+                raise ConfigError(f"search space: {key}: layer widths must be positive integers, got {choices!r}")
+        when = entry.get("when") or {}
+        if not isinstance(when, dict):
+            raise ConfigError(f"search space: {key}: `when` must map config keys to values, got {when!r}")
+        for other, value in when.items():
             if other not in KEYS and other not in STEPS:
-                raise ConfigError(f"search space: {key}: `when` names unknown config key {other}")
+                raise ConfigError(f"search space: {key}: `when` names unknown config key {other!r}")
+            if isinstance(value, (list, dict)):
+                raise ConfigError(f"search space: {key}: `when` {other} must be one plain value, got {value!r}")
     return space
 
 
@@ -96,7 +114,7 @@ def _value(cfg: RunConfig, key: str):
 def _number(key: str, end: str, value, kind):
     try:
         number = kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"search space: {key}: {end} {value!r} is not a number") from None
     if kind is int and number != float(value):
         raise ConfigError(f"search space: {key}: {end} {value!r} is not a whole number")

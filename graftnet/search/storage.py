@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import apply_overrides, load_yaml, resolve
+from ..config import apply_overrides, check_folder_name, load_yaml, resolve
 from ..errors import GraftError
 from ..io import atomic_write_text
 from .settings import SearchSettings
@@ -198,6 +198,7 @@ def join_folder(url: str, out: str | Path = "runs", name: str | None = None, dat
     attrs = optuna.load_study(study_name=STUDY, storage=storage).user_attrs
     if "settings" not in attrs:  # created a moment ago: its first worker is still writing them
         raise GraftError(f"--join {shown(url)}: the search is still being set up; join again in a moment")
+    check_folder_name(name or attrs["name"], "--name" if name else "the search's stored name")
     folder = Path(out) / (name or attrs["name"])
     base = apply_overrides(copy.deepcopy(attrs["base"]), {"data.path": data})
     if folder.exists() and any(folder.iterdir()):

@@ -115,13 +115,10 @@ def _param_names(opt_state: dict) -> dict[int, str]:
 
 
 def checkpoint_meta(run_dir: Path) -> dict | None:
-    """The checkpoint's metadata (epoch, step, history, callbacks' JSON state), without loading
-    tensors; None without a checkpoint."""
+    """The checkpoint's metadata (epoch, step, history, callbacks' JSON state), checked, without
+    loading tensors; None without a checkpoint."""
     path = run_dir / FILE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["graftnet"])
+    return _read(path, tensors=False)[0] if path.is_file() else None
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -131,6 +128,55 @@ def checkpoint_epoch(run_dir: Path) -> int:
     return meta["epoch"] if meta else 0
 
 
+def _damaged(path: Path, why: str) -> GraftError:
+    # one file, replaced by temp-and-rename: there is no older one to go back to
+    return GraftError(f"{path}: damaged checkpoint ({why}); it cannot be resumed. Train the run again "
+                      f"with `graft train --config {path.parent.parent / 'config.yaml'}`")
+
+
+def _read(path: Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors), or one GraftError. A kill cannot leave a half-written checkpoint, but a
+    full disk, a copy cut short or an edit can: safetensors then raises its own error types."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("graftnet")
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+        if text is None:
+            raise ValueError("no graftnet metadata")
+        meta = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON: all mean the same here
+        raise _damaged(path, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise _damaged(path, problem)
+    return meta, found
+
+
+_META = {"epoch": int, "step": int, "history": list, "param_groups": list, "callbacks": dict,
+         "batch": int, "partial": dict}
+_WORDS = {int: "a non-negative integer", list: "a JSON list", dict: "a JSON object"}
+_PARTIAL = ("loss", "correct", "seen", "labeled", "seconds")
+
+
+def _meta_problem(meta) -> str | None:
+    if not isinstance(meta, dict):
+        return "its metadata is not a JSON object"
+    for key, kind in _META.items():
+        if key not in meta and key in ("epoch", "step", "history", "param_groups"):
+            return f"metadata lacks {key!r}"
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)
+                            or (kind is int and value < 0)):
+            return f"metadata {key!r} is {str(value)[:40]!r}, not {_WORDS[kind]}"
+    nested = [*meta["history"], *meta["param_groups"], *meta.get("callbacks", {}).values()]
+    if not all(isinstance(v, dict) for v in nested):
+        return "metadata history, param_groups and callbacks must hold JSON objects"
+    partial = meta.get("partial")
+    if partial is not None and not all(isinstance(partial.get(k), (int, float)) for k in _PARTIAL):
+        return f"metadata 'partial' lacks one of {', '.join(_PARTIAL)}"
+    return None
+
+
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
                     generator: torch.Generator, optimizer_state: bool = True) -> State:
     """Restore weights, RNG and loop state; the optimizer's too unless `optimizer_state` is False
@@ -138,11 +184,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
     path = run_dir / FILE
     if not path.is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no completed epoch: {FILE} is missing)")
-    tensors = {}
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["graftnet"])
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    meta, tensors = _read(path)
     weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     own = model.state_dict()
     missing = [k for k in weights if k not in own]
@@ -155,22 +197,39 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer,
     model.load_state_dict(weights, strict=False)
     if optimizer_state:
         optimizer.load_state_dict(_by_name(optimizer.state_dict(), meta["param_groups"], tensors, path))
-    torch.set_rng_state(tensors["rng/torch"])
-    generator.set_state(tensors["rng/generator"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
+        _check_moments(optimizer, path)
+    try:  # the RNG states are byte tensors of a fixed layout: torch checks it
+        torch.set_rng_state(tensors["rng/torch"])
+        generator.set_state(tensors["rng/generator"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise _damaged(path, f"random number state: {type(e).__name__}: {str(e)[:80]}") from None
     partial = meta.get("partial")
     if partial and not is_main():  # rank 0 carries the sums so far; the others add their own
         partial = {**{k: 0 for k in ("loss", "correct", "seen", "labeled")}, "seconds": partial["seconds"]}
     return State(epoch=meta["epoch"], step=meta["step"], history=meta["history"],
-                 batch_in_epoch=meta.get("batch", 0), partial=partial, restored=_callback_states(meta, tensors))
+                 batch_in_epoch=meta.get("batch", 0), partial=partial, restored=_callback_states(meta, tensors, path))
 
 
-def _callback_states(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+def _check_moments(optimizer, path: Path) -> None:
+    """Every saved moment has its parameter's shape (a scalar step count aside): torch checks
+    nothing when loading, and a wrong one fails at the next step instead."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for slot, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise _damaged(path, f"optimizer {slot} of shape {tuple(value.shape)} for a "
+                                         f"parameter of shape {tuple(p.shape)}")
+
+
+def _callback_states(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
     """key -> the state_dict a callback saved (JSON values and tensors together)."""
     states = {key: dict(values) for key, values in meta.get("callbacks", {}).items()}
     for name, value in tensors.items():
         if name.startswith("callback/"):
+            if "/" not in name[len("callback/"):]:
+                raise _damaged(path, f"tensor {name!r} names no callback slot")
             key, slot = name[len("callback/"):].split("/", 1)
             states.setdefault(key, {})[slot] = value
     return states
@@ -185,21 +244,37 @@ def describe_position(state: State, n_batches: int) -> str:
 
 def _by_name(current: dict, saved_groups: list[dict], tensors: dict, path: Path) -> dict:
     """The optimizer state dict for the current optimizer, filled from the saved one by names."""
-    saved_by_name = {g.get("name", str(i)): g for i, g in enumerate(saved_groups)}
+    saved_by_name = {str(g.get("name", i)): g for i, g in enumerate(saved_groups)}  # str: hashable
     groups = []
     for i, g in enumerate(current["param_groups"]):
-        saved = saved_by_name.get(g.get("name", str(i)))
+        saved = saved_by_name.get(str(g.get("name", i)))
         if saved is None:
             raise GraftError(f"{path}: optimizer group {g.get('name', i)!r} is not in the checkpoint "
                              f"(it has {sorted(saved_by_name)}); was the config changed?")
-        groups.append({**saved, "params": g["params"], **({"param_names": g["param_names"]}
-                                                            if "param_names" in g else {})})
+        # a mangled setting would fail at the first step, far from the file; one the checkpoint
+        # lacks (saved by an older torch) keeps the fresh optimizer's default
+        wrong = next((k for k, v in g.items() if k not in ("params", "param_names") and k in saved
+                      and _kind(saved[k]) != _kind(v)), None)
+        if wrong:
+            raise _damaged(path, f"optimizer group {g.get('name', i)!r}: setting {wrong!r} is "
+                                 f"{str(saved[wrong])[:40]!r}, not a {_kind(g[wrong])}")
+        groups.append({**g, **saved, "params": g["params"], **({"param_names": g["param_names"]}
+                                                                 if "param_names" in g else {})})
     index = {name: idx for idx, name in _param_names(current).items()}
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optim/"):
-            name, slot = k[len("optim/"):].rsplit("/", 1)
+            name, _, slot = k[len("optim/"):].rpartition("/")
             if name not in index:
                 raise GraftError(f"{path}: optimizer state for unknown parameter {name!r}")
             state.setdefault(index[name], {})[slot] = v
     return {"state": state, "param_groups": groups}
+
+
+def _kind(value) -> str:
+    """A setting's kind as JSON keeps it: numbers alike, tuples come back as lists."""
+    if isinstance(value, bool) or value is None:
+        return repr(value) if value is None else "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "list" if isinstance(value, (list, tuple)) else type(value).__name__

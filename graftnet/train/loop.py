@@ -103,6 +103,9 @@ class Callback:
 
     # Run-level hooks, called by the pipeline (train.pipeline) with its Job: the run's config,
     # folder, data and model.
+    def before_run(self, job, resume: bool) -> None:
+        """The run's data and model are ready, before its first fit (`resume`: a run going on)."""
+
     def feature_rows(self, job, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None):
         """A frozen stage on cached features: the training rows (features, labels, per-row targets
         or None) the head trains on; a callback may add rows (a transfer set, label -1) or targets

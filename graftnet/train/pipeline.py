@@ -33,6 +33,7 @@ from ..io import atomic_write_text
 from . import distributed
 from .balance import class_weights, epoch_order
 from .callbacks import EarlyStopping, WeightEMA, build_callbacks, schedule
+from .tracking import trackers
 from .checkpoint import Checkpointer, checkpoint_epoch, checkpoint_meta, describe_position, load_checkpoint
 from .distributed import Replicated, is_main, shard
 from ..features import chunk_size, device_of, image_batches, pick_device
@@ -86,7 +87,8 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
         if not (run_dir / "config.yaml").is_file():
             raise GraftError(f"{run_dir}: not a graftnet run folder (no config.yaml); nothing to resume")
         cfg = config_mod.resolve(run_dir / "config.yaml")
-    callbacks = [*build_callbacks(cfg.callbacks), *callbacks]  # a wrong name fails before a folder exists
+    # a wrong name fails before a folder exists
+    callbacks = [*build_callbacks(cfg.callbacks), *trackers(cfg.track), *callbacks]
     if not resume:
         run_dir = distributed.broadcast(create_run(cfg.out, cfg.name, cfg.backbone.name, cfg, cfg.train.seed)
                                         if is_main() else None)
@@ -96,6 +98,8 @@ def train(cfg: RunConfig | None, resume: str | Path | None = None,
         log(f"run folder: {run_dir}" + (f" ({distributed.world()} processes)" if distributed.world() > 1 else ""))
         job = _prepare(cfg, run_dir, callbacks)
         job.test = test
+        for cb in job.callbacks:
+            cb.before_run(job, bool(resume))
         return _train(job, bool(resume))
 
 
