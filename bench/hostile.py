@@ -23,6 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from record import commit, machine  # noqa: E402
 FILES = ["tests/test_hostile_cli.py", "tests/test_hostile_config.py", "tests/test_hostile_data.py",
          "tests/test_hostile_models.py", "tests/test_serve_hostile.py"]
 
@@ -53,7 +56,7 @@ def main() -> None:
     examples = sum(int(n) for n in re.findall(r"(\d+) passing examples", proc.stdout))
     failing = sum(int(n) for n in re.findall(r"(\d+) failing examples", proc.stdout))
     out = {"command": "python bench/hostile.py", "date": time.strftime("%Y-%m-%d %H:%M"),
-           "machine": f"{_cpu()}, {os.cpu_count()} cores", "commit": _commit(), "wall_s": round(wall, 1),
+           "machine": machine(), "commit": commit(), "wall_s": round(wall, 1),
            "pytest_exit_code": proc.returncode,
            "tests_by_file": {k: dict(v) for k, v in outcome.items()},
            "generated_examples": {"passing": examples, "failing": failing}, "failed": failed,
@@ -66,21 +69,6 @@ def main() -> None:
     tmp_dest.replace(dest)
     print(json.dumps(out["summary"] | {"generated_examples": out["generated_examples"]}, indent=2))
     print(dest)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
     python bench/quantize.py [--run RUN] [--per-class 200] [--size 128] [--features multi]
                              [--calibration 256] [--rounds 5]
+    python bench/quantize.py --run RUN --control [--max-drop 0.5] [--out bench/results/quantize_control.json]
+
+--control: fp32, the former default int8 (MinMax, 7-bit weights) and the accuracy-controlled int8 of
+`graft quantize --max-drop` (export/control.py), each scored on the run's validation split and its
+whole test split, timed in turns; records the machine (CPU model, int8 flags), commit, load average
+before and after, and the control's own wall time and the layers it kept fp32.
 
 Without --run it first trains EfficientNet-Lite0 (frozen, cached features) on a CIFAR-10 slice.
 Then: export (fp32 ONNX), static int8 (whole model, calibrated on training images) and dynamic int8
@@ -36,6 +42,100 @@ from graftnet.train.inputs import load_data  # noqa: E402
 from graftnet.train.pipeline import train  # noqa: E402
 
 
+def machine() -> dict:
+    """CPU model, the flags that decide int8 speed, cores, ORT version."""
+    import onnxruntime
+    from graftnet.export.quantize import cpu_flags
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    flags = cpu_flags()
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {"cpu": model, "flags": {f: f in flags for f in wanted}, "cpu_threads": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__}
+
+
+def git_state() -> dict:
+    import subprocess
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain"))}
+
+
+def control_bench(args) -> None:
+    """fp32 / former default int8 / controlled int8: validation + full test accuracy, latency in turns."""
+    from graftnet.export.control import ControlSettings, Validation, quantize_checked
+    from graftnet.export.exporter import load_run
+    from graftnet.export.quantize import held_out_images
+    from graftnet.io import atomic_write_json
+    load_before = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M")
+    run = Path(args.run)
+    _, spec, cfg = load_run(run)
+    fp32 = run / "export" / "model.onnx"
+    if not fp32.is_file():
+        export_run(run)
+    pre = read_preprocess(fp32)
+    val = Validation.of_run(cfg, spec, pre, run)
+    test = held_out_images(cfg, spec, "test")
+    calib = to_input([im.numpy() for im in calibration_images(cfg, spec, args.calibration).images], pre)
+    former = quantize_onnx(fp32, run / "export" / "bench-int8-7bit-minmax.onnx", "static", calib,
+                           reduce_range=True)
+    t0 = time.perf_counter()
+    ctl = quantize_checked(run, ControlSettings(args.max_drop, calibration=args.calibration), validation=val)
+    control_wall = time.perf_counter() - t0
+    controlled = Path(ctl["path"] or ctl["rejected_path"])
+    name = "int8 controlled (--max-drop %g)%s" % (args.max_drop, "" if ctl["accepted"] else ": REFUSED, fp32 kept")
+    models = {"fp32": fp32, "int8 static, 7-bit weights, MinMax (former default)": former, name: controlled}
+    controls = {name: (ctl, control_wall)}
+    if args.also_7bit:  # the control as it runs on a CPU without VNNI (7-bit weights): its escalation
+        t0 = time.perf_counter()
+        ctl7 = quantize_checked(run, ControlSettings(args.max_drop, calibration=args.calibration, reduce_range=True),
+                                run / "export" / "bench-7bit" / "model.int8.onnx", validation=val, record=False)
+        name7 = "int8 controlled, 7-bit weights forced (--max-drop %g)%s" % (
+            args.max_drop, "" if ctl7["accepted"] else ": REFUSED, fp32 kept")
+        models[name7] = Path(ctl7["path"] or ctl7["rejected_path"])
+        controls[name7] = (ctl7, time.perf_counter() - t0)
+    rows = {}
+    for label, path in models.items():
+        rows[label] = {"val_accuracy": val.accuracy(path), "test_accuracy": evaluate_onnx(path, test)["accuracy"],
+                       "size_mb": path.stat().st_size / 1e6}
+    for batch, repeats in ((1, 50), (64, 5)):
+        rounds = {label: [] for label in models}
+        for _ in range(args.rounds):
+            for label, path in models.items():
+                rounds[label].append(measure_latency(path, batch, repeats, warmup=2)["median_ms"])
+        for label, times in rounds.items():
+            rows[label][f"b{batch}_ms"] = statistics.median(times)
+            rows[label][f"b{batch}_ms_rounds"] = times
+    base = rows["fp32"]
+    for r in rows.values():
+        r["speedup_b1"], r["speedup_b64"] = base["b1_ms"] / r["b1_ms"], base["b64_ms"] / r["b64_ms"]
+        r["val_drop_points"] = 100 * (base["val_accuracy"] - r["val_accuracy"])
+        r["test_drop_points"] = 100 * (base["test_accuracy"] - r["test_accuracy"])
+    result = {"command": " ".join(["python", "bench/quantize.py"] + sys.argv[1:]), "date": started,
+              "machine": machine(), **git_state(), "run": str(run),
+              "torch_test_accuracy": json.loads((run / "test_metrics.json").read_text())["accuracy"],
+              "val_images": len(val.labels), "test_images": len(test), "rounds": args.rounds,
+              "controls": {label: {"accepted": c["accepted"], "reason": c["reason"], "seconds": wall,
+                                   "control_seconds": c["control_seconds"], "attempts": c["attempts"],
+                                   "fp32_layers": c["fp32_layers"], "fp32_ends": c["fp32_ends"],
+                                   "weights": c["weights"], "calibration": c["calibration"],
+                                   "sensitivity_seconds": (c.get("sensitivity") or {}).get("seconds"),
+                                   "latency_inside_control": c.get("latency")}
+                           for label, (c, wall) in controls.items()},
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "models": rows}
+    atomic_write_json(args.out, result)  # a temporary file, then a rename
+    print(f"run {run}: {len(val.labels)} validation / {len(test)} test images")
+    for label, (c, wall) in controls.items():
+        print(f"{label}: {wall:.0f} s, {len(c['attempts'])} attempt(s), {len(c['fp32_layers'])} layer(s) kept "
+              f"fp32 beyond the first conv and head; {c['reason'] or 'accepted'}")
+    print("| model | val accuracy | test accuracy (drop) | size (MB) | batch 1 (ms) | batch 64 (ms) | speed-up b1 / b64 |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} ({-r['test_drop_points']:+.2f}) "
+              f"| {r['size_mb']:.2f} | {r['b1_ms']:.2f} | {r['b64_ms']:.0f} | {r['speedup_b1']:.2f}x / {r['speedup_b64']:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", help="an existing run folder (default: train one)")
@@ -47,8 +147,18 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--explore", action="store_true", help="also time u8s8 8-bit and u8u8 variants")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
+    ap.add_argument("--control", action="store_true", help="fp32 / former default / accuracy-controlled int8")
+    ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--also-7bit", action="store_true", help="with --control: the control with 7-bit weights "
+                    "forced too (what a CPU without VNNI gets), to show its escalation")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.control:
+        if not args.run:
+            ap.error("--control needs --run RUN")
+        args.out = args.out or str(ROOT / "bench" / "results" / "quantize_control.json")
+        return control_bench(args)
+    args.out = args.out or str(ROOT / "bench" / "results" / "quantize.json")
     run = Path(args.run) if args.run else train(config.resolve(None, {
         "data.path": args.data, "data.max_per_class": args.per_class, "backbone.image_size": args.size,
         "backbone.features": args.features, "train.epochs": args.epochs, "out": "/tmp/graftnet-bench"}))

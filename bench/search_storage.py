@@ -17,13 +17,15 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from record import commit, machine  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 from graftnet.search.storage import claim, open_storage  # noqa: E402
@@ -103,7 +105,7 @@ def main() -> None:
     if args.url:
         storages["server"] = lambda tmp: args.url
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "machine": f"{_cpu()}, {os.cpu_count()} cores", "commit": _commit(),
+           "machine": machine(), "commit": commit(),
            # other work on the machine spreads the times: the load says how much there was
            "load_average_1min_before": round(os.getloadavg()[0], 2),
            "workers": args.workers, "trials_per_worker": args.trials, "repeats": args.repeats, "storages": {}}
@@ -124,21 +126,6 @@ def main() -> None:
     dest = ROOT / "bench" / "results" / "search_storage.json"
     dest.write_text(json.dumps(out, indent=2) + "\n")
     print(dest)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

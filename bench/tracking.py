@@ -25,6 +25,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from record import commit, machine  # noqa: E402
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRAFTNET_QUIET", "1")
 
@@ -121,7 +124,7 @@ def main() -> None:
                          "per_epoch_vs_training": round(med["per_epoch_s"] / med["train_epoch_s"], 4),
                          "whole_run_s": round(med["start_s"] + args.epochs * med["per_epoch_s"] + med["end_s"], 3)}
     out = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-           "machine": f"{_cpu()}, {os.cpu_count()} cores", "commit": _commit(),
+           "machine": machine(), "commit": commit(),
            "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2),
            "setup": {"recipe": "recipes/paper-cifar10.yaml", "max_per_class": args.max_per_class,
                      "epochs": args.epochs, "repeats": args.repeats, "warm_run_s": round(warm_s, 1)},
@@ -131,21 +134,6 @@ def main() -> None:
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(dest)
     print(dest)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

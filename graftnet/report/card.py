@@ -105,6 +105,11 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
                 where = f" {b['value']:.3f}, chosen on {b['chosen_on']}" if key == "threshold" else ""
                 lines.append(f"| sensitivity / specificity {label}{where} | "
                              f"{_pct(b['sensitivity'])} / {_pct(b['specificity'])} |")
+    q = metrics.get("int8")
+    if q and q.get("accepted") and q.get("test_int8") is not None:
+        lines.append(f"| int8 ONNX model (`export/model.int8.onnx`) | {_pct(q['test_int8'])} against "
+                     f"{_pct(q['test_fp32'])} for fp32 ONNX"
+                     + (f", {q['speedup_b1']:.2f}x its speed at batch 1" if q.get("speedup_b1") else "") + " |")
     if metrics.get("per_class"):
         lines += ["", "| class | precision | recall | F1 | test images |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"

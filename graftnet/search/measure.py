@@ -1,6 +1,13 @@
 """What a trial's model costs where it runs: exported to ONNX (int8 when the trial asks), timed with
 ONNX Runtime on this CPU, and sized; an int8 model's validation accuracy is its own, measured on the
-validation split (never the test split: trials are chosen on validation alone)."""
+validation split (never the test split: trials are chosen on validation alone).
+
+An int8 trial is quantized as the accuracy control's first attempt (export/control.py): MinMax
+calibration on the same number of training images and the weight format this CPU runs fast and
+accurately (8-bit weights with VNNI/AMX, 7-bit without). The control's later steps (other
+calibrations, sensitive layers in fp32) are not run per trial: each costs a quantization and a
+validation pass, several times a trial's own measurement; `graft quantize` runs them on the run
+that is kept. The trial's validation accuracy int8 vs its torch model's shows what it would need."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from ..export.exporter import export_run, load_run
-from ..export.quantize import calibration_images, held_out_images, quantize_onnx
+from ..export.control import ControlSettings
+from ..export.quantize import calibration_images, held_out_images, quantize_onnx, weight_reduce_range
 from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, to_input
 
-CALIBRATION = 256   # training images, as `graft quantize`'s default
+CALIBRATION = ControlSettings.calibration   # training images, as `graft quantize`'s default
 
 
 def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
-    """{"latency_ms", "latency_ms_b64", "size_mb", "int8", and with int8 "val_acc_int8"} of the
-    run's exported model. Latency is the median of ORT runs on one batch (the model alone)."""
+    """{"latency_ms", "latency_ms_b64", "size_mb", "int8", and with int8 "val_acc_int8" and
+    "int8_reduce_range" (the weight format)} of the run's exported model. Latency is the median of
+    ORT runs on one batch (the model alone)."""
     run = Path(run)
     fp32 = run / "export" / "model.onnx"
     if not fp32.is_file():
@@ -26,8 +35,11 @@ def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
         _, spec, cfg = load_run(run)
         pre = read_preprocess(fp32)
         calib = calibration_images(cfg, spec, CALIBRATION, cfg.train.seed)
+        reduce_range = weight_reduce_range()   # the control's choice for this CPU
         path = quantize_onnx(fp32, fp32.with_name("model.int8.onnx"), "static",
-                             to_input([im.numpy() for im in calib.images], pre))
+                             to_input([im.numpy() for im in calib.images], pre), reduce_range=reduce_range,
+                             calibrate_method="minmax")
+        out["int8_reduce_range"] = reduce_range
         val = held_out_images(cfg, spec, "val")
         out["val_acc_int8"] = float(evaluate_onnx(path, val)["accuracy"]) if val is not None else float("nan")
     out["latency_ms"] = measure_latency(path, batch_size=batch_size)["median_ms"]
