@@ -52,9 +52,9 @@ def main() -> None:
                 corpus[state] += 1
             if state == "failed":
                 failed.append(f"{name}::{case.get('name')}")
-    # Hypothesis: "- during generate phase (...): N passing examples, M failing examples, K invalid"
-    examples = sum(int(n) for n in re.findall(r"(\d+) passing examples", proc.stdout))
-    failing = sum(int(n) for n in re.findall(r"(\d+) failing examples", proc.stdout))
+    # Hypothesis: "- during generate phase (...): N passing, M failing, and K invalid test cases"
+    examples = sum(int(n) for n in re.findall(r"(\d+) passing(?: examples)?,", proc.stdout))
+    failing = sum(int(n) for n in re.findall(r"(\d+) failing(?: examples)?,", proc.stdout))
     out = {"command": "python bench/hostile.py", "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(), "commit": commit(), "wall_s": round(wall, 1),
            "pytest_exit_code": proc.returncode,
