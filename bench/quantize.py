@@ -99,14 +99,7 @@ def control_bench(args) -> None:
     for label, path in models.items():
         rows[label] = {"val_accuracy": val.accuracy(path), "test_accuracy": evaluate_onnx(path, test)["accuracy"],
                        "size_mb": path.stat().st_size / 1e6}
-    for batch, repeats in ((1, 50), (64, 5)):
-        rounds = {label: [] for label in models}
-        for _ in range(args.rounds):
-            for label, path in models.items():
-                rounds[label].append(measure_latency(path, batch, repeats, warmup=2)["median_ms"])
-        for label, times in rounds.items():
-            rows[label][f"b{batch}_ms"] = statistics.median(times)
-            rows[label][f"b{batch}_ms_rounds"] = times
+    time_in_turns(models, rows, args.rounds)
     base = rows["fp32"]
     for r in rows.values():
         r["speedup_b1"], r["speedup_b64"] = base["b1_ms"] / r["b1_ms"], base["b64_ms"] / r["b64_ms"]
@@ -134,6 +127,19 @@ def control_bench(args) -> None:
     for label, r in rows.items():
         print(f"| {label} | {r['val_accuracy']:.2%} | {r['test_accuracy']:.2%} ({-r['test_drop_points']:+.2f}) "
               f"| {r['size_mb']:.2f} | {r['b1_ms']:.2f} | {r['b64_ms']:.0f} | {r['speedup_b1']:.2f}x / {r['speedup_b64']:.2f}x |")
+
+
+def time_in_turns(models: dict, rows: dict, n_rounds: int) -> None:
+    """Batch 1 and 64 latency of every model into its row: the models timed in turns, `n_rounds`
+    times, so load from other processes hits all of them alike; the median over rounds."""
+    for batch, repeats in ((1, 50), (64, 5)):
+        rounds = {label: [] for label in models}
+        for _ in range(n_rounds):
+            for label, path in models.items():
+                rounds[label].append(measure_latency(path, batch, repeats, warmup=2)["median_ms"])
+        for label, times in rounds.items():
+            rows[label][f"b{batch}_ms"] = statistics.median(times)
+            rows[label][f"b{batch}_ms_rounds"] = times
 
 
 def main() -> None:
@@ -184,14 +190,7 @@ def main() -> None:
     _, sets = load_data(cfg)
     rows = {name: {"accuracy": evaluate_onnx(path, sets["test"])["accuracy"],
                    "size_mb": path.stat().st_size / 1e6} for name, path in models.items()}
-    for batch, repeats in ((1, 50), (64, 5)):
-        rounds = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, path in models.items():
-                rounds[name].append(measure_latency(path, batch, repeats, warmup=2)["median_ms"])
-        for name, times in rounds.items():
-            rows[name][f"b{batch}_ms"] = statistics.median(times)
-            rows[name][f"b{batch}_ms_rounds"] = times
+    time_in_turns(models, rows, args.rounds)
     base = rows["fp32"]
     for r in rows.values():
         r["speedup_b1"], r["speedup_b64"] = base["b1_ms"] / r["b1_ms"], base["b64_ms"] / r["b64_ms"]

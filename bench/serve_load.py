@@ -96,6 +96,14 @@ def in_process_rate(run: Path, images, n: int, threads: int | None) -> float:
     return n / (time.perf_counter() - t0)
 
 
+async def post(client, url: str, image: tuple[str, bytes, str], i: int):
+    """POST one image: odd requests as multipart (field `file`), even ones as the raw body."""
+    name, data, ctype = image
+    if i % 2:
+        return await client.post(url, files={"file": (name, data, ctype)})
+    return await client.post(url, content=data, headers={"content-type": ctype})
+
+
 def start_server(run: Path, port: int, threads: int | None, max_batch: int = 16,
                  tree: Path = ROOT, log=None) -> subprocess.Popen:
     """`graft serve` from `tree`'s graftnet (run from there: -m puts the working folder first on
@@ -125,13 +133,9 @@ async def fire(url: str, images, n: int, concurrency: int, classes: set[str], on
 
     async def worker(client: httpx.AsyncClient):
         for i in counter:  # shared iterator: each request index goes to exactly one worker
-            name, data, ctype = images[i % len(images)]
             t0 = time.perf_counter()
             try:
-                if i % 2:
-                    r = await client.post(url, files={"file": (name, data, ctype)})
-                else:
-                    r = await client.post(url, content=data, headers={"content-type": ctype})
+                r = await post(client, url, images[i % len(images)], i)
                 ok = r.status_code == 200 and r.json().get("class") in classes
                 if not ok:
                     errors.append(f"request {i}: {r.status_code} {r.text[:200]}")
@@ -216,14 +220,11 @@ async def phase(url: str, images, seconds: float, concurrency: int, classes: set
 
     async def worker(client: httpx.AsyncClient, i: int):
         while time.perf_counter() < end:
-            name, data, ctype = images[i % len(images)]
+            image = images[i % len(images)]
             i += concurrency
             t0 = time.perf_counter()
             try:
-                if i % 2:
-                    r = await client.post(url, files={"file": (name, data, ctype)})
-                else:
-                    r = await client.post(url, content=data, headers={"content-type": ctype})
+                r = await post(client, url, image, i)
                 status = r.status_code if r.status_code != 200 or r.json().get("class") in classes else "wrong"
             except httpx.HTTPError as e:
                 status = type(e).__name__
