@@ -65,7 +65,7 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
              f"An image classifier for {len(classes)} classes ({', '.join(classes[:12])}"
              + (", ..." if len(classes) > 12 else "") + f"), made with graftnet by grafting a new head "
              f"onto {pretrained}. Test accuracy {_pct(metrics['accuracy'])} "
-             f"(95% interval {_pct(lo)}–{_pct(hi)}) on {metrics['n']} held-out images of {data_name}.", "",
+             f"(95% interval {_pct(lo)}–{_pct(hi)}) on {metrics['n']:,} held-out images of {data_name}.", "",
              "## Model details", "",
              f"- Architecture: {arch}",
              f"- Input: RGB{' (luminance copied to R, G and B)' if cfg['data'].get('grayscale') else ''}, "
@@ -87,7 +87,7 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
               "- Images: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None),
               f"- Classes ({len(classes)}): {', '.join(classes)}", "",
               "## Evaluation", "",
-              f"On the test split ({metrics['n']} images), never used for training or for choosing "
+              f"On the test split ({metrics['n']:,} images), never used for training or for choosing "
               "settings:", "",
               "| metric | value |", "|---|---:|",
               f"| accuracy | {_pct(metrics['accuracy'])} (95% Wilson interval {_pct(lo)}–{_pct(hi)}) |"]
@@ -129,7 +129,7 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
               f"- Remake it: `graft {command} --config config.yaml` (this run's own config file)", "",
               "## Limitations and risks", "",
               f"- The test accuracy holds for images like the test split's; its 95% interval is "
-              f"{_pct(hi - lo)} wide at {metrics['n']} test images. Images from another source (another "
+              f"{_pct(hi - lo)} wide at {metrics['n']:,} test images. Images from another source (another "
               "camera, hospital, season or population) can score much lower: test on them before use.",
               "- Classes absent from training are forced into one of the known classes; probabilities "
               "are not calibrated to be read as certainties.",
