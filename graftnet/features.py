@@ -21,11 +21,29 @@ from .io import save_tensors
 from .progress import bar
 
 
-def _cpu_flags() -> list[str]:
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (the first "flags" line of /proc/cpuinfo); empty where there is none
+    (another OS, a sandbox): callers then pick what is safe everywhere."""
     try:
-        return open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return []
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name(path: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name, for records of where something was measured."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text(errors="replace").splitlines()
+                     if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _cpu_flags() -> set[str]:  # the seam native_bf16 reads (tests replace it)
+    return cpu_flags()
 
 
 def native_bf16(device: str = "cpu", training: bool = False) -> bool:

@@ -162,13 +162,12 @@ def _card(run_dir: Path, out: Path, result: dict) -> None:
     """The run's model card beside the exported file, with what the export adds: its format and
     checks, and (ONNX) its latency measured here, in ONNX Runtime, on this machine."""
     import platform
+    from ..features import cpu_name
     from ..report.card import write_card
     latency = None
     if result["format"] == "onnx":
         from .runtime import measure_latency
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
-        cpu = cpu or platform.processor() or platform.machine()
+        cpu = cpu_name() or platform.processor() or platform.machine()
         latency = {f"ONNX Runtime fp32, batch {b}, median of {r} ({cpu}, {os.cpu_count()} cores)":
                    measure_latency(out, batch_size=b, repeats=r)["median_ms"] for b, r in ((1, 20), (16, 5))}
     write_card(run_dir, dest=out.parent, latency=latency, exported={

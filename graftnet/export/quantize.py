@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GraftError
+from ..features import cpu_flags
 from ..io import atomic_write, remove_stale_temps, temp_dir, terminate_as_exit
 from ..progress import bar, log
 from .runtime import PREPROCESS_FILE, evaluate_onnx, read_preprocess, session, to_input
@@ -42,18 +43,6 @@ METHODS = ("static", "dynamic")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")   # ORT's CalibrationMethod, cheapest first
 # CPU flags (/proc/cpuinfo) of instructions that multiply u8 x s8 into int32 without int16 saturation
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (the first "flags" line of /proc/cpuinfo); empty where there is none
-    (another OS, a sandbox): then the safe 7-bit weights are chosen."""
-    try:
-        for line in Path(path).read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def weight_reduce_range(flags: set[str] | None = None) -> bool:

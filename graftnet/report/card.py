@@ -159,10 +159,10 @@ def write_card(run_dir: Path, dest: Path | None = None, latency: dict | None = N
     files = {f: run_dir / f for f in ("model.json", "config.yaml", "test_metrics.json")}
     if not all(p.is_file() for p in files.values()):
         return None
-    env_path, history_path = run_dir / "environment.json", run_dir / "metrics.jsonl"
+    from ..run import read_history
+    env_path = run_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    history = ([json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-               if history_path.is_file() else [])
+    history = read_history(run_dir)
     metrics = json.loads(files["test_metrics.json"].read_text())
     counts = metrics.get("split_sizes") or {"test": metrics["n"]}
     text = render_card(run_dir.name, json.loads(files["model.json"].read_text()),

@@ -114,8 +114,9 @@ class MLflowLogger(Callback):
         uri, saved = self.uri(job), job.run_dir / MLFLOW_RUN_FILE
         try:
             self.client = MlflowClient(tracking_uri=uri)
-            if resume and saved.is_file() and json.loads(saved.read_text()).get("tracking_uri") == uri:
-                self.run_id = json.loads(saved.read_text())["run_id"]
+            known = json.loads(saved.read_text()) if resume and saved.is_file() else {}
+            if known.get("tracking_uri") == uri:
+                self.run_id = known["run_id"]
                 self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             else:
                 exp = self.client.get_experiment_by_name(self.track.experiment)
