@@ -51,6 +51,10 @@ class DataConfig:
     workers: int = option(2, cli=False, help="decoding threads")
     cache_decoded: bool = option(True, cli=False, help="keep decoded images in the cache folder for "
                                  "the next run")
+    # data/decoded.py: auto holds them in memory where they take at most a quarter of what is free
+    in_memory: str = option("auto", choices=("auto", "yes", "no"), cli=False,
+                            help="decoded images in memory (yes), read from disk per batch (no), "
+                            "or in memory where they fit (auto)")
     # X-rays and other scans whose colour is noise; training, evaluate and predict alike
     grayscale: bool = option(False, cli=False, help="luminance only, copied to R, G and B")
 

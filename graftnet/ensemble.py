@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .data.images import ImageSet, config_splits, load_images
+from .data.decoded import decode_split
+from .data.images import ImageSet, config_splits
 from .data.sources import open_source
 from .errors import DataError, GraftError
 from .io import atomic_write_json
@@ -107,7 +108,7 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
                         f"{members[0].classes}")
     splits = config_splits(source, cfg.data)
     size = max(m.image_size for m in members)
-    load = lambda s: load_images(source, splits[s], size, cfg.data.skip_bad, cfg.data.workers)  # noqa: E731
+    load = lambda s: decode_split(source, splits[s], size, cfg.data, cfg.cache_dir)  # noqa: E731
     if weighted:  # validation first: an empty split stops here, before the long test pass
         if not splits["val"]:
             raise DataError(f"{cfg.data.path}: --weighted needs a validation split, and this one is "

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, resolve, to_dict
-from .data.images import ImageSet, config_splits, load_images
-from .data.pixels import list_images, read_squares, readable, with_unreadable
+from .data.decoded import decode_split
+from .data.images import ImageSet, config_splits
+from .data.pixels import list_images, predict_files
 from .data.sources import open_source
 from .errors import DataError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
@@ -18,7 +19,7 @@ from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, po
 from .metrics import classification_metrics, confusion_table, metrics_table
 from .model import ModelSpec
 from .predictor import RunPredictor, flip_tta, load_predictor
-from .progress import console, log
+from .progress import bar, console, log
 from .report.card import write_card
 from .report.html import write_report
 from .report.plots import plot_confusion, plot_curves, plot_predictions, plot_roc, plot_samples
@@ -169,8 +170,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         samples = source.splits.get("test") or source.splits["val"]
     else:
         samples = source.splits["all"]
-    images = load_images(source, samples, predictor.image_size, skip_bad or cfg.data.skip_bad, cfg.data.workers,
-                         gray=cfg.data.grayscale)
+    with bar(len(samples), "decoding images") as advance:
+        images = decode_split(source, samples, predictor.image_size, cfg.data, cfg.cache_dir, advance,
+                              skip_bad=skip_bad or cfg.data.skip_bad)
     for reason in images.skipped:
         log(f"[yellow]skipped[/] {reason}")
     if not len(images):
@@ -205,22 +207,21 @@ def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: i
     if tta:
         flip_tta(predictor)
     spec, cfg = predictor.spec, resolve(Path(run_dir) / "config.yaml")
-    paths = list_images(target)
-    decoded = read_squares(paths, predictor.image_size, cfg.data.grayscale)
-    ok = readable(target, decoded)
-    images = ImageSet([torch.from_numpy(decoded[i]) for i in ok], torch.zeros(len(ok), dtype=torch.long),
-                      [str(paths[i]) for i in ok], spec.classes)
-    probs = predictor.logits(images, batch_size, "predict").softmax(1)
     # two-class runs also decide at the threshold they chose on their validation split
     threshold = run_threshold(Path(run_dir)) if len(spec.classes) == 2 else None
     pos = positive_index(spec.classes, cfg.eval.positive_class) if threshold is not None else 0
-    results = []
-    for key, p in zip(images.keys, probs):
-        results.append({"file": key, **top_classes(p, spec.classes, top)})
-        if threshold is not None:
-            results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[
-                pos if p[pos].item() >= threshold else 1 - pos]}
-    return with_unreadable(paths, decoded, results)
+
+    def classify(paths: list[Path], squares: list) -> list[dict]:
+        images = ImageSet([torch.from_numpy(a) for a in squares], torch.zeros(len(paths), dtype=torch.long),
+                          [str(p) for p in paths], spec.classes)
+        results = []
+        for key, p in zip(images.keys, predictor.logits(images, batch_size, "predict").softmax(1)):
+            results.append({"file": key, **top_classes(p, spec.classes, top)})
+            if threshold is not None:
+                results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[
+                    pos if p[pos].item() >= threshold else 1 - pos]}
+        return results
+    return predict_files(target, list_images(target), predictor.image_size, cfg.data.grayscale, classify)
 
 
 def top_classes(probs: torch.Tensor, classes: list[str], top: int = 3) -> dict:

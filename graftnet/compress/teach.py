@@ -222,7 +222,7 @@ def transfer_images(cfg: RunConfig, transfer: str, transfer_max: int | None, sou
     read contributes its training images (never its test split); any other folder, every image
     under it. When it is the run's own data set, the run's train, val and test images are left out:
     the labeled ones are used already and the others must stay unseen."""
-    from ..data.images import load_images
+    from ..data.decoded import decode_split
     from ..data.sources import open_source, open_unlabeled
     try:
         other = open_source(transfer, cfg.cache_dir, min_classes=1)  # unlabeled use: any number
@@ -242,8 +242,7 @@ def transfer_images(cfg: RunConfig, transfer: str, transfer_max: int | None, sou
     if not keys:
         raise DataError(f"{transfer}: no transfer images left"
                         + (f" ({excluded} are this run's own train/val/test images)" if excluded else ""))
-    images = load_images(other, [(k, -1) for k in keys], size, cfg.data.skip_bad, cfg.data.workers,
-                         gray=cfg.data.grayscale)
+    images = decode_split(other, [(k, -1) for k in keys], size, cfg.data, cfg.cache_dir)
     log(f"transfer set: {len(images)} unlabeled images from {other.location}"
         + (f" ({excluded} of the run's own images left out)" if excluded else ""))
     return other, images

@@ -1,26 +1,32 @@
 """Decoding, splitting and batching images.
 
 Images are decoded once, converted to RGB whatever their mode, centre-cropped to a square and kept
-in memory as uint8 at min(short side, input size): a 32 px CIFAR image stays 32 px (3 KB) and is
-resized to the backbone's input size batch by batch, so 60k images cost 180 MB, not 3 GB.
+as uint8 at min(short side, input size): a 32 px CIFAR image stays 32 px (3 KB) and is resized to
+the backbone's input size batch by batch, so 60k images cost 180 MB, not 3 GB. They are kept in
+memory, or in a record file read per batch (records.py) where memory would not hold them
+(decoded.py decides); an ImageSet reads the same either way.
 """
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
+from .decoding import decoded_chunks
 from .pixels import decode, grayscale, square_array, to_rgb  # noqa: F401 (re-exported)
+from .records import RecordWriter, join, pick
 from .sources import Source
 
 
 @dataclass
 class ImageSet:
-    images: list[torch.Tensor]      # uint8, 3 x h x w, square
+    images: Sequence[torch.Tensor]  # uint8, 3 x h x w, square: a list, or records read from disk
     labels: torch.Tensor            # int64
     keys: list[str]
     classes: list[str]
@@ -31,12 +37,11 @@ class ImageSet:
 
     def subset(self, idx) -> "ImageSet":
         idx = list(idx)
-        return ImageSet([self.images[i] for i in idx], self.labels[idx], [self.keys[i] for i in idx],
-                        self.classes)
+        return ImageSet(pick(self.images, idx), self.labels[idx], [self.keys[i] for i in idx], self.classes)
 
     def joined(self, other: "ImageSet") -> "ImageSet":
         """This set followed by `other` (e.g. labeled images, then unlabeled ones labeled -1)."""
-        return ImageSet(self.images + other.images, torch.cat([self.labels, other.labels]),
+        return ImageSet(join(self.images, other.images), torch.cat([self.labels, other.labels]),
                         self.keys + other.keys, self.classes, self.skipped + other.skipped)
 
 
@@ -46,29 +51,43 @@ def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
 
 
 def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool = False,
-                workers: int = 2, progress=None, gray: bool = False) -> ImageSet:
-    def one(item):
-        key, _ = item
-        where = source.describe(key)
-        try:
-            return square_uint8(decode(source.read(key), where, gray), size), None
-        except DataError as e:
-            if not skip_bad:
-                raise DataError(f"{e}; remove it or pass --skip-bad") from None
-            return None, str(e)
-
-    images, labels, keys, skipped = [], [], [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        for (key, label), (img, err) in zip(samples, pool.map(one, samples, chunksize=256)):
+                workers: int = 2, progress=None, gray: bool = False, records: Path | None = None) -> ImageSet:
+    """Decode `samples` into uint8 squares. `records`: write them to that record file as they are
+    decoded and read them from it per batch (data/records.py), instead of holding them in memory."""
+    writer = RecordWriter(records) if records is not None else None
+    blocks, labels, keys, skipped = [], [], [], []
+    try:
+        for chunk, (blob, sides, errors) in decoded_chunks(source, samples, size, gray, workers):
+            for (key, label), err in zip(chunk, errors):
+                if err is None:
+                    labels.append(label)
+                    keys.append(key)
+                elif not skip_bad:
+                    raise DataError(f"{err}; remove it or pass --skip-bad")
+                else:
+                    skipped.append(err)
+            if writer is not None:
+                writer.add_block(blob, sides)
+            else:
+                blocks.append((torch.from_numpy(blob), sides))
             if progress:
-                progress()
-            if img is None:
-                skipped.append(err)
-                continue
-            images.append(img)
-            labels.append(label)
-            keys.append(key)
+                progress(len(chunk))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    images = writer.finish() if writer is not None else _split(blocks)
     return ImageSet(images, torch.tensor(labels, dtype=torch.long), keys, source.classes, skipped)
+
+
+def _split(blocks) -> list[torch.Tensor]:
+    out = []
+    for blob, sides in blocks:
+        at = 0
+        for s in sides:
+            out.append(blob[at:at + 3 * s * s].view(3, s, s))
+            at += 3 * s * s
+    return out
 
 
 def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):

@@ -99,6 +99,25 @@ def read_squares(paths: list[Path], size: int, gray: bool = False) -> list[np.nd
     return out
 
 
+PREDICT_CHUNK = 512  # files a prediction decodes at a time: memory holds a chunk, not the folder
+
+
+def predict_files(target: str | Path, paths: list[Path], size: int, gray: bool, classify) -> list[dict]:
+    """One record per file of `paths`, in order, decoded and classified a chunk at a time:
+    `classify(paths, squares)` gives the records of the files that decoded; the others get
+    {"file", "error"}. Raises as `readable` does when nothing at all could be read."""
+    results, seen = [], []
+    for start in range(0, len(paths), PREDICT_CHUNK):
+        part = paths[start:start + PREDICT_CHUNK]
+        decoded = read_squares(part, size, gray)
+        ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        found = classify([part[i] for i in ok], [decoded[i] for i in ok]) if ok else []
+        results += with_unreadable(part, decoded, found)
+        seen += [d if isinstance(d, str) else True for d in decoded]  # reasons; decoded squares dropped
+    readable(target, seen)
+    return results
+
+
 def readable(target: str | Path, decoded: list) -> list[int]:
     """Indices of the files `read_squares` decoded. A single file that did not decode, or a
     folder where none did, is an error: there is nothing to predict."""

@@ -94,6 +94,11 @@ class Source:
             raise DataError(f"{self.describe(key)}: holds over {MAX_MEMBER_BYTES >> 20} MiB{_EXTRACT}")
         return data
 
+    def reopen(self) -> None:
+        """Open the archive again, in a process forked from the one that opened it (data/decoding.py)."""
+        if self._zip is not None:
+            self._zip = zipfile.ZipFile(self.location)
+
     def describe(self, key: str) -> str:
         """A path a user can find: 'archive.zip:member' or the file's path."""
         if self._zip is not None or self.arrays:

@@ -75,17 +75,14 @@ def calibration_images(cfg, spec, n: int, seed: int = 0):
 def held_out_images(cfg, spec, split: str = "test"):
     """The run's whole test (or validation) split, decoded as its evaluation decoded it (from the
     decoded-image cache when it is there); None when the run's data is no longer where it was."""
-    from ..data.decoded import load_images_cached
+    from ..data.decoded import decode_split
     from ..data.images import config_splits
     from ..data.sources import open_source
-    from ..io import cache_root
     try:
         source = open_source(cfg.data.path, cfg.cache_dir)
         samples = config_splits(source, cfg.data)[split]
         with bar(len(samples), f"decoding the {split} split") as advance:
-            images = load_images_cached(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
-                                        advance, cfg.data.grayscale,
-                                        cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None)
+            images = decode_split(source, samples, spec.image_size, cfg.data, cfg.cache_dir, advance)
     except (GraftError, OSError) as e:
         log(f"[yellow]the run's {split} split is not readable ({e}); no {split} accuracy for the int8 model[/]")
         return None

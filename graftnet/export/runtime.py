@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.pixels import list_images, read_squares, readable, with_unreadable
+from ..data.pixels import list_images, predict_files
 from ..errors import GraftError
 
 PREPROCESS_FILE = "preprocess.json"
@@ -120,18 +120,18 @@ def predict_onnx(model_path: str | Path, target: str | Path, top: int = 3, batch
     `evaluation.predict`: file, class, probability, top [{class, probability}], or file, error
     for a file in a folder that cannot be read or decoded."""
     clf = OnnxClassifier(model_path, threads)
-    paths = list_images(target)
-    decoded = read_squares(paths, clf.pre["image_size"], clf.pre.get("color") == "gray")
-    ok = readable(target, decoded)
-    probs = softmax(clf.logits([decoded[i] for i in ok], batch_size))
-    results = []
-    for path, p in zip((paths[i] for i in ok), probs):
-        idx = np.argsort(-p, kind="stable")[:min(top, len(clf.classes))]
-        results.append({"file": str(path), "class": clf.classes[idx[0]],
-                        "probability": round(float(p[idx[0]]), 6),
-                        "top": [{"class": clf.classes[i], "probability": round(float(p[i]), 6)}
-                                for i in idx]})
-    return with_unreadable(paths, decoded, results)
+
+    def classify(paths: list[Path], squares: list[np.ndarray]) -> list[dict]:
+        results = []
+        for path, p in zip(paths, softmax(clf.logits(squares, batch_size))):
+            idx = np.argsort(-p, kind="stable")[:min(top, len(clf.classes))]
+            results.append({"file": str(path), "class": clf.classes[idx[0]],
+                            "probability": round(float(p[idx[0]]), 6),
+                            "top": [{"class": clf.classes[i], "probability": round(float(p[i]), 6)}
+                                    for i in idx]})
+        return results
+    return predict_files(target, list_images(target), clf.pre["image_size"], clf.pre.get("color") == "gray",
+                         classify)
 
 
 def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,

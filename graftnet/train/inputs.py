@@ -14,7 +14,7 @@ from ..backbones import get_spec
 from ..binary import positive_index
 from ..config import RunConfig
 from ..data.augment import make_augment
-from ..data.decoded import load_images_cached
+from ..data.decoded import decode_split
 from ..data.images import ImageSet, config_splits
 from ..data.sources import Source, open_source
 from ..errors import DataError
@@ -39,11 +39,9 @@ def load_data(cfg: RunConfig, source: Source | None = None) -> tuple[Source, dic
     size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
     sets = {}
     total = sum(len(v) for v in splits.values())
-    cache = cache_root(cfg.cache_dir) if cfg.data.cache_decoded else None
     with bar(total, "decoding images") as advance:
         for name, samples in splits.items():
-            sets[name] = load_images_cached(source, samples, size, cfg.data.skip_bad, cfg.data.workers,
-                                            advance, cfg.data.grayscale, cache)
+            sets[name] = decode_split(source, samples, size, cfg.data, cfg.cache_dir, advance)
     if not len(sets["train"]):
         raise DataError(f"{source.location}: every training image was unreadable")
     missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
