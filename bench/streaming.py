@@ -1,6 +1,6 @@
 """Decoded images in memory against read per batch from disk: peak memory, speed, a hard limit.
 
-    python bench/streaming.py [--stages data,decode,memory,limit] [--sizes 10000,25000,50000]
+    python bench/streaming.py [--stages data,decode,memory,speed,limit] [--sizes 10000,25000,50000]
                               [--redo STAGE,...] [--steps 10] [--work DIR]
 
 Data: CIFAR-10 (the shared JPEG copy) written again as 256 x 256 JPEGs (bicubic, quality 90), so
@@ -18,6 +18,7 @@ bench/results/streaming.json, written after every measurement):
   0.2 s), wall time, and fine-tuning images per second.
 - limit: the largest size's frozen run inside a memory cgroup limited to 4 GiB, in each mode and in
   auto (which reads the limit): does it finish?
+- speed: fine-tuning batches at 224 px from memory and from records, alternating in one process.
 """
 from __future__ import annotations
 
@@ -215,6 +216,54 @@ def memory_stage(results: dict, data: Path, sizes: list[int], steps: int, redo: 
                 save(results)
 
 
+def speed_stage(results: dict, data: Path, size: int, batches: int) -> None:
+    """Fine-tuning steps at 224 px fed from memory and from records, alternating batch by batch in
+    one process (background load hits both alike): data path alone, and data path + step."""
+    import torch
+    from graftnet import config
+    from graftnet.data.augment import make_augment
+    from graftnet.data.decoded import decode_split, placed
+    from graftnet.data.images import config_splits
+    from graftnet.data.sources import open_source
+    from graftnet.features import image_batches
+    from graftnet.model import build_model
+    cfg = config.resolve(None, {k: v for k, v in _overrides(data, size, "no", "speed").items() if k != "name"})
+    source = open_source(cfg.data.path)
+    disk = decode_split(source, config_splits(source, cfg.data)["train"], 224, cfg.data, cfg.cache_dir)
+    memory = placed(disk.subset(range(len(disk))), "yes")  # the same records, read into memory
+    model, spec = build_model(cfg, source.classes)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad] or list(model.parameters()), lr=1e-3)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    order = torch.randperm(len(disk), generator=torch.Generator().manual_seed(0)).tolist()
+    bs = 64
+    timing = {"memory": {"data": 0.0, "step": 0.0}, "disk": {"data": 0.0, "step": 0.0}}
+    for b in range(batches + 1):
+        idx = order[b * bs:(b + 1) * bs]
+        for name, images in (("memory", memory), ("disk", disk)):
+            aug = make_augment("flip", seed=b)
+            t0 = time.perf_counter()
+            x, y = next(image_batches(images, idx, bs, 224, spec.mean, spec.std, False, augment=aug, prefetch=0))
+            t1 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            t2 = time.perf_counter()
+            if b:  # the first batch of each warms up
+                timing[name]["data"] += t1 - t0
+                timing[name]["step"] += t2 - t0
+    n = batches * bs
+    row = {"images": n, "batch_size": bs, "train_images": len(disk), "records_gb": round(disk.images.nbytes / 2 ** 30, 2)}
+    for name, t in timing.items():
+        row[name] = {"data_images_per_s": round(n / t["data"], 1), "step_images_per_s": round(n / t["step"], 2)}
+    row["disk_vs_memory_step"] = round(row["disk"]["step_images_per_s"] / row["memory"]["step_images_per_s"], 3)
+    row["disk_vs_memory_data"] = round(row["disk"]["data_images_per_s"] / row["memory"]["data_images_per_s"], 3)
+    results["speed"] = row
+    print(f"speed: {row}", flush=True)
+    save(results)
+
+
 def limit_stage(results: dict, data: Path, size: int, limit_gb: float) -> None:
     here = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
                 if "memory" in line.split(":")[1].split(","))
@@ -237,7 +286,7 @@ def limit_stage(results: dict, data: Path, size: int, limit_gb: float) -> None:
 def main() -> None:
     global WORK
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", default="data,decode,memory,limit")
+    p.add_argument("--stages", default="data,decode,memory,speed,limit")
     p.add_argument("--sizes", default="10000,25000,50000")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--limit-gb", type=float, default=4.0)
@@ -254,6 +303,8 @@ def main() -> None:
         decode_stage(results, data)
     if "memory" in stages:
         memory_stage(results, data, sizes, a.steps, "memory" in redo)
+    if "speed" in stages and ("speed" not in results or "speed" in redo):
+        speed_stage(results, data, max(sizes), a.steps)
     if "limit" in stages and ("limit" not in results or "limit" in redo):
         results.pop("limit", None)
         limit_stage(results, data, max(sizes), a.limit_gb)
