@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .data.images import ImageSet, config_splits, load_images
-from .data.sources import open_source
+from .data.labels import open_data
 from .errors import DataError, GraftError
 from .io import atomic_write_json
 # Scoring and loading a saved ensemble live in predictor.py (load_predictor opens either kind of
@@ -101,7 +101,7 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
     _check_data_configs(members)
     cfg = copy.deepcopy(members[0].cfg)
     cfg.data.path = str(data or cfg.data.path)
-    source = open_source(cfg.data.path, cfg.cache_dir)
+    source = open_data(cfg.data, cfg.cache_dir)
     if source.classes != members[0].classes:
         raise DataError(f"{cfg.data.path}: classes {source.classes} differ from the members' "
                         f"{members[0].classes}")

@@ -21,6 +21,7 @@ from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import console, log
 from .report.card import write_card
 from .report.html import write_report
+from .report.multilabel import finish_multilabel
 from .report.plots import plot_confusion, plot_curves, plot_predictions, plot_roc, plot_samples
 from .run import read_history, write_environment
 
@@ -35,7 +36,11 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     runs add sensitivity, specificity, ROC-AUC and a ROC curve, and metrics at a decision threshold
     chosen on the validation logits `val` (or the given `threshold`). `cards`: more label -> value
     boxes at the top of the report (what pruning, distillation or QAT started from). `title`:
-    the report's heading (default: "graftnet run <folder name>")."""
+    the report's heading (default: "graftnet run <folder name>"). Multi-label runs: per-label
+    metrics at the thresholds in `spec` (report/multilabel.py)."""
+    if spec.multilabel:
+        return finish_multilabel(run_dir, to_dict(cfg), spec, history, logits, labels, test.keys, train, prefix,
+                                 len(val[1]) if val is not None else None, cards, title)
     m = classification_metrics(logits, labels, spec.classes)
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
@@ -126,10 +131,10 @@ def write_predictions(run_dir: Path, prefix: str, logits: torch.Tensor, labels: 
 
 def validation_logits(model, spec: ModelSpec, cfg: RunConfig,
                       val: ImageSet) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Two-class runs: the validation split's logits, from which finish_evaluation chooses the
-    decision threshold. The current model runs on the images (one pass over the validation split),
+    """Two-class and multi-label runs: the validation split's logits, from which the decision
+    threshold(s) are chosen. The current model runs on the images (one pass over the validation split),
     so the logits are right whatever training changed, the backbone included; None otherwise."""
-    if len(spec.classes) != 2 or not len(val):
+    if (len(spec.classes) != 2 and not spec.multilabel) or not len(val):
         return None
     predictor = RunPredictor(Path(cfg.name or "run"), model, spec, cfg)
     return predictor.logits(val, cfg.train.eval_batch_size, "validation"), val.labels

@@ -69,9 +69,9 @@ def preprocess_info(spec: ModelSpec, cfg, run_dir: Path) -> dict:
 def check_images(spec: ModelSpec, cfg, n: int = 32) -> tuple[ImageSet, str]:
     """Up to n images of the run's test split (else its training split); generated noise images
     when the run's data is no longer where it was."""
-    from ..data.sources import open_source
+    from ..data.labels import open_data
     try:
-        source = open_source(cfg.data.path, cfg.cache_dir)
+        source = open_data(cfg.data, cfg.cache_dir)
         splits = config_splits(source, cfg.data)
         name = "test" if splits["test"] else "train"
         samples = splits[name][:: max(1, len(splits[name]) // n)][:n]

@@ -64,8 +64,8 @@ def weight_format(reduce_range: bool, flags: set[str] | None = None) -> str:
 def calibration_images(cfg, spec, n: int, seed: int = 0):
     """n images of the run's training split, spread over its classes (an ImageSet)."""
     from ..data.images import config_splits, load_images
-    from ..data.sources import open_source
-    source = open_source(cfg.data.path, cfg.cache_dir)
+    from ..data.labels import open_data
+    source = open_data(cfg.data, cfg.cache_dir)
     train = config_splits(source, cfg.data)["train"]
     pick = np.random.default_rng(seed).permutation(len(train))[:n]
     return load_images(source, [train[i] for i in sorted(pick)], spec.image_size, skip_bad=True,
@@ -77,10 +77,10 @@ def held_out_images(cfg, spec, split: str = "test"):
     decoded-image cache when it is there); None when the run's data is no longer where it was."""
     from ..data.decoded import load_images_cached
     from ..data.images import config_splits
-    from ..data.sources import open_source
+    from ..data.labels import open_data
     from ..io import cache_root
     try:
-        source = open_source(cfg.data.path, cfg.cache_dir)
+        source = open_data(cfg.data, cfg.cache_dir)
         samples = config_splits(source, cfg.data)[split]
         with bar(len(samples), f"decoding the {split} split") as advance:
             images = load_images_cached(source, samples, spec.image_size, cfg.data.skip_bad, cfg.data.workers,
