@@ -129,6 +129,13 @@ def _same_model_hint(src: ModelSpec, own: ModelSpec) -> str:
     return f"\nto build that run's model here, add: {' '.join(flags)}" if flags else ""
 
 
+def single_label_only(spec: ModelSpec, where, what: str) -> None:
+    """Commands built on one class per image (softmax, top-1 accuracy, class-incremental heads)
+    refuse a multi-label run in one line that says why, rather than fail somewhere inside."""
+    if spec.multilabel:
+        raise GraftError(f"{where}: a multi-label run; {what}")
+
+
 def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"format": "graftnet-1"})
     atomic_write_json(run_dir / "model.json", asdict(spec))

@@ -9,14 +9,28 @@ match what a reader would compute with the usual tool.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from rich.markup import escape
 from rich.table import Table
 
+# torch is imported where it is used: the ONNX predictor (export/runtime.py, torch-free) reads
+# `labels_above` from here too.
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_THRESHOLD = 0.5  # a label without positives on validation: the sigmoid's midpoint
+
+
+def labels_above(probs, classes: list[str], thresholds: list[float] | None, top: int = 3) -> dict:
+    """One image's answer: {labels: [{class, probability}] at or above their thresholds, most
+    probable first; top: the `top` most probable labels whatever their thresholds}."""
+    probs = [float(p) for p in probs]
+    t = thresholds or [DEFAULT_THRESHOLD] * len(classes)
+    order = sorted(range(len(classes)), key=lambda i: -probs[i])
+    entry = lambda i: {"class": classes[i], "probability": round(probs[i], 6)}  # noqa: E731
+    return {"labels": [entry(i) for i in order if probs[i] >= t[i]], "top": [entry(i) for i in order[:top]]}
 
 
 def _arrays(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +39,7 @@ def _arrays(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    import torch.nn.functional as F
     if not len(labels):
         return float("nan")
     return float(F.binary_cross_entropy_with_logits(logits.float().cpu(), labels.float().cpu()))

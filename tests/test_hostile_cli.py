@@ -118,6 +118,8 @@ CASES: list[tuple[str, list[str]]] = [
                                        "{common}"]),
     ("label-separator-empty", ["train", "--data", P("data"), "--labels", P("root", "/missing_row.csv"),
                                "--label-separator", "", "{common}"]),
+    ("evaluate-labels-missing", ["evaluate", P("run"), "--labels", P("root", "/nowhere.csv")]),
+    ("evaluate-labels-multilabel-on-single-label-run", ["evaluate", P("run"), "--labels", P("root", "/missing_row.csv")]),
     ("label-separator-newline", ["train", "--data", P("data"), "--label-separator", "\n", "{common}"]),
     ("train-out-is-a-file", ["train", "--data", P("data"), "--backbone", TINY, "--no-pretrained",
                              "--epochs", "1", "--out", P("root", "/text.txt")]),

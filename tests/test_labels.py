@@ -163,3 +163,94 @@ def test_multilabel_refuses_single_label_options(ml_folder, tmp_path, capsys):
     assert main(args) == 2
     out = capsys.readouterr().err
     assert "train.label_smoothing: assumes one class per image" in out and "Traceback" not in out
+
+
+# ---------------------------------------------------------------- commands on a multi-label run
+
+@pytest.fixture(scope="module")
+def ml_runs(tmp_path_factory):
+    """Two tiny multi-label runs (different seeds) on one generated label file."""
+    root = tmp_path_factory.mktemp("ml")
+    data = make_multilabel_folder(root / "data", n=80)
+    common = ["--data", str(data), "--labels", "labels.csv", "--backbone", "test_efficientnet", "--no-pretrained",
+              "--image-size", "32", "--features", "multi", "--epochs", "8", "--batch-size", "8", "--lr", "0.01",
+              "--hidden", "32", "--dropout", "0", "--out", str(root / "runs"), "--cache-dir", str(root / "cache"),
+              "--set", "data.workers=1"]
+    for seed in (0, 1):
+        assert main(["train", *common, "--seed", str(seed), "--name", f"ml{seed}"]) == 0
+    return {"root": root, "data": data, "runs": [root / "runs" / "ml0", root / "runs" / "ml1"], "common": common}
+
+
+def test_predict_and_evaluate_a_multilabel_run(ml_runs, capsys):
+    from graftnet.evaluation import predict
+    run, data = ml_runs["runs"][0], ml_runs["data"]
+    results = predict(run, data / "img", top=2)
+    assert len(results) == 80 and set(results[0]) == {"file", "labels", "top"} and len(results[0]["top"]) == 2
+    _, spec = load_model(run)
+    for r in results:  # exactly the labels at or above their thresholds, most probable first
+        probs = [e["probability"] for e in r["labels"]]
+        assert probs == sorted(probs, reverse=True)
+        assert all(e["probability"] >= spec.thresholds[spec.classes.index(e["class"])] - 1e-6 for e in r["labels"])
+    truth = dict(line.split(",") for line in (data / "labels.csv").read_text().splitlines()[1:])
+    hits = [set(e["class"] for e in r["labels"]) == set(truth[f"img/{r['file'].rsplit('/', 1)[1]}"].split("|"))
+            for r in results]
+    assert np.mean(hits) > 0.5  # every label of an image right at once, on most images
+    capsys.readouterr()
+    assert main(["predict", str(run), str(data / "img" / "000.png")]) == 0
+    assert "labels" in capsys.readouterr().out
+    assert main(["evaluate", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["map"] == pytest.approx(json.loads((run / "test_metrics.json").read_text())["map"])
+    # another label file for the same images: its own evaluation folder
+    (data / "again.csv").write_text((data / "labels.csv").read_text())
+    assert main(["evaluate", str(run), "--data", str(data), "--labels", "again.csv"]) == 0
+    assert (run / "evaluations" / "data-again" / "test_metrics.json").is_file()
+
+
+def test_export_serve_and_ensemble_a_multilabel_run(ml_runs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from graftnet import serve
+    from graftnet.export.exporter import export_run
+    from graftnet.export.runtime import predict_onnx
+    from graftnet.evaluation import predict
+    run, data = ml_runs["runs"][0], ml_runs["data"]
+    export_run(run)
+    pre = json.loads((run / "export" / "preprocess.json").read_text())
+    assert pre["multilabel"] and len(pre["thresholds"]) == 4
+    onnx, torch_ = predict_onnx(run, data / "img"), predict(run, data / "img")
+    chosen = lambda results: [{e["class"] for e in r["labels"]} for r in results]  # noqa: E731
+    # ties within float rounding may swap two labels' order, never which labels are chosen (all but
+    # a probability right at a threshold)
+    assert np.mean([a == b for a, b in zip(chosen(onnx), chosen(torch_))]) > 0.95
+    with TestClient(serve.create_app(run)) as client:
+        answer = client.post("/predict", content=(data / "img" / "000.png").read_bytes(),
+                             headers={"content-type": "image/png"}).json()
+    assert set(answer) == {"labels", "top"}
+    assert [e["class"] for e in answer["labels"]] == [e["class"] for e in torch_[0]["labels"]]
+    assert main(["ensemble", *map(str, ml_runs["runs"]), "--out", str(tmp_path), "--name", "ens"]) == 0
+    ens = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert ens["multilabel"] and len(ens["thresholds"]) == 4
+    m = json.loads((tmp_path / "ens" / "test_metrics.json").read_text())
+    assert m["task"] == "multilabel" and m["map"] > 0.7
+    assert set(predict(tmp_path / "ens", data / "img" / "000.png")[0]) == {"file", "labels", "top"}
+    assert main(["ensemble", *map(str, ml_runs["runs"]), "--weighted", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "{run}"], "a multi-label run; pruning"),
+    (["quantize", "{run}"], "a multi-label run; int8"),
+    (["extend", "{run}", "--data", "{data}"], "a multi-label run; extend"),
+    (["distill", "--teacher", "{run}", "{common}", "--name", "d"], "a multi-label run; distillation"),
+    (["lr-find", "{common}"], "multi-label data; lr-find"),
+    (["continual", "--split", "2", "{common}"], "data.labels: continual tasks"),
+    (["search", "--trials", "1", "{common}"], "multi-label data; the search"),
+])
+def test_single_label_commands_refuse_a_multilabel_run_in_one_line(ml_runs, argv, message, capsys, tmp_path):
+    fill = {"{run}": [str(ml_runs["runs"][0])], "{data}": [str(ml_runs["data"])], "{common}": ml_runs["common"]}
+    args = [x for a in argv for x in fill.get(a, [a])]
+    if args[0] in ("lr-find",):
+        args += ["--out", str(tmp_path / "lr.png")]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err

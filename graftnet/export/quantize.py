@@ -265,6 +265,9 @@ def fp32_model(run_dir: str | Path):
     from .exporter import export_run, load_run
     run_dir = Path(run_dir)
     _, spec, cfg = load_run(run_dir)
+    from ..model import single_label_only
+    single_label_only(spec, run_dir, "int8 is kept only when its validation accuracy (one class per image) "
+                      "holds, which a multi-label model has not; `graft export` gives its fp32 ONNX model")
     fp32 = run_dir / "export" / "model.onnx"
     if not fp32.is_file() or not (fp32.parent / PREPROCESS_FILE).is_file():
         export_run(run_dir, "onnx", fp32)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.pixels import list_images, read_squares, readable, with_unreadable
 from ..errors import GraftError
+from ..multilabel import labels_above
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -123,7 +124,12 @@ def predict_onnx(model_path: str | Path, target: str | Path, top: int = 3, batch
     paths = list_images(target)
     decoded = read_squares(paths, clf.pre["image_size"], clf.pre.get("color") == "gray")
     ok = readable(target, decoded)
-    probs = softmax(clf.logits([decoded[i] for i in ok], batch_size))
+    logits = clf.logits([decoded[i] for i in ok], batch_size)
+    if clf.pre.get("multilabel"):  # each label's sigmoid, kept where it reaches the label's threshold
+        return with_unreadable(paths, decoded, [
+            {"file": str(paths[i]), **labels_above(1 / (1 + np.exp(-row)), clf.classes, clf.pre.get("thresholds"), top)}
+            for i, row in zip(ok, logits)])
+    probs = softmax(logits)
     results = []
     for path, p in zip((paths[i] for i in ok), probs):
         idx = np.argsort(-p, kind="stable")[:min(top, len(clf.classes))]
@@ -140,6 +146,8 @@ def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,
     {"accuracy", "n", "correct", "predictions" (class indices)}. `advance(n)` after each batch (a
     caller's progress bar: this module stays free of torch, which graftnet.progress imports)."""
     clf = OnnxClassifier(model_path, threads)
+    if clf.pre.get("multilabel"):
+        raise GraftError(f"{model_path}: a multi-label model; its accuracy check scores one class per image")
     if list(images.classes) != list(clf.classes):
         raise GraftError(f"{model_path}: the model's classes {clf.classes} differ from the data's "
                          f"{list(images.classes)}")
