@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     p = sub.add_parser("preview", help="write a PNG grid of random training images with labels")
     p.add_argument("--data", default=None)
+    p.add_argument("--labels", metavar="CSV", help="a label file for the images under --data")
     p.add_argument("--config")
     p.add_argument("--out", default="preview.png")
     p.add_argument("-n", type=number(int, 1), default=32)
@@ -158,7 +159,7 @@ def cmd_predict(args) -> None:
 def cmd_preview(args) -> None:
     from . import config
     from .report.preview import preview
-    overrides = {"data.path": args.data, "data.skip_bad": True if args.skip_bad else None}
+    overrides = {"data.path": args.data, "data.labels": args.labels, "data.skip_bad": True if args.skip_bad else None}
     out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed, args.augment)
     print(out)
 

@@ -120,6 +120,8 @@ CASES: list[tuple[str, list[str]]] = [
                                "--label-separator", "", "{common}"]),
     ("evaluate-labels-missing", ["evaluate", P("run"), "--labels", P("root", "/nowhere.csv")]),
     ("evaluate-labels-multilabel-on-single-label-run", ["evaluate", P("run"), "--labels", P("root", "/missing_row.csv")]),
+    ("preview-labels-missing", ["preview", "--data", P("data"), "--labels", P("root", "/nowhere.csv"),
+                                "--out", P("root", "/p.png")]),
     ("label-separator-newline", ["train", "--data", P("data"), "--label-separator", "\n", "{common}"]),
     ("train-out-is-a-file", ["train", "--data", P("data"), "--backbone", TINY, "--no-pretrained",
                              "--epochs", "1", "--out", P("root", "/text.txt")]),

@@ -254,3 +254,9 @@ def test_single_label_commands_refuse_a_multilabel_run_in_one_line(ml_runs, argv
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_preview_titles_multilabel_images_with_their_labels(ml_folder, tmp_path):
+    out = tmp_path / "p.png"
+    assert main(["preview", "--data", str(ml_folder), "--labels", "labels.csv", "--out", str(out), "-n", "4"]) == 0
+    assert out.is_file()

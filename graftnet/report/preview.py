@@ -28,7 +28,8 @@ def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0, augment: str 
     count = -(-n // 3) if aug else n
     pick = random.Random(seed).sample(train, min(count, len(train)))
     images = load_images(source, pick, SIZE, cfg.data.skip_bad, cfg.data.workers, gray=cfg.data.grayscale)
-    labels = [source.classes[i] for i in images.labels.tolist()]
+    labels = ["|".join(c for c, v in zip(source.classes, row) if v) or "(none)" if isinstance(row, list)
+              else source.classes[row] for row in images.labels.tolist()]  # multi-label: its labels
     if aug is None:
         plot_samples(images.images, labels, out)
         return out
