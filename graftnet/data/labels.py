@@ -41,7 +41,7 @@ def _find(path: str, root: Path) -> Path:
     if not p.is_file() and not p.is_absolute() and (root / p).is_file():
         return root / p  # a name relative to the data folder: labels.csv beside the images
     if not p.is_file():
-        raise DataError(f"{p}: label file not found" + ("" if p.exists() else f" (nor under {root})"))
+        raise DataError(f"{p}: label file not found" + ("" if p.exists() or p.is_absolute() else f" (nor under {root})"))
     return p
 
 
