@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a finished run on a data set")
     p.add_argument("run")
     p.add_argument("--data", help="default: the run's own data (its test split)")
+    p.add_argument("--labels", metavar="CSV", help="a label file for the images under --data (default: "
+                   "the run's own, when --data is its folder)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the logits of each image and its mirror")
     p.add_argument("--skip-bad", action="store_true",
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     p = sub.add_parser("preview", help="write a PNG grid of random training images with labels")
     p.add_argument("--data", default=None)
+    p.add_argument("--labels", metavar="CSV", help="a label file for the images under --data")
     p.add_argument("--config")
     p.add_argument("--out", default="preview.png")
     p.add_argument("-n", type=number(int, 1), default=32)
@@ -111,7 +114,11 @@ def cmd_finetune(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluation import evaluate_run
-    m = evaluate_run(args.run, args.data, tta=args.tta, skip_bad=args.skip_bad)
+    m = evaluate_run(args.run, args.data, tta=args.tta, skip_bad=args.skip_bad, labels=args.labels)
+    if m.get("task") == "multilabel":
+        print(json.dumps({"map": m["map"], "macro_f1": m["macro"]["f1"], "micro_f1": m["micro"]["f1"],
+                          "exact_match": m["exact_match"], "n": m["n"]}))
+        return
     print(json.dumps({"accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"], **m["top_k"], "n": m["n"]}))
 
 
@@ -136,12 +143,15 @@ def cmd_predict(args) -> None:
     results = [r for r in results if "error" not in r]
     table = Table(title=f"predictions ({len(results)} image{'s' * (len(results) != 1)}"
                         + (f"; {len(bad)} unreadable, skipped" if bad else "") + ")")
-    for col in ("file", "class", "probability", f"top {args.top}"):  # fold, never cut, on a terminal
+    multilabel = any("labels" in r for r in results)  # labels above their thresholds, not one class
+    for col in ("file", "labels" if multilabel else "class", *(() if multilabel else ("probability",)), f"top {args.top}"):
         table.add_column(col, overflow="fold", justify="right" if col == "probability" else "left")
     root = Path(args.target)
     for r in results:
         name = Path(r["file"]).relative_to(root).as_posix() if root.is_dir() else Path(r["file"]).name
-        table.add_row(escape(name), escape(r["class"]), f"{r['probability']:.3f}",
+        answer = [escape(", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["labels"]) or "(none)")] \
+            if multilabel else [escape(r["class"]), f"{r['probability']:.3f}"]
+        table.add_row(escape(name), *answer,
                       escape(", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["top"])))
     make_console().print(table)  # the result: stdout, unlike progress and logs
 
@@ -149,7 +159,7 @@ def cmd_predict(args) -> None:
 def cmd_preview(args) -> None:
     from . import config
     from .report.preview import preview
-    overrides = {"data.path": args.data, "data.skip_bad": True if args.skip_bad else None}
+    overrides = {"data.path": args.data, "data.labels": args.labels, "data.skip_bad": True if args.skip_bad else None}
     out = preview(config.resolve(args.config, overrides), Path(args.out), args.n, args.seed, args.augment)
     print(out)
 

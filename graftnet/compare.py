@@ -33,7 +33,8 @@ def read_predictions(path: str | Path) -> dict[str, tuple[str, bool]]:
     try:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        out = {r["file"]: (r["true"], r["correct"] == "1") for r in rows if r["true"]}
+        # a multi-label run's file has "exact" (every label right) where others have "correct"
+        out = {r["file"]: (r["true"], r["correct" if "correct" in r else "exact"] == "1") for r in rows if r["true"]}
     except (KeyError, csv.Error, UnicodeDecodeError) as e:
         raise GraftError(f"{path}: not a graftnet predictions file ({e})") from None
     if not out:

@@ -37,7 +37,21 @@ def parse_unfreeze(strategy: str) -> tuple[str, int]:
 @dataclass
 class DataConfig:
     path: str = option("cifar10", flag="data",
-                       help="class folder, ZIP with class folders, CIFAR archive, or 'cifar10'")
+                       help="class folder, ZIP with class folders, CIFAR archive, or 'cifar10'; "
+                            "with --labels: the folder the label file's paths are under")
+    labels: str | None = option(None, metavar="CSV", help="label file (CSV) "
+                                "listing the images under --data: a file column and a label column "
+                                "(several labels per cell: multi-label), or one 0/1 column per label")
+    label_separator: str = option("|", metavar="CHAR", help="separates the labels within a label cell")
+    file_column: str | None = option(None, cli=False, help="the label file's column of image paths, "
+                                     "relative to data.path (default: file, filename, image or path)")
+    label_column: str | None = option(None, cli=False, help="the label file's label column (default: "
+                                      "label, labels, tags or class; without one, every other column is "
+                                      "a 0/1 column of its own label)")
+    label_columns: str | None = option(None, cli=False, help="comma-separated 0/1 columns, one per "
+                                       "label (instead of a label column)")
+    split_column: str | None = option(None, cli=False, help="the label file's column naming each row's "
+                                      "split: train, val or test (default: a column named split, if any)")
     val_fraction: float = option(0.1, help="share of the training split held out (stratified) to "
                                  "monitor training")
     test_fraction: float = option(0.2, cli=False, help="test share, only where the source has no "
@@ -105,7 +119,8 @@ class TrainConfig:
     early_stopping: int = option(0, metavar="PATIENCE", help="stop after PATIENCE epochs without a "
                                  "better validation score and keep the best weights (0: off)")
     monitor: str = option("val_acc", choices=("val_acc", "val_loss"), cli=False,
-                          help="what early stopping watches")
+                          help="what early stopping watches (multi-label runs: val_acc means val_map, "
+                               "the validation mAP)")
     seed: int = option(0, help="seed of initialisation, batches and augmentation")
     cache_features: bool = option(True, flag="no-cache", help="frozen backbone: run it once per image "
                                   "and train on cached features; --no-cache: run it on every batch")
@@ -128,7 +143,8 @@ class TrainConfig:
     # off by default: compiling costs more than it saves on short runs (BENCHMARKS.md)
     compile: bool = option(False, help="torch.compile the model when it trains on images")
     class_weights: str = option("none", choices=("none", "balanced"), cli=False,
-                                help="balanced: inverse class frequency in the cross-entropy")
+                                help="balanced: inverse class frequency in the cross-entropy "
+                                     "(multi-label: each label's positives weighed by negatives / positives)")
     sampler: str = option("none", choices=("none", "balanced"), cli=False, help="balanced: draw "
                           "training samples class-balanced, with replacement")
     # so --resume loses at most this much of a long epoch
@@ -290,6 +306,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"head.hidden: widths must be positive, got {cfg.head.hidden}")
     if cfg.data.max_per_class is not None and cfg.data.max_per_class < 1:
         raise ConfigError(f"data.max_per_class: must be at least 1 (or null for all), got {cfg.data.max_per_class}")
+    sep = cfg.data.label_separator
+    if not sep or not sep.isprintable() or sep.strip() != sep or len(sep) > 4:
+        raise ConfigError(f"data.label_separator: {sep!r} must be a short printable separator such as | or ;")
+    if cfg.data.labels is not None and not cfg.data.labels.strip():
+        raise ConfigError("data.labels: an empty file name (leave it out for class folders)")
     if cfg.data.workers < 1:
         raise ConfigError(f"data.workers: must be at least 1, got {cfg.data.workers}")
     if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.finetune.epochs <= 0):

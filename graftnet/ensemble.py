@@ -29,9 +29,10 @@ import torch
 
 from .data.decoded import decode_split
 from .data.images import ImageSet, config_splits
-from .data.sources import open_source
+from .data.labels import open_data
 from .errors import DataError, GraftError
 from .io import atomic_write_json
+from .multilabel import choose_thresholds, mean_ap
 # Scoring and loading a saved ensemble live in predictor.py (load_predictor opens either kind of
 # folder without importing this module); combine and load_ensemble are still importable from here.
 from .predictor import (ENSEMBLE_FILE, EnsemblePredictor, RunPredictor, check_classes,  # noqa: F401
@@ -99,10 +100,14 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
         raise GraftError("an ensemble needs at least two runs")
     members = [flip_tta(load_predictor(r)) if tta else load_predictor(r) for r in runs]
     check_classes(members)
+    multilabel = members[0].spec.multilabel
+    if multilabel and weighted:
+        raise GraftError("--weighted fits weights to the members' softmax likelihood; the members are "
+                         "multi-label runs: leave --weighted out (equal weights)")
     _check_data_configs(members)
     cfg = copy.deepcopy(members[0].cfg)
     cfg.data.path = str(data or cfg.data.path)
-    source = open_source(cfg.data.path, cfg.cache_dir)
+    source = open_data(cfg.data, cfg.cache_dir)
     if source.classes != members[0].classes:
         raise DataError(f"{cfg.data.path}: classes {source.classes} differ from the members' "
                         f"{members[0].classes}")
@@ -117,13 +122,20 @@ def build_ensemble(runs: list[str | Path], data: str | None = None, weighted: bo
         weights = fit_weights([m.logits(val, batch_size, "val") for m in members], val.labels)
     else:
         weights = torch.full((len(members),), 1 / len(members))
+    thresholds = None
+    if multilabel and splits["val"]:  # the averaged probabilities' own thresholds, as a run chooses them
+        val = load("val")
+        thresholds = choose_thresholds(combine([m.logits(val, batch_size, "val") for m in members], weights, True),
+                                       val.labels)
     test = load("test")
     test_logits = [m.logits(test, batch_size, "test") for m in members]
-    ensemble = EnsemblePredictor(members, weights, None, cfg)
-    logits = combine(test_logits, weights)
-    accuracy = lambda l: (l.argmax(1) == test.labels).sum().item() / max(1, len(test))  # noqa: E731
+    ensemble = EnsemblePredictor(members, weights, None, cfg, thresholds)
+    logits = combine(test_logits, weights, multilabel)
+    # the table's score: test accuracy, or for multi-label runs mAP
+    accuracy = (lambda l: mean_ap(l, test.labels)) if multilabel else \
+        (lambda l: (l.argmax(1) == test.labels).sum().item() / max(1, len(test)))  # noqa: E731
     accs = [accuracy(l) for l in test_logits]
-    _print_table(members, weights, accs, accuracy(logits), tta)
+    _print_table(members, weights, accs, accuracy(logits), tta, "test mAP" if multilabel else "test accuracy")
 
     run_dir = create_run(out, name, "ensemble", cfg, cfg.train.seed, header=ENSEMBLE_CONFIG_NOTE)
     with run_scope(run_dir, keep_if=ENSEMBLE_FILE):
@@ -138,17 +150,19 @@ def _save(run_dir: Path, cfg, ensemble, members, weights, accs, weighted: bool, 
     atomic_write_json(run_dir / ENSEMBLE_FILE, {
         "method": "weights minimise validation NLL" if weighted else "equal weights", "tta": tta,
         "data": cfg.data.path, "classes": ensemble.classes,
+        **({"multilabel": True, "thresholds": ensemble.spec.thresholds} if ensemble.multilabel else {}),
         "members": [{"path": os.path.relpath(Path(m.run_dir).resolve(), run_dir.resolve()),
                      "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
-                     "backbone": m.spec.backbone, "image_size": m.image_size, "test_accuracy": a}
+                     "backbone": m.spec.backbone, "image_size": m.image_size,
+                     "test_map" if ensemble.multilabel else "test_accuracy": a}
                     for m, w, a in zip(members, weights, accs)]})
 
 
-def _print_table(members, weights, accs, ensemble_acc, tta: bool = False) -> None:
+def _print_table(members, weights, accs, ensemble_acc, tta: bool = False, score: str = "test accuracy") -> None:
     from rich.table import Table
-    table = Table(title="ensemble: test accuracy" + " (each image and its mirror)" * tta)
-    for col in ("member", "backbone", "input", "weight", "test accuracy"):
-        table.add_column(col, justify="right" if col in ("weight", "test accuracy") else "left")
+    table = Table(title=f"ensemble: {score}" + " (each image and its mirror)" * tta)
+    for col in ("member", "backbone", "input", "weight", score):
+        table.add_column(col, justify="right" if col in ("weight", score) else "left")
     for m, w, a in zip(members, weights, accs):
         table.add_row(Path(m.run_dir).name, m.spec.backbone, f"{m.image_size}px", f"{float(w):.3f}", f"{a:.4f}")
     table.add_row("[bold]ensemble[/]", "", "", "1.000", f"[bold]{ensemble_acc:.4f}[/]")

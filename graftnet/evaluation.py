@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -11,17 +12,19 @@ import torch
 from .config import RunConfig, resolve, to_dict
 from .data.decoded import decode_split
 from .data.images import ImageSet, config_splits
+from .data.labels import open_data
 from .data.pixels import list_images, predict_files
-from .data.sources import open_source
 from .errors import DataError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors
 from .binary import BINARY_HEADER, binary_metrics, binary_rows, binary_table, positive_index
 from .metrics import classification_metrics, confusion_table, metrics_table
+from .multilabel import labels_above
 from .model import ModelSpec
 from .predictor import RunPredictor, flip_tta, load_predictor
 from .progress import bar, console, log
 from .report.card import write_card
 from .report.html import write_report
+from .report.multilabel import finish_multilabel
 from .report.plots import plot_confusion, plot_curves, plot_predictions, plot_roc, plot_samples
 from .run import read_history, write_environment
 
@@ -36,7 +39,11 @@ def finish_evaluation(run_dir: Path, cfg: RunConfig, spec: ModelSpec, history: l
     runs add sensitivity, specificity, ROC-AUC and a ROC curve, and metrics at a decision threshold
     chosen on the validation logits `val` (or the given `threshold`). `cards`: more label -> value
     boxes at the top of the report (what pruning, distillation or QAT started from). `title`:
-    the report's heading (default: "graftnet run <folder name>")."""
+    the report's heading (default: "graftnet run <folder name>"). Multi-label runs: per-label
+    metrics at the thresholds in `spec` (report/multilabel.py)."""
+    if spec.multilabel:
+        return finish_multilabel(run_dir, to_dict(cfg), spec, history, logits, labels, test.keys, train, prefix,
+                                 len(val[1]) if val is not None else None, cards, title)
     m = classification_metrics(logits, labels, spec.classes)
     if len(spec.classes) == 2:
         m["binary"] = binary_metrics(logits, labels, spec.classes, cfg.eval, val, threshold)
@@ -127,10 +134,10 @@ def write_predictions(run_dir: Path, prefix: str, logits: torch.Tensor, labels: 
 
 def validation_logits(model, spec: ModelSpec, cfg: RunConfig,
                       val: ImageSet) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Two-class runs: the validation split's logits, from which finish_evaluation chooses the
-    decision threshold. The current model runs on the images (one pass over the validation split),
+    """Two-class and multi-label runs: the validation split's logits, from which the decision
+    threshold(s) are chosen. The current model runs on the images (one pass over the validation split),
     so the logits are right whatever training changed, the backbone included; None otherwise."""
-    if len(spec.classes) != 2 or not len(val):
+    if (len(spec.classes) != 2 and not spec.multilabel) or not len(val):
         return None
     predictor = RunPredictor(Path(cfg.name or "run"), model, spec, cfg)
     return predictor.logits(val, cfg.train.eval_batch_size, "validation"), val.labels
@@ -145,25 +152,31 @@ def run_threshold(run_dir: Path) -> float | None:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int = 256,
-                 tta: bool = False, skip_bad: bool = False) -> dict:
+                 tta: bool = False, skip_bad: bool = False, labels: str | None = None) -> dict:
     """Evaluate a finished run or ensemble on a data set's test split (or on all of it if it has no
     split). `tta`: also score each image's mirror and average (results go to a folder of their
     own, `evaluations/<data>-tta`, so they never overwrite the plain evaluation). A two-class
     run keeps the threshold it chose on plain validation scores. `skip_bad` (or the run's own
-    data.skip_bad): unreadable images are left out and named in the log, not a failure."""
+    data.skip_bad): unreadable images are left out and named in the log, not a failure. `labels`:
+    a label file for the images under `data` (default: the run's own, when `data` is its folder)."""
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir)
     if tta:
         flip_tta(predictor)
     spec, cfg = predictor.spec, resolve(run_dir / "config.yaml")
     data = data or cfg.data.path
-    source = open_source(data, cfg.cache_dir)
+    own_folder = data == cfg.data.path or Path(data).resolve() == Path(cfg.data.path).resolve()
+    labels = labels or (cfg.data.labels if own_folder else None)
+    source = open_data(dataclasses.replace(cfg.data, path=data, labels=labels), cfg.cache_dir)
+    if source.multilabel and not spec.multilabel:
+        raise DataError(f"{labels}: has images with several labels (or none); {run_dir} is a single-label "
+                        "model, which gives each image one class")
     if sorted(source.classes) != sorted(spec.classes):
         missing = sorted(set(spec.classes) - set(source.classes))
         extra = sorted(set(source.classes) - set(spec.classes))
         raise DataError(f"{data}: classes do not match the model's (missing: {missing or 'none'}; "
                         f"unknown to the model: {extra or 'none'})")
-    if data == cfg.data.path or Path(data).resolve() == Path(cfg.data.path).resolve():
+    if own_folder and labels == cfg.data.labels:
         # the run's own data: exactly the test split it was scored on
         samples = config_splits(source, cfg.data)["test"]
     elif "test" in source.splits or "val" in source.splits:
@@ -177,12 +190,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
         log(f"[yellow]skipped[/] {reason}")
     if not len(images):
         raise DataError(f"{data}: none of its {len(samples)} images could be read")
-    if source.classes != spec.classes:  # the same classes in another order (a run extended with new
+    if spec.multilabel:  # 0/1 columns in the model's order (one-hot rows from a single-label source)
+        rows = images.labels if source.multilabel else \
+            torch.nn.functional.one_hot(images.labels, len(source.classes))
+        images.labels = rows[:, [source.classes.index(c) for c in spec.classes]]
+    elif source.classes != spec.classes:  # the same classes in another order (a run extended with new
         # classes keeps its old indices): the data's labels become the model's indices
         images.labels = torch.tensor([spec.classes.index(source.classes[i]) for i in images.labels.tolist()],
                                      dtype=torch.long)
     logits = predictor.logits(images, batch_size, "evaluate")
-    out = run_dir / "evaluations" / (Path(data).stem + "-tta" * tta)
+    out = run_dir / "evaluations" / (Path(data).stem + (f"-{Path(labels).stem}" if labels and labels != cfg.data.labels
+                                                        else "") + "-tta" * tta)
     out.mkdir(parents=True, exist_ok=True)
     # the evaluation records its own command, time and versions; the training run's environment
     # stays beside it, since both produced these numbers
@@ -202,7 +220,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int =
 def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: int = 64,
             tta: bool = False) -> list[dict]:
     """One record per image file of `target` (a file or a folder), in order: {file, class,
-    probability, top}, or {file, error} for a file in a folder that cannot be read or decoded."""
+    probability, top}, or {file, error} for a file in a folder that cannot be read or decoded.
+    Multi-label runs: {file, labels, top}, `labels` those at or above their thresholds."""
     predictor = load_predictor(run_dir)
     if tta:
         flip_tta(predictor)
@@ -214,8 +233,12 @@ def predict(run_dir: str | Path, target: str | Path, top: int = 3, batch_size: i
     def classify(paths: list[Path], squares: list) -> list[dict]:
         images = ImageSet([torch.from_numpy(a) for a in squares], torch.zeros(len(paths), dtype=torch.long),
                           [str(p) for p in paths], spec.classes)
+        logits = predictor.logits(images, batch_size, "predict")
+        if spec.multilabel:  # each label on its own: the labels at or above their thresholds
+            return [{"file": key, **labels_above(p.tolist(), spec.classes, spec.thresholds, top)}
+                    for key, p in zip(images.keys, logits.sigmoid())]
         results = []
-        for key, p in zip(images.keys, predictor.logits(images, batch_size, "predict").softmax(1)):
+        for key, p in zip(images.keys, logits.softmax(1)):
             results.append({"file": key, **top_classes(p, spec.classes, top)})
             if threshold is not None:
                 results[-1]["at_threshold"] = {"threshold": threshold, "class": spec.classes[

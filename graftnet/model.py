@@ -37,6 +37,10 @@ class ModelSpec:
     feature_dim: int = 0
     pruned: dict = field(default_factory=dict)  # structured pruning: module -> changed sizes (shapes.py)
     cut: int = 0                                 # backbone stages dropped from the end (heads.cut_backbone)
+    # several labels per image: a sigmoid per class, each decided at its own threshold (a
+    # probability chosen on the validation split); absent in older model.json files: single-label
+    multilabel: bool = False
+    thresholds: list[float] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -69,14 +73,14 @@ def _pooled_width(extractor: FeatureExtractor, pool: Pool, spec: ModelSpec) -> i
                          f"({_first_line(e)})") from None
 
 
-def build_model(cfg: RunConfig, classes: list[str]) -> tuple[GraftedModel, ModelSpec]:
+def build_model(cfg: RunConfig, classes: list[str], multilabel: bool = False) -> tuple[GraftedModel, ModelSpec]:
     bspec = backbones.get_spec(cfg.backbone.name)
     timm_model, weights_id = backbones.create(bspec, cfg.backbone.pretrained, cfg.backbone.weights)
     spec = ModelSpec(
         backbone=bspec.name, timm_name=bspec.timm_name, weights_id=weights_id, classes=list(classes),
         image_size=cfg.backbone.image_size or bspec.input_size, mean=list(bspec.mean),
         std=list(bspec.std), features=cfg.backbone.features, multi_taps=bspec.multi_taps,
-        head=asdict(cfg.head), cut=cfg.backbone.cut)
+        head=asdict(cfg.head), cut=cfg.backbone.cut, multilabel=multilabel)
     model = _assemble(timm_model, spec)
     for p in model.extractor.parameters():  # the backbone starts frozen
         p.requires_grad_(False)
@@ -123,6 +127,13 @@ def _same_model_hint(src: ModelSpec, own: ModelSpec) -> str:
              ("--pool", src.head.get("pool"), own.head.get("pool")), ("--hidden", widths(src), widths(own))]
     flags = [f"{flag} {there}" for flag, there, here in pairs if there != here]
     return f"\nto build that run's model here, add: {' '.join(flags)}" if flags else ""
+
+
+def single_label_only(spec: ModelSpec, where, what: str) -> None:
+    """Commands built on one class per image (softmax, top-1 accuracy, class-incremental heads)
+    refuse a multi-label run in one line that says why, rather than fail somewhere inside."""
+    if spec.multilabel:
+        raise GraftError(f"{where}: a multi-label run; {what}")
 
 
 def save_model(model: GraftedModel, spec: ModelSpec, run_dir: Path) -> None:
@@ -215,8 +226,9 @@ def read_spec(path: Path) -> ModelSpec:
             raise GraftError(f"{path}: the key {f.name!r} is missing")
     for key, value in raw.items():
         kind = typing.get_origin(hints[key]) or hints[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            words = {int: "an integer", str: "text", list: "a list", dict: "a JSON object"}[kind]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            words = {int: "an integer", str: "text", list: "a list", dict: "a JSON object",
+                     bool: "true or false"}[kind]
             raise GraftError(f"{path}: {key}: expected {words}, found {_show(value)}")
     try:
         raw["head"] = asdict(_head(raw.get("head", {})))
@@ -252,6 +264,10 @@ def _spec_problem(raw: dict) -> str | None:
             return f"{key}: expected 3 finite numbers{' above 0' if key == 'std' else ''}, found {_show(v)}"
     if raw["features"] not in _FEATURES:
         return f"features: {_show(raw['features'])} is not one of {', '.join(_FEATURES)}"
+    t = raw.get("thresholds", [])
+    if t and (len(t) != len(classes) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                and 0 <= x <= 1 for x in t)):
+        return f"thresholds: expected {len(classes)} probabilities in [0, 1], one per class, found {_show(t)}"
     if raw["multi_taps"] < 1 or raw.get("cut", 0) < 0 or raw.get("feature_dim", 0) < 0:
         return "multi_taps must be at least 1, cut and feature_dim at least 0"
     return None

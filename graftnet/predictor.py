@@ -105,8 +105,13 @@ def load_predictor(run_dir: str | Path):
     return RunPredictor.load(run_dir)
 
 
-def combine(member_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """log(sum_i w_i softmax(logits_i)), computed in log space (no underflow for confident members)."""
+def combine(member_logits: list[torch.Tensor], weights: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """log(sum_i w_i softmax(logits_i)), computed in log space (no underflow for confident members).
+    Multi-label: each label on its own, the logit of sum_i w_i sigmoid(logits_i): sigmoid of the
+    result is the members' weighted mean probability."""
+    if multilabel:
+        p = sum(w * l.float().sigmoid() for w, l in zip(weights.float(), member_logits))
+        return torch.logit(p, eps=1e-7)
     logp = torch.stack([l.float().log_softmax(1) for l in member_logits])
     return torch.logsumexp(logp + weights.float().log().view(-1, 1, 1), 0)
 
@@ -115,7 +120,8 @@ class EnsemblePredictor:
     """Members (RunPredictors, or ensembles) with weights; scores raw images like a RunPredictor."""
 
     def __init__(self, members: list, weights: torch.Tensor, run_dir: Path | None = None,
-                 cfg: RunConfig | None = None):
+                 cfg: RunConfig | None = None, thresholds: list[float] | None = None):
+        """`thresholds`: a multi-label ensemble's, chosen on validation (default: the members' mean)."""
         check_classes(members)
         if len(weights) != len(members) or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
             raise GraftError(f"ensemble weights {weights.tolist()}: need one non-negative weight per "
@@ -123,10 +129,15 @@ class EnsemblePredictor:
         self.members, self.weights, self.run_dir = members, weights.float(), run_dir
         self.cfg = cfg or members[0].cfg
         m0 = members[0].spec
+        self.multilabel = m0.multilabel
+        if m0.multilabel and not thresholds:
+            thresholds = [round(sum(t) / len(t), 6) for t in zip(*(m.spec.thresholds or [0.5] * len(m0.classes)
+                                                                   for m in members))]
         self.spec = ModelSpec(  # what the report and /info show; no model.json is written for it
             backbone="ensemble of " + " + ".join(f"{m.spec.backbone}@{m.image_size}" for m in members),
             timm_name="ensemble", weights_id="", classes=list(m0.classes), image_size=self.image_size,
-            mean=m0.mean, std=m0.std, features="ensemble", multi_taps=0, feature_dim=len(members))
+            mean=m0.mean, std=m0.std, features="ensemble", multi_taps=0, feature_dim=len(members),
+            multilabel=m0.multilabel, thresholds=list(thresholds or []))
 
     @property
     def classes(self) -> list[str]:
@@ -143,18 +154,22 @@ class EnsemblePredictor:
                 "classes": self.classes, "members": members}
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return combine([m(images) for m in self.members], self.weights)
+        return combine([m(images) for m in self.members], self.weights, self.multilabel)
 
     def pixel_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return combine([m.pixel_logits(pixels) for m in self.members], self.weights.to(pixels.device))
+        return combine([m.pixel_logits(pixels) for m in self.members], self.weights.to(pixels.device), self.multilabel)
 
     def logits(self, images: ImageSet, batch_size: int = 128, description: str = "predict") -> torch.Tensor:
-        return combine([m.logits(images, batch_size, description) for m in self.members], self.weights)
+        return combine([m.logits(images, batch_size, description) for m in self.members], self.weights,
+                       self.multilabel)
 
 
 def check_classes(members: list) -> None:
     first = members[0]
     for m in members[1:]:
+        if m.spec.multilabel != first.spec.multilabel:
+            raise GraftError(f"{m.run_dir}: {'a multi-label' if m.spec.multilabel else 'a single-label'} run, "
+                             f"{first.run_dir} is not; ensemble members must all be one or the other")
         if m.classes != first.classes:
             raise GraftError(f"{m.run_dir}: its classes {m.classes} differ from {first.run_dir}'s "
                              f"{first.classes}; ensemble members must share one class list, in order")
@@ -169,7 +184,7 @@ def load_ensemble(run_dir: str | Path) -> EnsemblePredictor:
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise GraftError(f"{run_dir / ENSEMBLE_FILE}: not a valid ensemble file ({e})") from None
     ensemble = EnsemblePredictor([load_predictor(p) for p in paths], weights, run_dir,
-                                 resolve(run_dir / "config.yaml"))
+                                 resolve(run_dir / "config.yaml"), spec.get("thresholds"))
     return flip_tta(ensemble) if spec.get("tta") else ensemble  # scored with mirrors: predicts so too
 
 

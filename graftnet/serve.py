@@ -227,6 +227,7 @@ def create_app(run_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, predicto
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
     from .evaluation import top_classes
+    from .multilabel import labels_above
     from .predictor import flip_tta, load_predictor
     limits = limits or Limits()
     budget = DecodeBudget(limits.pixel_budget, limits.slots())
@@ -237,9 +238,12 @@ def create_app(run_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, predicto
     info = {**predictor.info(), "max_bytes": max_bytes, "limits": {**asdict(limits), "decode_slots": budget.slots}}
     gray, size = predictor.cfg.data.grayscale, predictor.image_size
 
+    multilabel = predictor.spec.multilabel  # a sigmoid per label; the answer: labels above threshold
+
     def probabilities(images: list) -> torch.Tensor:
         with torch.inference_mode():
-            return predictor(images).softmax(1)
+            logits = predictor(images)
+            return logits.sigmoid() if multilabel else logits.softmax(1)
 
     batcher = MicroBatcher(probabilities, max_batch, wait_ms)
     large = ThreadPoolExecutor(budget.slots, "graft-decode-large", initializer=lower_priority)
@@ -280,7 +284,10 @@ def create_app(run_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, predicto
             else:
                 x = await run_in_threadpool(decode, img)
         del img
-        return top_classes(await run_in_threadpool(batcher, x), predictor.classes, top)
+        probs = await run_in_threadpool(batcher, x)
+        if multilabel:
+            return labels_above(probs.tolist(), predictor.classes, predictor.spec.thresholds, top)
+        return top_classes(probs, predictor.classes, top)
 
     return app
 

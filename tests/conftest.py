@@ -82,3 +82,26 @@ def tiny_overrides(data: Path, tmp_path: Path, **extra) -> dict:
 
 
 needs_cifar = pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason=f"{CIFAR_ZIP} not present")
+
+
+LABEL_COLORS = {"red": (230, 30, 30), "green": (30, 210, 50), "blue": (30, 50, 230), "yellow": (235, 215, 30)}
+
+
+def make_multilabel_folder(root: Path, n: int = 80, seed: int = 0, split_column: bool = False) -> Path:
+    """root/img/<i>.png with one to three coloured stripes on grey noise, and root/labels.csv
+    naming the colours present (`red|blue`): a multi-label set a random-weight backbone's early
+    taps can learn."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = list(LABEL_COLORS)
+    rows = ["file,labels" + (",split" if split_column else "")]
+    for i in range(n):
+        arr = rng.integers(60, 120, (24, 24, 3)).astype(np.int16)
+        present = sorted(rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False).tolist())
+        for band, c in enumerate(present):
+            arr[band * 8:band * 8 + 6, :, :] = LABEL_COLORS[names[c]]
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / "img" / f"{i:03d}.png")
+        split = ",test" if i % 5 == 0 else ",train"
+        rows.append(f"img/{i:03d}.png," + "|".join(names[c] for c in present) + (split if split_column else ""))
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root

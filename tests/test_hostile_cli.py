@@ -42,6 +42,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "garbage.safetensors").write_bytes(os.urandom(4096))
     (root / "garbage.h5").write_bytes(os.urandom(4096))
     (root / "garbage.csv").write_bytes(b"\xff\xfe\x00garbage,,,\n\x00")
+    (root / "missing_row.csv").write_text("file,labels\ncat/000.png,cat|dog\ncat/404.png,dog\n")
     (root / "space.yaml").write_text("wingspan: {type: int, low: 1, high: 3}\n")
     (root / "tasks.yaml").write_text("tasks:\n  - {name: a, classes: [cat, unicorn]}\n")
     mixed = make_folder(root / "mixed", classes=("a", "b"), n=3, splits={"train": 3, "test": 2})
@@ -107,6 +108,21 @@ CASES: list[tuple[str, list[str]]] = [
     ("train-data-dev-null", ["train", "--data", "/dev/null", "{common}"]),
     ("train-split-classes-differ", ["train", "--data", P("mixed"), "{common}"]),
     ("train-no-images", ["train", "--data", P("root", "/notes"), "{common}"]),
+    ("labels-missing", ["train", "--data", P("data"), "--labels", P("root", "/nowhere.csv"), "{common}"]),
+    ("labels-not-utf8", ["train", "--data", P("data"), "--labels", P("root", "/garbage.csv"), "{common}"]),
+    ("labels-is-folder", ["train", "--data", P("data"), "--labels", P("root", "/empty"), "{common}"]),
+    ("labels-empty-name", ["train", "--data", P("data"), "--labels", " ", "{common}"]),
+    ("labels-data-is-zip", ["train", "--data", P("root", "/garbage.zip"), "--labels", P("root", "/garbage.csv"),
+                            "{common}"]),
+    ("labels-row-names-missing-file", ["train", "--data", P("data"), "--labels", P("root", "/missing_row.csv"),
+                                       "{common}"]),
+    ("label-separator-empty", ["train", "--data", P("data"), "--labels", P("root", "/missing_row.csv"),
+                               "--label-separator", "", "{common}"]),
+    ("evaluate-labels-missing", ["evaluate", P("run"), "--labels", P("root", "/nowhere.csv")]),
+    ("evaluate-labels-multilabel-on-single-label-run", ["evaluate", P("run"), "--labels", P("root", "/missing_row.csv")]),
+    ("preview-labels-missing", ["preview", "--data", P("data"), "--labels", P("root", "/nowhere.csv"),
+                                "--out", P("root", "/p.png")]),
+    ("label-separator-newline", ["train", "--data", P("data"), "--label-separator", "\n", "{common}"]),
     ("train-out-is-a-file", ["train", "--data", P("data"), "--backbone", TINY, "--no-pretrained",
                              "--epochs", "1", "--out", P("root", "/text.txt")]),
     ("train-cache-dir-is-a-file", ["train", "--data", P("data"), "{common}", "--cache-dir", P("root", "/text.txt")]),

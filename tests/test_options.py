@@ -29,6 +29,7 @@ OLD_FLAGS = {
     "finetune-augment": "finetune.augment", "ema": "finetune.ema", "init": "train.init",
     "checkpoint-minutes": "train.checkpoint_minutes", "micro-batch": "train.micro_batch",
     "log-to": "track.log_to", "mlflow-uri": "track.mlflow_uri",
+    "labels": "data.labels", "label-separator": "data.label_separator",
 }
 OLD_SWITCHES = {"no-pretrained": ("backbone.pretrained", False), "no-cache": ("train.cache_features", False),
                 "flip-views": ("train.flip_views", True), "skip-bad": ("data.skip_bad", True),

@@ -149,3 +149,18 @@ def test_predict_goes_through_a_folder_a_chunk_at_a_time(image_folder, tmp_path,
     with pytest.raises(DataError, match="bad.png"):
         predict(run, image_folder / "cat" / "bad.png")
 
+
+
+def test_multilabel_rows_survive_the_record_cache(tmp_path):
+    from graftnet.data.labels import open_data
+    from graftnet.config import DataConfig
+
+    from .conftest import make_multilabel_folder
+    folder = make_multilabel_folder(tmp_path / "data", n=30)
+    source = open_data(DataConfig(path=str(folder), labels="labels.csv"), None)
+    samples = _samples(source)
+    mem = load_images(source, samples, 24, workers=1)
+    args = (source, samples, 24, False, 1, None, False, tmp_path / "cache", "no")
+    for disk in (decoded.load_images_cached(*args), decoded.load_images_cached(*args)):  # written, then read
+        assert isinstance(disk.images, DiskImages) and disk.labels.shape == (len(samples), len(source.classes))
+        assert torch.equal(disk.labels, mem.labels) and disk.keys == mem.keys

@@ -20,7 +20,7 @@ import yaml
 from .. import config as config_mod
 from ..backbones import get_spec
 from ..config import RunConfig
-from ..data.sources import open_source
+from ..data.labels import open_data
 from ..errors import ConfigError, DataError, GraftError
 from ..io import atomic_write_json, atomic_write_text, cache_root
 from ..progress import log
@@ -121,7 +121,11 @@ def distill(cfg: RunConfig | None, settings: DistillSettings | None, teacher: Te
         teacher = RunTeacher(settings.teacher)
     term = None
     if teacher is not None:
-        classes = open_source(cfg.data.path, cfg.cache_dir).classes
+        source = open_data(cfg.data, cfg.cache_dir)
+        if source.multilabel:
+            raise DataError(f"{cfg.data.labels}: multi-label data; distillation's soft targets are a "
+                            "softmax over one class per image")
+        classes = source.classes
         if list(teacher.classes) != list(classes):
             raise DataError(f"the teacher's classes {teacher.classes} differ from the data's {classes}")
         spec = get_spec(cfg.backbone.name)

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import resolve
 from ..data.augment import make_augment
 from ..errors import GraftError
-from ..model import load_model
+from ..model import load_model, single_label_only
 from ..predictor import RunPredictor
 from ..train.checkpoint import Checkpointer, load_checkpoint
 from ..features import chunk_size, device_of, image_batches
@@ -33,6 +33,8 @@ class Run:
         if not (self.dir / "config.yaml").is_file():
             raise GraftError(f"{self.dir}: not a graftnet run folder (no config.yaml)")
         self.model, self.spec = load_model(self.dir)
+        single_label_only(self.spec, self.dir, "pruning and quantization-aware training recover and "
+                          "check the model by top-1 accuracy, which needs one class per image")
         self.cfg = resolve(self.dir / "config.yaml")
         self.source, self.sets = load_data(self.cfg)
 

@@ -57,6 +57,9 @@ class RunTeacher:
         if not self.dir.is_dir():
             raise GraftError(f"{self.dir}: teacher run folder not found")
         self.predictor = load_predictor(self.dir)
+        from ..model import single_label_only
+        single_label_only(self.predictor.spec, self.dir, "distillation teaches with the softmax of a "
+                          "teacher that gives one class per image")
         self.spec, self.cfg = self.predictor.spec, self.predictor.cfg
         self.image_size, self.classes = self.predictor.image_size, self.predictor.classes
         self.identity = _identity(self.predictor)

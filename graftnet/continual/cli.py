@@ -69,6 +69,9 @@ def add_commands(sub) -> dict:
             print(args.resume)
             return
         cfg = resolve(args.config, {**train_overrides(args), "name": None})
+        if cfg.data.labels:
+            raise ConfigError("data.labels: continual tasks are sets of classes taken from class folders; "
+                              "a label file is not supported by `graft continual`")
         sequences = build_sequences(args, cfg)
         settings = ContinualSettings(**{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
         if args.methods:

@@ -24,7 +24,7 @@ import torch
 from ..config import check_folder_name, resolve
 from ..errors import ConfigError, DataError, GraftError
 from ..io import atomic_write_json
-from ..model import load_model
+from ..model import load_model, single_label_only
 from ..progress import log
 from .data import load_features, task_table
 from .methods import method_parts
@@ -36,7 +36,10 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
                settings: ContinualSettings | None = None, seed: int | None = None) -> Path:
     run = Path(run)
     old_model, spec = load_model(run)
+    single_label_only(spec, run, "extend adds classes to a softmax head (one class per image)")
     cfg = resolve(run / "config.yaml")
+    if cfg.data.labels:
+        raise GraftError(f"{run}: trained from a label file; extend joins class folders to a run's classes")
     if cfg.finetune.epochs or cfg.train.init or spec.pruned:
         raise GraftError(f"{run}: its backbone was changed (fine-tuned, started from another run or pruned); "
                          "extend reads the stock frozen backbone's features, which its head was not trained on")

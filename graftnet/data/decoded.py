@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..progress import log
-from .images import ImageSet, load_images
+from .images import ImageSet, label_tensor, load_images
 from .records import DiskImages, available_memory
 from .sources import Source
 
@@ -42,7 +42,7 @@ def load_images_cached(source: Source, samples: list[tuple[str, int]], size: int
     folder = (Path(cache_dir) if cache_dir is not None else _scratch_dir()) / "decoded"
     key = _key(source, samples, size, gray, skip_bad)
     data, index = folder / f"{key}.records", folder / f"{key}.index.safetensors"
-    images = _read(data, index, samples, source.classes) if index.is_file() else None
+    images = _read(data, index, samples, source) if index.is_file() else None
     if images is not None:
         if progress:
             progress(len(samples))
@@ -102,7 +102,7 @@ def _write(index: Path, images: ImageSet, samples) -> None:
                  {"skipped": json.dumps(images.skipped), "bytes": str(disk.nbytes)})
 
 
-def _read(data: Path, index: Path, samples, classes: list[str]) -> ImageSet | None:
+def _read(data: Path, index: Path, samples, source: Source) -> ImageSet | None:
     from safetensors import safe_open
     try:
         with safe_open(str(index), "pt") as f:
@@ -112,7 +112,7 @@ def _read(data: Path, index: Path, samples, classes: list[str]) -> ImageSet | No
         total = int(offsets[-1] + 3 * sides[-1] ** 2) if len(sides) else 0
         if len(kept) != len(sides) or data.stat().st_size != total or str(total) != meta["bytes"]:
             return None
-        return ImageSet(DiskImages(data, offsets, sides), torch.tensor([samples[i][1] for i in kept], dtype=torch.long),
-                        [samples[i][0] for i in kept], classes, json.loads(meta["skipped"]))
+        return ImageSet(DiskImages(data, offsets, sides), label_tensor([samples[i][1] for i in kept], source),
+                        [samples[i][0] for i in kept], source.classes, json.loads(meta["skipped"]))
     except Exception:  # noqa: BLE001  (damaged or foreign file: decode again)
         return None

@@ -27,7 +27,7 @@ from .sources import Source
 @dataclass
 class ImageSet:
     images: Sequence[torch.Tensor]  # uint8, 3 x h x w, square: a list, or records read from disk
-    labels: torch.Tensor            # int64
+    labels: torch.Tensor            # int64 class indices; multi-label: N x C int64, 0/1 per class
     keys: list[str]
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # "file: reason" for files left out
@@ -77,7 +77,35 @@ def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_
             writer.abort()
         raise
     images = writer.finish() if writer is not None else _split(blocks)
-    return ImageSet(images, torch.tensor(labels, dtype=torch.long), keys, source.classes, skipped)
+    return ImageSet(images, label_tensor(labels, source), keys, source.classes, skipped)
+
+
+def label_tensor(labels: list, source: Source) -> torch.Tensor:
+    """Sample labels as a tensor: class indices, or for a multi-label source N x C 0/1 rows (also
+    when there are none, so that an empty split still has C columns)."""
+    if source.multilabel:
+        return torch.tensor(labels, dtype=torch.long).view(len(labels), len(source.classes))
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def _strata(samples: list[tuple[str, int | tuple]]) -> list[int]:
+    """The class each sample is stratified by: its label, or for a multi-label sample (a 0/1 tuple)
+    its rarest label among `samples` (ties: the first class; no label at all: -1). Stratifying by
+    the rarest label is a deterministic proxy for iterative stratification: every rare label keeps
+    its share in each split, which matters most (a split without a label has no AP for it), while
+    the common labels, carried by many rows, spread evenly anyway."""
+    if not samples or not isinstance(samples[0][1], tuple):
+        return [s[1] for s in samples]
+    counts = [sum(col) for col in zip(*(s[1] for s in samples))]
+    return [min((i for i, v in enumerate(s[1]) if v), key=lambda i: (counts[i], i), default=-1)
+            for s in samples]
+
+
+def _by_stratum(samples) -> dict[int, list]:
+    by_class: dict[int, list] = {}
+    for s, stratum in zip(samples, _strata(samples)):
+        by_class.setdefault(stratum, []).append(s)
+    return by_class
 
 
 def _split(blocks) -> list[torch.Tensor]:
@@ -92,9 +120,7 @@ def _split(blocks) -> list[torch.Tensor]:
 
 def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
     """Split samples into (rest, held-out) keeping each class's share; deterministic for a seed."""
-    by_class: dict[int, list] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
+    by_class = _by_stratum(samples)
     rng = random.Random(seed)
     rest, held = [], []
     for label in sorted(by_class):
@@ -112,9 +138,7 @@ def limit_per_class(samples, n: int | None, seed: int):
     if n is None:
         return samples
     rng = random.Random(seed)
-    by_class: dict[int, list] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
+    by_class = _by_stratum(samples)  # multi-label: at most n rows per rarest label
     out = []
     for label in sorted(by_class):
         items = sorted(by_class[label])

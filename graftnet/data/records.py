@@ -68,8 +68,9 @@ class DiskImages(Sequence):
 
     def load(self) -> list[torch.Tensor]:
         """Every record in memory: one read of the whole file, split into views."""
-        with open(self.path, "rb") as f:
-            blob = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        blob = torch.empty(os.path.getsize(self.path), dtype=torch.uint8)
+        with open(self.path, "rb") as f:  # straight into the tensor: no second copy of the file
+            f.readinto(memoryview(blob.numpy()))
         return [blob[int(self.offsets[r]):int(self.offsets[r]) + 3 * int(self.sides[r]) ** 2]
                 .view(3, int(self.sides[r]), int(self.sides[r])) for r in self.rows]
 

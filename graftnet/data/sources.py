@@ -50,11 +50,13 @@ class Source:
     """Samples per split and a way to read each one."""
     location: str
     classes: list[str]
-    splits: dict[str, list[tuple[str, int]]]          # split name -> [(key, label)]
+    # split name -> [(key, label)]; multi-label: label is a tuple of 0/1, one per class
+    splits: dict[str, list[tuple[str, int | tuple[int, ...]]]]
     fingerprint: str                                   # changes when any file changes
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # in-memory images
     bad: dict[str, str] = field(default_factory=dict, repr=False)  # key -> why it cannot be opened
     _zip: zipfile.ZipFile | None = field(default=None, repr=False)
+    multilabel: bool = False                           # a label file with rows of 0 or several labels
 
     def read(self, key: str) -> bytes | np.ndarray:
         if key in self.arrays:

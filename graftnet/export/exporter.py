@@ -59,7 +59,9 @@ def preprocess_info(spec: ModelSpec, cfg, run_dir: Path) -> dict:
         "normalise": "x = (pixel / 255 - mean) / std, per channel, pixel in 0..255",
         "resize": ("centre square crop; shrink to image_size with PIL bicubic (reducing_gap=2) when "
                    "larger; then bilinear (half-pixel centres, align_corners=False) to image_size"),
-        "output": "logits; softmax gives class probabilities",
+        "output": ("logits; sigmoid gives each label's probability, and a label applies where it reaches "
+                   "its threshold" if spec.multilabel else "logits; softmax gives class probabilities"),
+        **({"multilabel": True, "thresholds": list(spec.thresholds)} if spec.multilabel else {}),
         "flip_average": bool(cfg.train.flip_views),  # average the logits of the horizontal mirror
         "backbone": spec.backbone, "timm_name": spec.timm_name, "weights_id": spec.weights_id,
         "run": str(run_dir),
@@ -69,9 +71,9 @@ def preprocess_info(spec: ModelSpec, cfg, run_dir: Path) -> dict:
 def check_images(spec: ModelSpec, cfg, n: int = 32) -> tuple[ImageSet, str]:
     """Up to n images of the run's test split (else its training split); generated noise images
     when the run's data is no longer where it was."""
-    from ..data.sources import open_source
+    from ..data.labels import open_data
     try:
-        source = open_source(cfg.data.path, cfg.cache_dir)
+        source = open_data(cfg.data, cfg.cache_dir)
         splits = config_splits(source, cfg.data)
         name = "test" if splits["test"] else "train"
         samples = splits[name][:: max(1, len(splits[name]) // n)][:n]

@@ -64,8 +64,8 @@ def weight_format(reduce_range: bool, flags: set[str] | None = None) -> str:
 def calibration_images(cfg, spec, n: int, seed: int = 0):
     """n images of the run's training split, spread over its classes (an ImageSet)."""
     from ..data.images import config_splits, load_images
-    from ..data.sources import open_source
-    source = open_source(cfg.data.path, cfg.cache_dir)
+    from ..data.labels import open_data
+    source = open_data(cfg.data, cfg.cache_dir)
     train = config_splits(source, cfg.data)["train"]
     pick = np.random.default_rng(seed).permutation(len(train))[:n]
     return load_images(source, [train[i] for i in sorted(pick)], spec.image_size, skip_bad=True,
@@ -77,9 +77,9 @@ def held_out_images(cfg, spec, split: str = "test"):
     decoded-image cache when it is there); None when the run's data is no longer where it was."""
     from ..data.decoded import decode_split
     from ..data.images import config_splits
-    from ..data.sources import open_source
+    from ..data.labels import open_data
     try:
-        source = open_source(cfg.data.path, cfg.cache_dir)
+        source = open_data(cfg.data, cfg.cache_dir)
         samples = config_splits(source, cfg.data)[split]
         with bar(len(samples), f"decoding the {split} split") as advance:
             images = decode_split(source, samples, spec.image_size, cfg.data, cfg.cache_dir, advance)
@@ -262,6 +262,9 @@ def fp32_model(run_dir: str | Path):
     from .exporter import export_run, load_run
     run_dir = Path(run_dir)
     _, spec, cfg = load_run(run_dir)
+    from ..model import single_label_only
+    single_label_only(spec, run_dir, "int8 is kept only when its validation accuracy (one class per image) "
+                      "holds, which a multi-label model has not; `graft export` gives its fp32 ONNX model")
     fp32 = run_dir / "export" / "model.onnx"
     if not fp32.is_file() or not (fp32.parent / PREPROCESS_FILE).is_file():
         export_run(run_dir, "onnx", fp32)

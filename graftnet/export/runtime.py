@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.pixels import list_images, predict_files
 from ..errors import GraftError
+from ..multilabel import labels_above
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -122,8 +123,12 @@ def predict_onnx(model_path: str | Path, target: str | Path, top: int = 3, batch
     clf = OnnxClassifier(model_path, threads)
 
     def classify(paths: list[Path], squares: list[np.ndarray]) -> list[dict]:
+        logits = clf.logits(squares, batch_size)
+        if clf.pre.get("multilabel"):  # each label's sigmoid, kept where it reaches the label's threshold
+            return [{"file": str(path), **labels_above(1 / (1 + np.exp(-row)), clf.classes, clf.pre.get("thresholds"), top)}
+                    for path, row in zip(paths, logits)]
         results = []
-        for path, p in zip(paths, softmax(clf.logits(squares, batch_size))):
+        for path, p in zip(paths, softmax(logits)):
             idx = np.argsort(-p, kind="stable")[:min(top, len(clf.classes))]
             results.append({"file": str(path), "class": clf.classes[idx[0]],
                             "probability": round(float(p[idx[0]]), 6),
@@ -140,6 +145,8 @@ def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,
     {"accuracy", "n", "correct", "predictions" (class indices)}. `advance(n)` after each batch (a
     caller's progress bar: this module stays free of torch, which graftnet.progress imports)."""
     clf = OnnxClassifier(model_path, threads)
+    if clf.pre.get("multilabel"):
+        raise GraftError(f"{model_path}: a multi-label model; its accuracy check scores one class per image")
     if list(images.classes) != list(clf.classes):
         raise GraftError(f"{model_path}: the model's classes {clf.classes} differ from the data's "
                          f"{list(images.classes)}")

@@ -45,6 +45,8 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
     `exported`: what an export folder holds (format, file, size, checks)."""
     classes = spec["classes"]
     data_name = Path(str(cfg["data"]["path"])).name or str(cfg["data"]["path"])
+    if metrics.get("task") == "multilabel":
+        return _multilabel_card(name, spec, cfg, metrics, counts, data_name, path)
     binary = metrics.get("binary")
     lo, hi = metrics["accuracy_ci95"]
     head = spec.get("head", {})
@@ -146,6 +148,35 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
               f"graft predict {path or name} image.jpg   # or a folder of images",
               f"graft serve {path or name}               # HTTP: POST /predict",
               f"graft export {path or name}              # ONNX + preprocess.json", "```", ""]
+    return "\n".join(lines)
+
+
+def _multilabel_card(name: str, spec: dict, cfg: dict, m: dict, counts: dict, data_name: str,
+                     path: str | None) -> str:
+    """A shorter card for a multi-label model: what it tags, how well per label, how to use it."""
+    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    meta = {"library_name": "graftnet", "pipeline_tag": "image-classification",
+            "tags": ["image-classification", "multi-label", "transfer-learning", "graftnet", spec["backbone"]],
+            "model-index": [{"name": name, "results": [{
+                "task": {"type": "image-classification", "name": "multi-label image classification"},
+                "dataset": {"name": data_name, "type": "imagefolder", "split": "test"},
+                "metrics": [{"type": "map", "name": "mAP (test)", "value": round(m["map"] or 0, 4)},
+                            {"type": "f1", "name": "macro F1 (test)", "value": round(m["macro"]["f1"], 4)}]}]}]}
+    classes = spec["classes"]
+    lines = ["---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n", f"# Model card: {name}", "",
+             f"A multi-label image classifier: each image gets every one of its {len(classes)} labels "
+             f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}) whose probability reaches "
+             f"the label's threshold, none or several. Made with graftnet on a pretrained {spec['backbone']} "
+             f"({spec['image_size']} px). Test mAP {f(m['map'])}, macro F1 {f(m['macro']['f1'])}, micro F1 "
+             f"{f(m['micro']['f1'])} on {m['n']:,} held-out images of {data_name}.", "",
+             "## Training data", "", f"- Source: `{cfg['data']['path']}`, labels `{cfg['data'].get('labels')}`",
+             "- Images: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None), "",
+             "## Evaluation", "", "Thresholds were chosen per label on the validation split (highest F1).", "",
+             "| label | ROC-AUC | AP | F1 | threshold | test images with it |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['class']} | {f(r['auc'])} | {f(r['ap'])} | {r['f1']:.4f} | {r['threshold']:.3f} | "
+              f"{r['support']} |" for r in m["per_label"]]
+    lines += ["", "## How to use", "", "```bash", f"graft predict {path or name} IMAGES   # labels above threshold",
+              "```", ""]
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from ..config import RunConfig
 from .plots import plot_samples
 from ..data.augment import make_augment
 from ..data.images import config_splits, load_images, to_batch
-from ..data.sources import open_source
+from ..data.labels import open_data
 
 SIZE = 128
 
@@ -22,13 +22,14 @@ def _augmented(augment, images: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def preview(cfg: RunConfig, out: Path, n: int = 32, seed: int = 0, augment: str = "none") -> Path:
-    source = open_source(cfg.data.path, cfg.cache_dir)
+    source = open_data(cfg.data, cfg.cache_dir)
     train = config_splits(source, cfg.data)["train"]
     aug = make_augment(augment, seed)
     count = -(-n // 3) if aug else n
     pick = random.Random(seed).sample(train, min(count, len(train)))
     images = load_images(source, pick, SIZE, cfg.data.skip_bad, cfg.data.workers, gray=cfg.data.grayscale)
-    labels = [source.classes[i] for i in images.labels.tolist()]
+    labels = ["|".join(c for c, v in zip(source.classes, row) if v) or "(none)" if isinstance(row, list)
+              else source.classes[row] for row in images.labels.tolist()]  # multi-label: its labels
     if aug is None:
         plot_samples(images.images, labels, out)
         return out

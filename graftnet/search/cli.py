@@ -126,6 +126,11 @@ def add_commands(sub) -> dict:
         space = check_space(load_yaml(args.space)) if args.space else DEFAULT_SPACE
         # --out/--name place the search folder; the base config keeps --out (where best.yaml's rerun goes)
         cfg = resolve(args.config, {**train_overrides(args), "name": None})
+        if cfg.data.labels:
+            from ..data.labels import open_data
+            if open_data(cfg.data, cfg.cache_dir).multilabel:
+                raise ConfigError(f"{cfg.data.labels}: multi-label data; the search ranks trials by validation "
+                                  "accuracy and int8 by top-1 agreement, both one class per image")
         search = SearchSettings(**settings, seed=cfg.train.seed, workers=args.workers or 1, storage=args.storage)
         check_folder_name(args.name, "--name")
         folder = Path(args.out) / (args.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}")

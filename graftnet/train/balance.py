@@ -35,3 +35,13 @@ def epoch_order(labels: torch.Tensor, generator: torch.Generator, mode: str = "n
     counts = class_counts(labels, int(labels.max()) + 1 if n else 0).double()
     weights = 1.0 / counts[labels.long()]
     return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
+def positive_weights(labels: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """Multi-label (N x C 0/1 labels): BCE's pos_weight per label, negatives / positives, so each
+    label's positives weigh as much in total as its negatives (`balanced`); None for `none`. A
+    label without training positives gets 1 (load_data refuses such sets anyway)."""
+    if mode == "none":
+        return None
+    pos = labels.double().sum(0)
+    return torch.where(pos > 0, (len(labels) - pos) / pos.clamp(min=1), 1.0).float()

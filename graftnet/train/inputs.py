@@ -16,7 +16,8 @@ from ..config import RunConfig
 from ..data.augment import make_augment
 from ..data.decoded import decode_split
 from ..data.images import ImageSet, config_splits
-from ..data.sources import Source, open_source
+from ..data.labels import open_data
+from ..data.sources import Source
 from ..errors import DataError
 from ..io import cache_root
 from ..model import ModelSpec
@@ -34,7 +35,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def load_data(cfg: RunConfig, source: Source | None = None) -> tuple[Source, dict[str, ImageSet]]:
     """`source`: cfg.data.path already opened (a caller that read its classes first)."""
-    source = source or open_source(cfg.data.path, cfg.cache_dir)
+    source = source or open_data(cfg.data, cfg.cache_dir)
     splits = config_splits(source, cfg.data)
     size = cfg.backbone.image_size or get_spec(cfg.backbone.name).input_size
     sets = {}
@@ -44,13 +45,15 @@ def load_data(cfg: RunConfig, source: Source | None = None) -> tuple[Source, dic
             sets[name] = decode_split(source, samples, size, cfg.data, cfg.cache_dir, advance)
     if not len(sets["train"]):
         raise DataError(f"{source.location}: every training image was unreadable")
-    missing = sorted(set(range(len(source.classes))) - set(sets["train"].labels.tolist()))
+    labels = sets["train"].labels
+    present = set(labels.nonzero()[:, 1].tolist()) if labels.dim() == 2 else set(labels.tolist())
+    missing = sorted(set(range(len(source.classes))) - present)
     if missing:
         raise DataError(f"{source.location}: no readable training images for class(es) "
                         f"{', '.join(source.classes[i] for i in missing)}")
     if cfg.eval.positive_class is not None:  # a wrong name fails now, not after training
         positive_index(source.classes, cfg.eval.positive_class)
-    log(f"data: {source.location}  classes {len(source.classes)}  train {len(sets['train'])}  "
+    log(f"data: {source.location}  {'labels' if source.multilabel else 'classes'} {len(source.classes)}  train {len(sets['train'])}  "
         f"val {len(sets['val'])}  test {len(sets['test'])}")
     return source, sets
 

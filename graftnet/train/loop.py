@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainingDiverged
+from ..multilabel import bce_loss, mean_ap
 from ..progress import bar, log
 from .balance import epoch_order
 from .distributed import sum_across
@@ -120,15 +121,64 @@ class Callback:
         """The run is saved and evaluated (test metrics in `metrics`): write what the method adds."""
 
 
+class Task:
+    """What the head's outputs mean to the loop: the loss, the hits behind an epoch's accuracy and
+    the validation scores. This one: one class per image, scored by softmax; `loss` is cross-entropy
+    or any loss_fn(logits, y, *targets) a caller brings (a masked or weighted one)."""
+    monitor = "val_acc"              # what early stopping and the best epoch follow
+    keys = ("loss", "acc")           # the validation scores, in the history as val_<key>
+
+    def __init__(self, loss: Callable = F.cross_entropy):
+        self.loss = loss
+
+    def monitored(self, monitor: str) -> str:
+        """train.monitor as this task reads it: val_acc is the task's own score."""
+        return self.monitor if monitor == "val_acc" else monitor
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        """(right answers, answers counted) of a training batch."""
+        hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
+        known = hard >= 0  # label -1: an unlabeled image (distillation's transfer set)
+        return (logits.argmax(1) == hard)[known].sum().item(), known.sum().item()
+
+    def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        return {"loss": F.cross_entropy(logits, labels).item(),
+                "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+class MultiLabel(Task):
+    """Several labels per image: a sigmoid per label and binary cross-entropy (`pos_weight`: each
+    label's positives weighed up, train.class_weights=balanced). Accuracy counts each (image,
+    label) decision at probability 0.5; validation adds mAP, the score early stopping follows."""
+    monitor = "val_map"
+    keys = ("loss", "acc", "map")
+
+    def __init__(self, pos_weight: torch.Tensor | None = None):
+        def loss(logits: torch.Tensor, y: torch.Tensor, *targets) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=pos_weight)
+        super().__init__(loss)
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        right = (logits > 0) == (y > 0.5)
+        return right.sum().item(), right.numel()
+
+    def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+        return {"loss": bce_loss(logits, labels), "acc": ((logits > 0) == (labels > 0)).float().mean().item(),
+                "map": mean_ap(logits, labels)}
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimizer, state: State,
                     callbacks: list[Callback] = (), precision: str = "fp32",
-                    loss_fn: Callable = F.cross_entropy, micro_batch: int = 0) -> dict:
+                    loss_fn: Callable = F.cross_entropy, micro_batch: int = 0, task: Task | None = None) -> dict:
     """`micro_batch` > 0: each batch goes forward and backward in chunks of at most that many
     images, gradients accumulated (each chunk's mean loss weighted by its share of the batch), then
     one optimizer step: the step of the whole batch, with a chunk's activations small enough to stay
     in a CPU's cache. Exact where nothing couples the images of a batch: BatchNorm on running
     statistics (fine-tuning's default), a loss that is a plain mean over the images (unweighted,
-    label-smoothed, distillation's soft term; not a mean over the labeled images only)."""
+    label-smoothed, distillation's soft term; not a mean over the labeled images only). `task`:
+    its loss replaces loss_fn, its hits count the epoch's accuracy."""
+    task = task or Task(loss_fn)
+    loss_fn = task.loss
     model.train()
     sums = state.partial = state.partial or {"loss": 0.0, "correct": 0, "seen": 0, "labeled": 0, "seconds": 0.0}
     t0 = time.perf_counter() - sums["seconds"]
@@ -150,13 +200,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, n_batches: int, optimiz
             optimizer.step()
             state.step += 1
             state.batch_in_epoch += 1
-            logits = torch.cat(all_logits)
-            hard = y.argmax(1) if y.dim() == 2 else y  # mixed (soft) targets: their main class
-            known = hard >= 0  # label -1: an unlabeled image (distillation's transfer set)
+            correct, counted = task.hits(torch.cat(all_logits), y)
             sums["loss"] += batch_loss
-            sums["correct"] += (logits.argmax(1) == hard)[known].sum().item()
+            sums["correct"] += correct
             sums["seen"] += len(y)
-            sums["labeled"] += known.sum().item()
+            sums["labeled"] += counted
             sums["seconds"] = time.perf_counter() - t0
             for cb in callbacks:  # after the sums: a checkpoint taken here holds this batch whole
                 cb.after_step(state)
@@ -203,23 +251,26 @@ def predict_logits(model: nn.Module, batches: Iterable, precision: str = "fp32",
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32", micro_batch: int = 0) -> dict:
+def evaluate(model: nn.Module, batches: Iterable, precision: str = "fp32", micro_batch: int = 0,
+             task: Task | None = None) -> dict:
+    task = task or Task()
     logits, labels = predict_logits(model, batches, precision, micro_batch)
     if len(labels) == 0:
-        return {"loss": math.nan, "acc": math.nan}
-    return {"loss": F.cross_entropy(logits, labels).item(),
-            "acc": (logits.argmax(1) == labels).float().mean().item()}
+        return {k: math.nan for k in task.keys}
+    return task.scores(logits, labels)
 
 
 def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
         make_val: Callable[[], Iterable] | None, optimizer, epochs: int, state: State,
         callbacks: list[Callback] = (), precision: str = "fp32",
         loss_fn: Callable = F.cross_entropy, micro_batch: int = 0,
-        eval_micro_batch: int | None = None) -> State:
+        eval_micro_batch: int | None = None, task: Task | None = None) -> State:
     """Train from state.epoch to `epochs`; a resumed run passes its restored state. `micro_batch`:
     images per forward and backward pass (train_one_epoch; 0: whole batches); `eval_micro_batch`
     the same for validation (default: micro_batch). Callbacks get their checkpointed state back,
-    then `before_fit`; `after_fit` runs when the stage ends (also when early stopping ends it)."""
+    then `before_fit`; `after_fit` runs when the stage ends (also when early stopping ends it).
+    `task` (default: single-label with loss_fn): the loss and the scores of each epoch's row."""
+    task = task or Task(loss_fn)
     eval_micro_batch = micro_batch if eval_micro_batch is None else eval_micro_batch
     callbacks = list(callbacks)
     keys = [cb.key for cb in callbacks]
@@ -234,24 +285,25 @@ def fit(model: nn.Module, make_train: Callable[[], Iterable], n_batches: int,
     for cb in callbacks:
         cb.before_fit(state)
     while state.epoch < epochs and not state.stop:
-        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision, loss_fn,
-                                micro_batch)
+        train = train_one_epoch(model, make_train(), n_batches, optimizer, state, callbacks, precision,
+                                micro_batch=micro_batch, task=task)
         t0 = time.perf_counter()
         for cb in callbacks:
             cb.before_eval(state)
-        val = evaluate(model, make_val(), precision, eval_micro_batch) if make_val else \
-            {"loss": math.nan, "acc": math.nan}
+        val = evaluate(model, make_val(), precision, eval_micro_batch, task) if make_val else \
+            {k: math.nan for k in task.keys}
         for cb in callbacks:
             cb.after_eval(state)
         state.epoch += 1
         row = {"epoch": state.epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"],
+               **{f"val_{k}": val[k] for k in task.keys},
                "seconds": train["seconds"] + time.perf_counter() - t0,  # before a resume too
                "lr": optimizer.param_groups[-1]["lr"],  # the head's (the last group)
                **({"stage": state.stage} if state.stage else {})}
         state.history.append(row)
         log(f"epoch {state.epoch:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  ({row['seconds']:.1f}s)")
+            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+            + (f" mAP {row['val_map']:.4f}" if "val_map" in row else "") + f"  ({row['seconds']:.1f}s)")
         for cb in callbacks:
             cb.after_epoch(state, row)
     for cb in callbacks:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..heads import make_mlp
 from ..io import atomic_write, atomic_write_json
 from ..model import build_model
@@ -92,6 +93,9 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 def lr_find(cfg: RunConfig, out: Path) -> float:
     generator = seed_everything(cfg.train.seed)
     source, sets = load_data(cfg)
+    if source.multilabel:  # the range test steps a cross-entropy head
+        raise ConfigError(f"{cfg.data.labels}: multi-label data; lr-find measures the single-label "
+                          "(cross-entropy) loss: try a few rates with `graft train --early-stopping` instead")
     model, spec = build_model(cfg, source.classes)
     x = split_features(model, spec, cfg, source, sets["train"], "train")
     lrs, losses = lr_range_test(make_mlp(spec.feature_dim, spec.num_classes, cfg.head), x,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,15 +23,16 @@ from ..config import RunConfig
 from ..data.augment import make_augment
 from ..data.images import ImageSet
 from ..data.sources import Source
-from ..errors import GraftError
+from ..errors import ConfigError, GraftError
 from ..evaluation import finish_evaluation, validation_logits
 from ..heads import make_mlp
+from ..multilabel import DEFAULT_THRESHOLD, choose_thresholds
 from ..model import GraftedModel, ModelSpec, build_model, init_from_run, save_model
 from ..progress import log
 from ..run import RunResult, create_run, read_history, run_scope, write_environment
 from ..io import atomic_write_text
 from . import distributed
-from .balance import class_weights, epoch_order
+from .balance import class_weights, epoch_order, positive_weights
 from .callbacks import EarlyStopping, WeightEMA, build_callbacks, schedule
 from .tracking import trackers
 from .checkpoint import Checkpointer, checkpoint_epoch, checkpoint_meta, describe_position, load_checkpoint
@@ -39,7 +40,7 @@ from .distributed import Replicated, is_main, shard
 from ..features import chunk_size, device_of, image_batches, pick_device
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .inputs import load_data, seed_everything, split_features
-from .loop import Callback, State, feature_batches, fit, hard_loss, predict_logits
+from .loop import Callback, MultiLabel, State, Task, feature_batches, fit, hard_loss, predict_logits
 from .optim import make_optimizer
 
 
@@ -53,7 +54,7 @@ class Job:
     model: GraftedModel
     spec: ModelSpec
     generator: torch.Generator          # shuffling (its state is checkpointed)
-    loss_fn: Callable                   # the run's own loss: cross-entropy as configured
+    task: Task                          # the run's loss and scores: cross-entropy or, multi-label, BCE
     callbacks: list[Callback] = field(default_factory=list)  # the caller's and the config's
     test: bool = True                   # score the test split at the end (a search's trials do not)
 
@@ -111,7 +112,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Callback]) -> Job:
     if skipped and is_main():
         atomic_write_text(run_dir / "skipped.txt", "\n".join(skipped) + "\n")
         log(f"[yellow]skipped {len(skipped)} unreadable file(s), listed in {run_dir / 'skipped.txt'}[/]")
-    model, spec = build_model(cfg, source.classes)
+    model, spec = build_model(cfg, source.classes, source.multilabel)
     log(f"model: {spec.backbone} ({spec.weights_id}) at {spec.image_size}px, {spec.features} features "
         f"-> {spec.feature_dim} -> head {cfg.head.hidden} -> {spec.num_classes} classes")
     # Re-seed after building: random init of the head must not depend on how the backbone was made.
@@ -124,9 +125,24 @@ def _prepare(cfg: RunConfig, run_dir: Path, callbacks: list[Callback]) -> Job:
                      else torch.preserve_format)
     if device.type != "cpu":
         log(f"device: {device} ({torch.cuda.get_device_name(device)})")
-    weight = class_weights(sets["train"].labels, len(spec.classes), cfg.train.class_weights)
-    loss_fn = hard_loss(weight.to(device) if weight is not None else None, cfg.train.label_smoothing)
-    return Job(cfg, run_dir, source, sets, model, spec, generator, loss_fn, callbacks)
+    return Job(cfg, run_dir, source, sets, model, spec, generator, run_task(cfg, spec, sets["train"].labels, device),
+               callbacks)
+
+
+def run_task(cfg: RunConfig, spec: ModelSpec, train_labels: torch.Tensor, device) -> Task:
+    """The run's loss as configured: cross-entropy (class weights, label smoothing), or for a
+    multi-label run binary cross-entropy (train.class_weights=balanced: positive weights)."""
+    t = cfg.train
+    if not spec.multilabel:
+        weight = class_weights(train_labels, len(spec.classes), t.class_weights)
+        return Task(hard_loss(weight.to(device) if weight is not None else None, t.label_smoothing))
+    unsupported = [k for k, on in (("train.label_smoothing", t.label_smoothing), ("train.mixup", t.mixup),
+                                   ("train.cutmix", t.cutmix), ("train.sampler", t.sampler != "none")) if on]
+    if unsupported:  # each assumes one class per image
+        raise ConfigError(f"{unsupported[0]}: assumes one class per image; this label file is multi-label "
+                          "(leave it at its default)")
+    weight = positive_weights(train_labels, t.class_weights)
+    return MultiLabel(weight.to(device) if weight is not None else None)
 
 
 def _train(job: Job, resume: bool) -> RunResult:
@@ -139,15 +155,17 @@ def _train(job: Job, resume: bool) -> RunResult:
         logits = _finetune(job, None if resume and done >= t.epochs else state)
     if not is_main():  # rank 0 writes the model and the report
         return RunResult(job.run_dir)
-    save_model(job.model.cpu(), job.spec, job.run_dir)
+    model, spec = job.model.cpu(), job.spec
+    val = validation_logits(model, spec, job.cfg, job.sets["val"]) if job.test or spec.multilabel else None
+    if spec.multilabel:  # each label decided where its F1 on validation is highest; saved with the model
+        spec.thresholds = choose_thresholds(*val) if val is not None else [DEFAULT_THRESHOLD] * spec.num_classes
+    save_model(model, spec, job.run_dir)
     history = read_history(job.run_dir)
     if not job.test:
         return RunResult(job.run_dir, {}, history)
     cards = {k: v for cb in job.callbacks for k, v in cb.report_cards(job).items()}
     metrics = finish_evaluation(job.run_dir, job.cfg, job.spec, history, logits, job.sets["test"].labels,
-                                job.sets["test"], job.sets["train"],
-                                val=validation_logits(job.model, job.spec, job.cfg, job.sets["val"]),
-                                cards=cards or None)
+                                job.sets["test"], job.sets["train"], val=val, cards=cards or None)
     for cb in job.callbacks:
         cb.after_run(job, metrics)
     return RunResult(job.run_dir, metrics, history)
@@ -170,8 +188,8 @@ def _frozen_stage(job: Job, resume: bool) -> tuple[State, torch.Tensor | None]:
     on_the_fly = t.augment != "none" and not t.cache_views
     if t.cache_features and not on_the_fly:
         return state, _fit_on_features(job, stage, predict)
-    _stage_callbacks(job, stage, len(job.sets["train"]), EarlyStopping(model.mlp, job.run_dir, t.early_stopping,
-                                                                      t.monitor) if t.early_stopping else None)
+    _stage_callbacks(job, stage, len(job.sets["train"]), EarlyStopping(
+        model.mlp, job.run_dir, t.early_stopping, job.task.monitored(t.monitor)) if t.early_stopping else None)
     return state, _image_fit(job, FineTuneMode(model), stage, predict)
 
 
@@ -204,13 +222,14 @@ def _fit_on_features(job: Job, stage: Stage, predict: bool) -> torch.Tensor | No
     for cb in job.callbacks:
         train_x, labels, targets = cb.feature_rows(job, train_x, labels, targets)
     val_x = job.features("val") if len(job.sets["val"]) else None
-    _stage_callbacks(job, stage, len(labels), EarlyStopping(job.model.mlp, job.run_dir, t.early_stopping, t.monitor)
+    _stage_callbacks(job, stage, len(labels), EarlyStopping(job.model.mlp, job.run_dir, t.early_stopping,
+                                                            job.task.monitored(t.monitor))
                      if t.early_stopping else None)
     fit(Replicated(job.model.mlp), lambda: shard(feature_batches(train_x, labels, t.batch_size, job.generator,
                                                                  t.sampler, targets)),
         -(-len(labels) // t.batch_size),
         (lambda: feature_batches(val_x, job.sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
-        stage.optimizer, stage.epochs, stage.state, stage.callbacks, loss_fn=job.loss_fn)
+        stage.optimizer, stage.epochs, stage.state, stage.callbacks, task=job.task)
     if not predict or not is_main():
         return None
     views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
@@ -241,7 +260,7 @@ def _finetune(job: Job, state: State | None) -> torch.Tensor | None:
     for row in describe(model, groups, optimizer):
         log(f"  group {row['group']:<24} {row['params']:>9,} params  "
             f"{'trainable' if row['trainable'] else 'frozen':<9}  lr {row['lr']:.2e}")
-    stopper = EarlyStopping(model, job.run_dir, t.early_stopping, t.monitor, first_epoch=t.epochs,
+    stopper = EarlyStopping(model, job.run_dir, t.early_stopping, job.task.monitored(t.monitor), first_epoch=t.epochs,
                             name="best-finetune", weights=ema and ema.state) if t.early_stopping else None
     stage = Stage(optimizer, state, [], t.epochs + ft.epochs, batch_size, ft.augment)
     _stage_callbacks(job, stage, len(job.sets["train"]), stopper, [unfreezer, *([ema] if ema else [])], full=True)
@@ -298,8 +317,9 @@ def _image_fit(job: Job, module: FineTuneMode, stage: Stage, predict: bool) -> t
     fit(Replicated(module), lambda: shard(batches(sets["train"], True, stage.batch_size)),
         -(-len(sets["train"]) // stage.batch_size),
         (lambda: batches(sets["val"], False, t.eval_batch_size)) if len(sets["val"]) else None,
-        stage.optimizer, stage.epochs, state, stage.callbacks, job.cfg.backbone.precision, job.loss_fn,
-        micro_batch=chunk if t.micro_batch or not _batch_statistics(module) else 0, eval_micro_batch=chunk)
+        stage.optimizer, stage.epochs, state, stage.callbacks, job.cfg.backbone.precision,
+        micro_batch=chunk if t.micro_batch or not _batch_statistics(module) else 0, eval_micro_batch=chunk,
+        task=job.task)
     if not predict or not is_main():
         return None
     return predict_logits(job.model, batches(sets["test"], False, t.eval_batch_size), job.cfg.backbone.precision,

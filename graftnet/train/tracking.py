@@ -48,7 +48,9 @@ def scalars(d: dict, prefix: str = "") -> dict[str, float]:
 
 def final_scalars(metrics: dict) -> dict[str, float]:
     picked = {"accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"), **metrics.get("top_k", {}),
-              **{f"macro_{k}": v for k, v in (metrics.get("macro") or {}).items()}}
+              **{f"macro_{k}": v for k, v in (metrics.get("macro") or {}).items()},
+              # multi-label runs
+              "map": metrics.get("map"), "micro_f1": (metrics.get("micro") or {}).get("f1")}
     b = metrics.get("binary") or {}
     picked.update({"roc_auc": b.get("auc"), **{f"threshold_{k}": v for k, v in (b.get("threshold") or {}).items()
                                                 if k in ("sensitivity", "specificity", "value")}})
