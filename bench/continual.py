@@ -24,7 +24,9 @@ killed stage goes on after its last finished task (`--resume`):
   adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
            groups adapted on the first task only (3 epochs), then frozen
   extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge
-           and by replay (the run's head, 500 stored rows): the old classes' accuracy before and after
+           and NCM (the run's head kept for the old classes, the default; extend.json also scores
+           the prototype head alone) and by replay (the run's head, 500 stored rows): the old classes'
+           accuracy before and after
 
 The base config is recipes/paper-cifar10.yaml (multi-depth features, head 256, 10 epochs per task).
 Runs in-process with this tree's graftnet; logs in WORK/<stage>/.
@@ -99,7 +101,8 @@ def stage_extend(work: Path) -> dict:
     train_s = time.perf_counter() - t0
     before = json.loads((run / "test_metrics.json").read_text())["accuracy"]
     out = {"train_s": train_s, "five_class_test_acc": before}
-    for method in ("ridge", "replay"):   # closed form from both tasks' statistics; the run's head + 500 stored rows
+    # ridge, ncm: closed form from both tasks' statistics, the run's head kept; replay: the run's head + 500 stored rows
+    for method in ("ridge", "ncm", "replay"):
         t0 = time.perf_counter()
         name = "five-extended" if method == "ridge" else f"five-extended-{method}"
         if not (run.parent / name / "extend.json").is_file():

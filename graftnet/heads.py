@@ -184,6 +184,44 @@ def make_mlp(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
+class GatedHead(nn.Module):
+    """A finished run's head kept beside a prototype head for the classes added later (`graft extend`).
+
+    `old` is the run's MLP over its own `old_classes` classes; `proto` scores every class, old and
+    new. The logits are log-probabilities, with z = proto(x) * scales[1]:
+        old class c: log p(old | x) + log softmax(old(x) * scales[0])_c
+        new class c: log p(new | x) + log softmax(z_new)_c
+    where p(old | x) is the sum of softmax(z) over the old classes. Among the old classes the ranking
+    is the old MLP's (one shift per row), so the extension cannot change which old class a row is
+    given; the new classes are the prototype's. `scales` (inverse temperatures) are calibrated on
+    validation rows by the extension and saved with the weights: the architecture needs only the
+    number of old classes (model.json's `gate`).
+    """
+
+    def __init__(self, old: nn.Module, proto: nn.Module, old_classes: int):
+        super().__init__()
+        self.old, self.proto, self.old_classes = old, proto, old_classes
+        self.register_buffer("scales", torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.old_classes
+        old = torch.log_softmax(self.old(x) * self.scales[0], 1)
+        z = self.proto(x) * self.scales[1]
+        group = torch.log_softmax(torch.stack([z[:, :k].logsumexp(1), z[:, k:].logsumexp(1)], 1), 1)
+        return torch.cat([old + group[:, :1], torch.log_softmax(z[:, k:], 1) + group[:, 1:]], 1)
+
+
+def make_head(in_features: int, num_classes: int, cfg: HeadConfig, gate: dict | None = None) -> nn.Module:
+    """The head a model.json describes: the MLP of `cfg`, or with `gate` ({"old_classes": k,
+    "hidden": widths}) a GatedHead whose old MLP is `cfg`'s over the first k classes and whose
+    prototype head is an MLP of `hidden` (ReLU, no dropout) over all of them."""
+    if not gate:
+        return make_mlp(in_features, num_classes, cfg)
+    proto_cfg = HeadConfig(pool=cfg.pool, hidden=list(gate["hidden"]), activation="relu", dropout=0.0)
+    return GatedHead(make_mlp(in_features, gate["old_classes"], cfg),
+                     make_mlp(in_features, num_classes, proto_cfg), gate["old_classes"])
+
+
 class GraftedModel(nn.Module):
     def __init__(self, extractor: FeatureExtractor, pool: Pool, mlp: nn.Sequential):
         super().__init__()

@@ -17,7 +17,7 @@ from . import backbones
 from .config import MAX_IMAGE_SIZE, BackboneConfig, HeadConfig, RunConfig
 from .errors import GraftError
 from .fields import check_choices, from_dict
-from .heads import FeatureExtractor, GraftedModel, Pool, cut_backbone, make_mlp
+from .heads import FeatureExtractor, GraftedModel, Pool, cut_backbone, make_head
 from .io import atomic_write_json, save_tensors
 from .shapes import apply_shapes
 
@@ -41,6 +41,9 @@ class ModelSpec:
     # probability chosen on the validation split); absent in older model.json files: single-label
     multilabel: bool = False
     thresholds: list[float] = field(default_factory=list)
+    # `graft extend` keeping the run's head (heads.GatedHead): {"old_classes": k, "hidden": widths of
+    # the prototype head}; `head` then describes the kept MLP of the first k classes. Empty: an MLP.
+    gate: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +60,7 @@ def _assemble(timm_model, spec: ModelSpec) -> GraftedModel:
     head_cfg = HeadConfig(**spec.head)
     pool = Pool(head_cfg.pool)
     spec.feature_dim = _pooled_width(extractor, pool, spec)
-    model = GraftedModel(extractor, pool, make_mlp(spec.feature_dim, spec.num_classes, head_cfg))
+    model = GraftedModel(extractor, pool, make_head(spec.feature_dim, spec.num_classes, head_cfg, spec.gate))
     if spec.pruned:  # channel-pruned: shrink the stock layers to the saved sizes before loading
         apply_shapes(model, spec.pruned)
         spec.feature_dim = _pooled_width(extractor, pool, spec)
@@ -191,7 +194,7 @@ def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _check_fit(planned: dict, found: dict, spec: ModelSpec, spec_path: Path, weights_path: Path) -> None:
     said = (f"{len(spec.classes)} classes, {spec.features} features, head {spec.head.get('hidden')}, "
-            f"pool {spec.head.get('pool')}")
+            f"pool {spec.head.get('pool')}" + (f", gate {spec.gate}" if spec.gate else ""))
     for name, tensor in planned.items():
         want = tuple(tensor.shape)
         if found.get(name) != want:
@@ -270,6 +273,19 @@ def _spec_problem(raw: dict) -> str | None:
         return f"thresholds: expected {len(classes)} probabilities in [0, 1], one per class, found {_show(t)}"
     if raw["multi_taps"] < 1 or raw.get("cut", 0) < 0 or raw.get("feature_dim", 0) < 0:
         return "multi_taps must be at least 1, cut and feature_dim at least 0"
+    return _gate_problem(raw.get("gate", {}), len(classes))
+
+
+def _gate_problem(gate: dict, num_classes: int) -> str | None:
+    if not gate:
+        return None
+    k, hidden = gate.get("old_classes"), gate.get("hidden")
+    if set(gate) != {"old_classes", "hidden"} or not isinstance(k, int) or isinstance(k, bool) \
+            or not isinstance(hidden, list) or not all(isinstance(w, int) and not isinstance(w, bool)
+                                                       and 0 < w < 2**31 for w in hidden):
+        return f"gate: expected {{\"old_classes\": N, \"hidden\": [widths]}}, found {_show(gate)}"
+    if not 0 < k < num_classes:
+        return f"gate: old_classes {k} must be between 1 and {num_classes - 1} (the model has {num_classes} classes)"
     return None
 
 

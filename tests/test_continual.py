@@ -5,21 +5,26 @@ Learner tests use a synthetic task table (Gaussian class clusters as "features")
 backbone; command tests use generated images on the tiny random-weight backbone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from graftnet.cli import main
 from graftnet.config import resolve
 from graftnet.continual.data import TaskTable
-from graftnet.continual.learner import Learner, prototype_head
+from graftnet.continual.extend import _keeper
+from graftnet.continual.learner import Learner, prototype_head, score
 from graftnet.continual.methods import EWC, diagonal_fisher
 from graftnet.continual.tasks import ContinualSettings, Task, TaskSequence, check_tasks, split_tasks
 from graftnet.errors import ConfigError
+from graftnet.heads import make_mlp
+from graftnet.model import load_model
 
 from .conftest import TINY, make_folder
 
@@ -131,6 +136,55 @@ def test_prototype_heads_are_ordinary_mlps_with_the_same_predictions(tmp_path):
         assert head_cfg["hidden"] == ([32] if method == "ridge" else [])
 
 
+def _gated(tmp_path, table):
+    """A trained MLP over the table's first 3 classes, then a ridge over all 6 merged with it."""
+    torch.manual_seed(0)
+    old = make_mlp(table.dim, 3, cfg().head)
+    optimizer, rows = torch.optim.Adam(old.parameters(), 0.01), table.y["train"] < 3
+    for _ in range(100):
+        optimizer.zero_grad()
+        F.cross_entropy(old(table.x["train"][rows]), table.y["train"][rows]).backward()
+        optimizer.step()
+    learner, out = learn(tmp_path, "ridge", table=table, projection=32)
+    proto, proto_cfg = learner.final_head()
+    kept = {}
+    gated, head_cfg, changes = _keeper(table, old.eval(), 3, {"hidden": [32]}, kept)(proto, proto_cfg, out)
+    return old, proto, gated, changes, out, kept
+
+
+def test_kept_head_ranks_the_old_classes_as_the_run_and_learns_the_new_ones(tmp_path):
+    table = synthetic_table(n_tasks=2, per_task=3, spread=1.5)
+    old, proto, gated, changes, out, kept = _gated(tmp_path, table)
+    assert changes == {"gate": {"old_classes": 3, "hidden": [32]}}
+    x, y = table.x["test"], table.y["test"]
+    with torch.no_grad():
+        logits = gated(x)
+        # every row, old class or new: among the old outputs the run's MLP decides, unchanged
+        assert torch.equal(logits[:, :3].argmax(1), old(x).argmax(1))
+        assert torch.allclose(logits.logsumexp(1), torch.zeros(len(x)), atol=1e-5)
+        acc = (logits.argmax(1) == y).float().mean()
+        assert acc > 0.7 and acc >= (proto(x).argmax(1) == y).float().mean() - 0.05
+    # the record's last row scores the saved (gated) head; the prototype head's own row is kept apart
+    assert out["matrix"][-1] == score(table, logits, y, table.task["test"], "class", torch.ones(6, dtype=torch.bool))
+    assert out["prototype_last"] == kept["proto_after"] == \
+        score(table, proto(x), y, table.task["test"], "class", torch.ones(6, dtype=torch.bool))
+
+
+def test_kept_head_calibrates_its_gate_on_validation_rows_only(tmp_path):
+    table = synthetic_table(n_tasks=2, per_task=3, spread=1.5)
+    scales = _gated(tmp_path / "a", table)[2].scales
+    assert (scales > 0).all() and not torch.equal(scales, torch.ones(2))
+    g = torch.Generator().manual_seed(1)
+    noisy = dataclasses.replace(table, x={**table.x, "test": 100 * torch.randn(table.x["test"].shape, generator=g)})
+    assert torch.equal(_gated(tmp_path / "b", noisy)[2].scales, scales)   # test rows changed: same gate
+    moved = table.x["val"] + torch.randn(table.x["val"].shape, generator=g)
+    other = dataclasses.replace(table, x={**table.x, "val": moved})
+    assert not torch.equal(_gated(tmp_path / "c", other)[2].scales, scales)
+    no_new = dataclasses.replace(table, y={**table.y, "val": table.y["val"].clamp(max=2)})
+    with pytest.raises(ConfigError, match="validation images of the old and the new classes"):
+        _gated(tmp_path / "d", no_new)
+
+
 def test_split_and_task_checks_give_one_line():
     tasks = split_tasks(list("abcdef"), 3, seed=1)
     assert sorted(c for t in tasks for c in t.classes) == list("abcdef") and all(len(t.classes) == 2 for t in tasks)
@@ -214,11 +268,28 @@ def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
     ext = tmp_path / "runs" / "ext"
     spec = json.loads((ext / "model.json").read_text())
     assert spec["classes"] == ["b", "c", "d", "a", "e"]   # old indices stay, new classes after them
+    # ridge keeps the run's head by default: its MLP, then the prototype head of 3072 random features
+    assert spec["gate"] == {"old_classes": 3, "hidden": [3072]} and spec["head"]["hidden"] == [32]
     out = json.loads((ext / "extend.json").read_text())
     assert out["new_classes"] == ["a", "e"] and out["new_acc_after"] > 0.5
     # fewer competing outputs can only keep or add correct answers
     assert out["old_acc_after_among_old"] >= out["old_acc_after"]
+    # among the old classes the extended model answers as the run did, on any image
+    assert out["keep_old_head"] and out["old_acc_after_among_old"] == out["old_acc_before"]
+    assert set(out["prototype_alone"]) == {"old_acc_after", "new_acc_after", "old_acc_after_among_old", "acc_after"}
+    (before, _), (after, _) = load_model(run), load_model(ext)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(after(x)[:, :3].argmax(1), before(x).argmax(1))
+        assert torch.allclose(after(x).logsumexp(1), torch.zeros(16), atol=1e-5)   # log-probabilities
     assert (ext / "report.html").is_file()
+    assert main(["predict", str(ext), str(full / "test" / "a")]) == 0
+    assert main(["export", str(ext)]) == 0   # the gated head exports and ONNX Runtime agrees with torch
+    capsys.readouterr()
+    assert main(["extend", str(ext), "--data", str(full), "--name", "ext3"]) == 2
+    assert "is an extended run already" in "".join(capsys.readouterr())
+    assert main(["extend", str(run), "--data", str(new), "--method", "replay", "--keep-old-head", "--name", "x"]) == 2
+    assert "only with ridge or ncm" in "".join(capsys.readouterr()) and not (tmp_path / "runs" / "x").exists()
     assert main(["evaluate", str(ext), "--data", str(full)]) == 0
     scored = json.loads((ext / "evaluations" / "full" / "test_metrics.json").read_text())
     recall = {r["class"]: r["recall"] for r in scored["per_class"]}

@@ -103,6 +103,12 @@ SPEC_EDITS = {
     "huge pruned tensor": (lambda s: s.update(pruned={"mlp.0": {"tensors": {"weight": [10**7, 10**7]}}}),
                            ["mlp.0.weight", "(10000000, 10000000)"]),
     "dropout 2": (lambda s: s["head"].update(dropout=2), ["head.dropout"]),
+    # the gated head of `graft extend` (heads.GatedHead)
+    "gate not a mapping": (lambda s: s.update(gate=[1]), ["gate", "JSON object"]),
+    "gate of every class": (lambda s: s.update(gate={"old_classes": 3, "hidden": []}), ["gate", "old_classes 3"]),
+    "gate unknown key": (lambda s: s.update(gate={"old_classes": 1, "hidden": [], "bias": 0}), ["gate", "'bias'"]),
+    "gate on an MLP's weights": (lambda s: s.update(gate={"old_classes": 2, "hidden": []}),
+                                 ["gate {'old_classes': 2", "mlp.scales", "lacks it"]),
 }
 
 

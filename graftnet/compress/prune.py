@@ -278,6 +278,9 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
     settings.check()
     run = Run(run_dir)
     model, spec, s = run.model, run.spec, settings
+    if spec.gate:   # its prototype head's statistics belong to the unpruned backbone's features
+        raise ConfigError(f"prune: {run.dir} was extended with new classes (`graft extend`); prune the "
+                          "original run, then extend the pruned one")
     shapes_before = module_shapes(model)
     if saved:
         before = saved["before"]

@@ -110,10 +110,12 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: RunConfig, backbone: tuple,
-             run_dir: Path, seq: TaskSequence, preset=None) -> tuple[dict, nn.Module | None]:
+             run_dir: Path, seq: TaskSequence, preset=None, finish=None) -> tuple[dict, nn.Module | None]:
     """One method and seed, learned (or read back when finished before) and saved as a run folder:
     its record (continual.json) and final head (None when read back). `preset`: a finished run's
-    head that counts as having learned the first task (extend)."""
+    head that counts as having learned the first task (extend). `finish(head, head_cfg, out)`: the
+    head that is saved instead of the learner's, its head config and model.json changes; it may
+    rescore out's last matrix rows, which the record then holds (extend --keep-old-head)."""
     done = run_dir / "continual.json"
     if done.is_file():
         log(f"{run_dir.name}: done before, read from {done}")
@@ -121,6 +123,10 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
     learner = Learner(table, method, seed, settings, cfg, run_dir, base=backbone[0])
     learner.preset = preset
     out = learner.run()
+    head, head_cfg = learner.final_head()
+    spec_changes = {}
+    if finish is not None:
+        head, head_cfg, spec_changes = finish(head, head_cfg, out)
     sizes = [int((table.task["test"] == i).sum()) for i in range(len(table.task_cols))]
     metrics = summarize(out["matrix"], out["initial"], sizes)
     val_sizes = [int((table.task["val"] == i).sum()) for i in range(len(table.task_cols))]
@@ -129,7 +135,6 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
               "task_classes": [t.classes for t in seq.tasks], "classes": table.classes, **out, "metrics": metrics,
               "val_metrics": val_metrics,
               "total_seconds": sum(out["seconds"])}
-    head, head_cfg = learner.final_head()
     run_cfg = replace(cfg, head=HeadConfig(**head_cfg), name=run_dir.name, out=str(run_dir.parent),
                       data=replace(cfg.data, path=seq.data), train=replace(cfg.train, seed=seed))
     model, spec = backbone   # the backbone the features came from, with this run's head
@@ -137,7 +142,7 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
         model = head.into(model)
     else:
         model.mlp = head
-    save_model(model.cpu(), replace(spec, classes=list(table.classes), head=head_cfg), run_dir)
+    save_model(model.cpu(), replace(spec, classes=list(table.classes), head=head_cfg, **spec_changes), run_dir)
     save_yaml(run_cfg, run_dir / "config.yaml", header=f"continual run: {method}, seed {seed}")
     write_environment(run_dir, seed)
     write_history(run_dir, learner.history)

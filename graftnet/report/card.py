@@ -51,11 +51,15 @@ def render_card(name: str, spec: dict, cfg: dict, metrics: dict, history: list[d
     lo, hi = metrics["accuracy_ci95"]
     head = spec.get("head", {})
     hidden = " → ".join(f"Dense {w} {head.get('activation', 'relu')}" for w in head.get("hidden", []))
+    gate = spec.get("gate") or {}   # graft extend kept the run's head (heads.GatedHead): it has k outputs
     arch = (f"{spec['backbone']} (timm `{spec['timm_name']}`, weights `{spec['weights_id']}`), "
             f"{spec['features']} features, {head.get('pool', 'avg')} pooling → "
             + (f"{hidden} → " if hidden else "")
             + (f"Dropout {head['dropout']:g} → " if hidden and head.get("dropout") else "")
-            + f"Dense {len(classes)}")
+            + f"Dense {gate.get('old_classes', len(classes))}")
+    if gate:
+        arch += (f" for the first {gate['old_classes']} classes, beside a prototype head (`graft extend`) that "
+                 f"adds the other {len(classes) - gate['old_classes']} and chooses between the two groups")
     train, ft = cfg["train"], cfg["finetune"]
     epochs = [r for r in history if "epoch" in r]
     stage2 = (f"; then {ft['epochs']} epochs fine-tuning backbone groups ({ft['unfreeze']}) at "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..config import KEYS, RunConfig
 from ..errors import ConfigError
-from ..fields import suggest
+from ..fields import printable, suggest
 
 TYPES = ("float", "int", "categorical", "bool", "layers")
 # what a trial does to its trained model before it is judged (trial.py); keys beside the config's
@@ -38,7 +38,7 @@ def check_space(space: dict) -> dict:
             raise ConfigError(f"search space: {key}: needs type: {' or '.join(STEPS[key])}")
         if key not in KEYS and key not in STEPS:
             near = suggest(key, [*KEYS, *STEPS])
-            raise ConfigError(f"search space: unknown config key {key}"
+            raise ConfigError(f"search space: unknown config key {printable(key)}"
                               + (f"; did you mean {near}?" if near else ""))
         if not isinstance(entry, dict) or entry.get("type") not in TYPES:
             raise ConfigError(f"search space: {key}: needs type: one of {', '.join(TYPES)}")
