@@ -1,6 +1,7 @@
-"""Multi-label CIFAR-10 mosaics: mAP and per-label F1 of a head on the frozen, embedded Lite0.
+"""Multi-label CIFAR-10 mosaics: mAP and per-label F1 of a head on the frozen, embedded Lite0, and
+of the same run fine-tuned.
 
-    python bench/multilabel.py [--mosaics 3000] [--epochs 10] [--image-size 128]
+    python bench/multilabel.py [--mosaics 3000] [--epochs 10] [--image-size 128] [--finetune-epochs 4]
 
 Each mosaic is a 2x2 grid of four CIFAR-10 images (64x64 px), labelled with the classes it shows
 (one to four distinct labels), listed in a labels.csv beside them: `graft train --data DIR --labels
@@ -8,8 +9,9 @@ labels.csv` on it trains a sigmoid per class. The set is built once under --work
 mosaic already written is not made again; labels.csv is written last, by rename, so a set with a
 labels.csv is whole); a run already finished is read back, one that was killed goes on with
 --resume. Writes bench/results/multilabel.json (temp file + rename): the command, machine, date and
-commit, the set's size and label frequencies, the test mAP, macro/micro F1 and each label's AP,
-ROC-AUC, F1 and threshold (chosen on the validation split).
+commit, the set's size and label frequencies, and per run (frozen; fine-tuned: the top groups of
+the backbone trained --finetune-epochs more, 0 skips it) the test mAP, macro/micro F1 and each
+label's AP, ROC-AUC, F1 and threshold (chosen on the validation split).
 """
 from __future__ import annotations
 
@@ -76,8 +78,8 @@ def build(data: Path, cifar: Path, n: int, seed: int = 0) -> dict[str, int]:
     return build(data, cifar, n, seed)
 
 
-def run(data: Path, work: Path, args) -> Path:
-    name = f"mosaics{args.mosaics}-e{args.epochs}-{args.image_size}px"
+def run(data: Path, work: Path, args, finetune_epochs: int = 0) -> Path:
+    name = f"mosaics{args.mosaics}-e{args.epochs}-{args.image_size}px" + (f"-ft{finetune_epochs}" if finetune_epochs else "")
     run_dir = work / "runs" / name
     if (run_dir / "test_metrics.json").is_file():
         return run_dir
@@ -85,8 +87,22 @@ def run(data: Path, work: Path, args) -> Path:
         return train(None, resume=run_dir).run_dir
     cfg = resolve(None, {"data.path": str(data), "data.labels": "labels.csv", "name": name,
                          "out": str(work / "runs"), "train.epochs": args.epochs,
-                         "backbone.image_size": args.image_size, "train.early_stopping": 3})
+                         "backbone.image_size": args.image_size, "train.early_stopping": 3,
+                         **({"finetune.epochs": finetune_epochs} if finetune_epochs else {})})
     return train(cfg).run_dir
+
+
+def scores(run_dir: Path, seconds: float) -> dict:
+    m = json.loads((run_dir / "test_metrics.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {
+        "run": str(run_dir), "split_sizes": m["split_sizes"], "epochs_run": len(history),
+        "fine_tuning_epochs": sum(r.get("stage") == "fine-tuning" for r in history),
+        "test": {"map": m["map"], "macro_f1": m["macro"]["f1"], "micro_f1": m["micro"]["f1"],
+                 "macro_auc": m["macro"]["auc"], "exact_match": m["exact_match"]},
+        "per_label": {r["class"]: {k: r[k] for k in ("ap", "auc", "f1", "precision", "recall", "threshold",
+                                                       "support")} for r in m["per_label"]},
+        "seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -94,6 +110,7 @@ def main() -> None:
     p.add_argument("--mosaics", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--finetune-epochs", type=int, default=4, help="0: the frozen run only")
     p.add_argument("--cifar", type=Path, help="the CIFAR-10 JPEG ZIP (default: the shared copy)")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "graftnet" / "bench" / "multilabel")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multilabel.json")
@@ -105,26 +122,23 @@ def main() -> None:
         sys.exit(f"{cifar}: the mosaics are made from the CIFAR-10 JPEG ZIP copy; pass it with --cifar")
     frequency = build(data, cifar, args.mosaics)
     built = time.perf_counter() - t0
-    run_dir = run(data, args.work, args)
-    m = json.loads((run_dir / "test_metrics.json").read_text())
     result = {
         "command": "python " + shlex.join(["bench/multilabel.py", *sys.argv[1:]]),
-        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(),
-        "backbone": "efficientnet_lite0 (frozen, embedded ImageNet weights)", "image_size": args.image_size,
-        "mosaics": args.mosaics, "label_frequency": frequency, "split_sizes": m["split_sizes"],
-        "epochs_run": len([line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]),
-        "test": {"map": m["map"], "macro_f1": m["macro"]["f1"], "micro_f1": m["micro"]["f1"],
-                 "macro_auc": m["macro"]["auc"], "exact_match": m["exact_match"]},
-        "per_label": {r["class"]: {k: r[k] for k in ("ap", "auc", "f1", "precision", "recall", "threshold",
-                                                       "support")} for r in m["per_label"]},
-        "seconds": {"build_set": round(built, 1), "total": round(time.perf_counter() - t0, 1)},
-        "run": str(run_dir),
-    }
+        "machine": machine(), "commit": commit(),
+        "backbone": "efficientnet_lite0 (embedded ImageNet weights)", "image_size": args.image_size,
+        "mosaics": args.mosaics, "label_frequency": frequency, "seconds_build_set": round(built, 1), "runs": {}}
+    for kind, epochs in (("frozen", 0), ("fine-tuned", args.finetune_epochs)):
+        if kind == "fine-tuned" and not epochs:
+            continue
+        t = time.perf_counter()
+        result["runs"][kind] = scores(run(data, args.work, args, epochs), time.perf_counter() - t)
+        result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(kind, json.dumps(result["runs"][kind]["test"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".part")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.out)
-    print(json.dumps(result["test"]), f"-> {args.out}")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
