@@ -10,7 +10,7 @@ bench/results/streaming.json, written after every measurement):
 
 - data: the 60,000 JPEGs, once, under bench/.work/streaming.
 - decode: images per second of the first decoding pass in threads and in worker processes
-  (data/decoding.py), for the 256 px JPEGs at 224 px and CIFAR's 32 px JPEGs: sets PROCESSES_FROM.
+  (data/decoding.py), for the 256 px JPEGs at 224 px and CIFAR's 32 px JPEGs: sets data.decode_in's default.
 - memory: for each training-set size (max_per_class = size / 10), `graft train` at 224 px on the
   frozen backbone (features cached in a first run), then the first fine-tuning steps, each with
   `data.in_memory` yes (the path before records: every decoded image in memory) and no (records
@@ -91,18 +91,17 @@ def make_data() -> Path:
 
 
 def decode_stage(results: dict, data: Path) -> None:
-    from graftnet.data import decoding
     from graftnet.data.images import load_images, make_splits
     from graftnet.data.sources import open_source
     rows = results.setdefault("decode", {})
     for name, location, size in (("256px JPEG at 224", str(data), 224), ("CIFAR 32px JPEG (ZIP)", str(CIFAR), 128)):
         source = open_source(location)
         samples = make_splits(source, 0.1, 0.2, 0, max_per_class=800)["train"]
-        for how, start in (("threads", 10 ** 12), ("processes", 1)):
-            decoding.PROCESSES_FROM = start
+        for how in ("threads", "processes"):
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                images = load_images(source, samples, size, workers=2, records=Path(tmp) / "r.records")
+                images = load_images(source, samples, size, workers=2, records=Path(tmp) / "r.records",
+                                     processes=how == "processes")
                 seconds = time.perf_counter() - t0
             rows.setdefault(name, {})[how] = {"images": len(images), "seconds": round(seconds, 2),
                                               "images_per_s": round(len(images) / seconds, 1)}

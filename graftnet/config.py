@@ -62,7 +62,10 @@ class DataConfig:
                                        "split (quick experiments, tests)")
     skip_bad: bool = option(False, help="skip unreadable images and list them in the run instead "
                             "of failing")
-    workers: int = option(2, cli=False, help="decoding threads")
+    workers: int = option(2, cli=False, help="decoding threads (or processes: decode_in)")
+    # data/decoding.py: threads were faster on a 2-core CPU; processes isolate a decoder's memory
+    decode_in: str = option("threads", choices=("threads", "processes"), cli=False,
+                            help="decode in threads of this process or in worker processes")
     cache_decoded: bool = option(True, cli=False, help="keep decoded images in the cache folder for "
                                  "the next run")
     # data/decoded.py: auto holds them in memory where they take at most a quarter of what is free

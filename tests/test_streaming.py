@@ -66,13 +66,17 @@ def test_records_hold_the_pixels_memory_holds(tmp_path):
 
 
 def test_processes_decode_what_threads_decode_from_a_zip(tmp_path, monkeypatch):
+    """`data.decode_in: processes`: DataLoader workers, each with its own handle on the archive."""
     archive = zip_folder(make_folder(tmp_path / "data", n=40), tmp_path / "data.zip")
     source = open_source(str(archive))
     samples = _samples(source)
     threads = load_images(source, samples, 24, workers=2)
-    monkeypatch.setattr(decoding, "PROCESSES_FROM", 1)
     monkeypatch.setattr(decoding, "CHUNK", 7)  # many hand-overs, a short last one
-    procs = load_images(source, samples, 24, workers=2, records=tmp_path / "p.records")
+    seen = []
+    real = decoding._in_processes
+    monkeypatch.setattr(decoding, "_in_processes", lambda *a: seen.append(1) or real(*a))
+    procs = load_images(source, samples, 24, workers=2, records=tmp_path / "p.records", processes=True)
+    assert seen
     assert procs.keys == threads.keys
     assert all(torch.equal(a, b) for a, b in zip(procs.images, threads.images))
     # the parent's archive still reads after the workers read theirs

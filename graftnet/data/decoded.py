@@ -34,11 +34,11 @@ _scratch: list[Path] = []
 
 def load_images_cached(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool,
                        workers: int, progress, gray: bool, cache_dir: Path | None,
-                       in_memory: str = "auto") -> ImageSet:
+                       in_memory: str = "auto", processes: bool = False) -> ImageSet:
     """load_images, through the record cache in cache_dir/decoded (None: records in a temporary
     folder removed at exit), placed in memory or left on disk by `in_memory`."""
     if not samples or (cache_dir is None and in_memory == "yes"):
-        return load_images(source, samples, size, skip_bad, workers, progress, gray)
+        return load_images(source, samples, size, skip_bad, workers, progress, gray, processes=processes)
     folder = (Path(cache_dir) if cache_dir is not None else _scratch_dir()) / "decoded"
     key = _key(source, samples, size, gray, skip_bad)
     data, index = folder / f"{key}.records", folder / f"{key}.index.safetensors"
@@ -48,10 +48,11 @@ def load_images_cached(source: Source, samples: list[tuple[str, int]], size: int
             progress(len(samples))
     else:
         try:
-            images = load_images(source, samples, size, skip_bad, workers, progress, gray, records=data)
+            images = load_images(source, samples, size, skip_bad, workers, progress, gray, records=data,
+                                 processes=processes)
         except OSError as e:  # no room for the records: decode into memory, as before there were any
             log(f"[yellow]decoded images not written to {folder} ({e}); the run goes on with them in memory[/]")
-            return load_images(source, samples, size, skip_bad, workers, None, gray)
+            return load_images(source, samples, size, skip_bad, workers, None, gray, processes=processes)
         try:
             _write(index, images, samples)
         except OSError as e:
@@ -66,7 +67,8 @@ def decode_split(source: Source, samples, size: int, data, cache_dir: str | None
     from ..io import cache_root
     return load_images_cached(source, samples, size, data.skip_bad if skip_bad is None else skip_bad,
                               data.workers, progress, data.grayscale,
-                              cache_root(cache_dir) if data.cache_decoded else None, data.in_memory)
+                              cache_root(cache_dir) if data.cache_decoded else None, data.in_memory,
+                              data.decode_in == "processes")
 
 
 def placed(images: ImageSet, in_memory: str) -> ImageSet:

@@ -5,11 +5,13 @@ whatever the number of images: the caller writes each to memory or to a record f
 (records.py) and drops it. A chunk travels as one buffer of records laid end to end, which the
 record file takes as it is.
 
-Worker processes are torch's DataLoader (the decoding and cropping run there, as torchvision's and
-timm's loaders do); threads are the same work in this process. PIL releases the GIL while it
-decodes and resizes, so threads scale too; processes keep the decoder's allocations (a large scan
-is hundreds of MB for a moment) out of the training process. Which one runs is `PROCESSES_FROM`,
-set by measurement (bench/streaming.py).
+Threads (the default, `data.decode_in: threads`) do the work in this process; PIL releases the GIL
+while it decodes and resizes, so they scale. Worker processes (`processes`) are torch's DataLoader,
+as torchvision's and timm's loaders use: they keep a decoder's allocations (a large scan is
+hundreds of MB for a moment) out of the training process, and serve a decoder that holds the GIL.
+Threads are the default by measurement (bench/streaming.py, BENCHMARKS.md "Data larger than
+memory"): on this project's 2-core CPU they decoded 256 px JPEGs 1.15x and CIFAR's 32 px JPEGs 2.2x
+faster than two worker processes, which pay for handing every chunk across.
 """
 from __future__ import annotations
 
@@ -23,8 +25,7 @@ from ..errors import DataError
 from .pixels import decode, square_array
 from .sources import Source
 
-CHUNK = 64             # images a worker decodes per hand-over
-PROCESSES_FROM = 4096  # images; fewer decode in threads: starting processes would cost more than they gain
+CHUNK = 64  # images a worker decodes per hand-over
 
 
 def decode_chunk(source: Source, items, size: int, gray: bool) -> tuple[np.ndarray, list[int], list[str | None]]:
@@ -42,10 +43,10 @@ def decode_chunk(source: Source, items, size: int, gray: bool) -> tuple[np.ndarr
     return (np.concatenate(arrays) if arrays else np.empty(0, np.uint8)), sides, errors
 
 
-def decoded_chunks(source: Source, samples, size: int, gray: bool, workers: int):
+def decoded_chunks(source: Source, samples, size: int, gray: bool, workers: int, processes: bool = False):
     """Yield (chunk of samples, decode_chunk's result) in sample order."""
     chunks = [samples[i:i + CHUNK] for i in range(0, len(samples), CHUNK)]
-    if workers > 1 and len(samples) >= PROCESSES_FROM:
+    if processes and len(chunks) > 1:
         yield from _in_processes(source, chunks, size, gray, workers)
         return
     with ThreadPoolExecutor(max(1, workers)) as pool:

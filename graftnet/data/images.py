@@ -51,13 +51,15 @@ def square_uint8(img: Image.Image, max_size: int) -> torch.Tensor:
 
 
 def load_images(source: Source, samples: list[tuple[str, int]], size: int, skip_bad: bool = False,
-                workers: int = 2, progress=None, gray: bool = False, records: Path | None = None) -> ImageSet:
+                workers: int = 2, progress=None, gray: bool = False, records: Path | None = None,
+                processes: bool = False) -> ImageSet:
     """Decode `samples` into uint8 squares. `records`: write them to that record file as they are
-    decoded and read them from it per batch (data/records.py), instead of holding them in memory."""
+    decoded and read them from it per batch (data/records.py), instead of holding them in memory.
+    `processes`: decode in `workers` worker processes instead of threads (data/decoding.py)."""
     writer = RecordWriter(records) if records is not None else None
     blocks, labels, keys, skipped = [], [], [], []
     try:
-        for chunk, (blob, sides, errors) in decoded_chunks(source, samples, size, gray, workers):
+        for chunk, (blob, sides, errors) in decoded_chunks(source, samples, size, gray, workers, processes):
             for (key, label), err in zip(chunk, errors):
                 if err is None:
                     labels.append(label)
