@@ -1,7 +1,7 @@
 """Benchmark of continual learning on Split CIFAR-10 (5 tasks of 2 classes), frozen Lite0 at 128 px.
 
-    python bench/continual.py [--work DIR] [--stages class,orders,linear,task,extend] [--redo STAGE]
-        [--seeds 0,1,2] [--out bench/results/continual.json]
+    python bench/continual.py [--work DIR] [--cache-dir DIR] [--stages class,orders,linear,task,extend]
+        [--redo STAGE] [--seeds 0,1,2] [--out bench/results/continual.json]
 
 Stages, each a `graft continual` folder (or an extend run) under WORK, written to the JSON as soon
 as it ends (temp file, then rename) and skipped on the next start when its result is there; a
@@ -23,6 +23,10 @@ killed stage goes on after its last finished task (`--resume`):
            on a quiet machine: their wall time with the features cached (target: a run within 60 s)
   adapt    ridge and NCM on the final features (`last`), frozen, against the same with the top 2
            groups adapted on the first task only (3 epochs), then frozen
+  within   class-incremental ridge, NCM and joint training (the recipe's head) again, --seeds, at the
+           current defaults: each run's within-task matrix (a task's test images scored among its own
+           classes only) and its forgetting beside the Avalanche forgetting, which scores them among
+           every class seen so far
   extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge
            and NCM (the run's head kept for the old classes, the default; extend.json also scores
            the prototype head alone) and by replay (the run's head, 500 stored rows): the old classes'
@@ -53,6 +57,9 @@ CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 ALL_METHODS = ["naive", "ewc", "lwf", "replay", "ncm", "ridge", "joint"]
 
 
+CACHE: Path | None = None   # --cache-dir: the feature cache (default WORK/cache)
+
+
 def continual(work: Path, name: str, methods: list[str], seeds: list[int], scenario: str = "class",
               order_seeds=None, overrides: dict | None = None, **settings) -> dict:
     from graftnet.config import resolve
@@ -60,7 +67,8 @@ def continual(work: Path, name: str, methods: list[str], seeds: list[int], scena
     from graftnet.continual.tasks import ContinualSettings, TaskSequence, split_tasks
     from graftnet.data.sources import open_source
     folder = work / name
-    cfg = resolve(RECIPE, {"data.path": str(CIFAR_ZIP), "cache_dir": str(work / "cache"), **(overrides or {})})
+    cfg = resolve(RECIPE, {"data.path": str(CIFAR_ZIP), "cache_dir": str(CACHE or work / "cache"),
+                           **(overrides or {})})
     classes = open_source(cfg.data.path).classes
     sequences = {("given" if s is None else f"o{s}"): TaskSequence(cfg.data.path, split_tasks(classes, 5, s))
                  for s in (order_seeds or [None])}
@@ -129,7 +137,11 @@ def main() -> None:
     p.add_argument("--ewc-lambdas", default="100,10000,1000000", help="taskft: EWC strengths, one folder each")
     p.add_argument("--ft-seeds", default="0,1", help="taskft: seeds (each run trains the backbone's top)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default WORK/cache); features cached by "
+                   "another work folder or by graft itself (~/.cache/graftnet) are read, not recomputed")
     a = p.parse_args()
+    global CACHE
+    CACHE = a.cache_dir
     seeds = [int(s) for s in a.seeds.split(",")]
     results = json.loads(a.out.read_text()) if a.out.is_file() else {}
     results.update({"command": "python bench/continual.py " + " ".join(sys.argv[1:]), "machine": machine(),
@@ -147,6 +159,7 @@ def main() -> None:
         "taskft": lambda: stage_taskft(a.work, [int(v) for v in a.ft_seeds.split(",")],
                                        [float(v) for v in a.ewc_lambdas.split(",")]),
         "prototypes": lambda: continual(a.work, "prototypes", ["ncm", "ridge"], seeds),
+        "within": lambda: continual(a.work, "within", ["ridge", "ncm", "joint"], seeds),
         "combos": lambda: {"class": continual(a.work, "combos", ["online_ewc", "ewc+replay", "lwf+replay"], seeds),
                            "task": continual(a.work, "combos-task", ["online_ewc"], seeds, "task")},
     }

@@ -21,6 +21,7 @@ from graftnet.continual.data import TaskTable
 from graftnet.continual.extend import _keeper
 from graftnet.continual.learner import Learner, prototype_head, score
 from graftnet.continual.methods import EWC, diagonal_fisher
+from graftnet.continual.metrics import summarize
 from graftnet.continual.tasks import ContinualSettings, Task, TaskSequence, check_tasks, split_tasks
 from graftnet.errors import ConfigError
 from graftnet.heads import make_mlp
@@ -72,6 +73,37 @@ def test_task_incremental_scores_each_task_among_its_own_outputs(tmp_path):
     _, naive = learn(tmp_path, "naive", scenario="task")
     # with the task known, the newest task's training cannot make old rows pick new outputs
     assert naive["matrix"][-1][0] > 0.8
+    # its matrix is within-task already: no second one
+    assert "within_matrix" not in naive
+
+
+def overlapping_table(seed: int = 0) -> TaskTable:
+    """Two tasks whose classes lie pairwise close: class 2 beside class 0, class 3 beside class 1,
+    the pairs far apart. Within a task the classes are easy; among all four, the new ones compete."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.eye(8)
+    centres = torch.stack([4 * e[0], -4 * e[0], 4 * e[0] + 0.5 * e[1], -4 * e[0] + 0.5 * e[1]])
+    x, y, task = {}, {}, {}
+    for split, n in (("train", 60), ("val", 20), ("test", 40)):
+        labels = torch.arange(4).repeat_interleave(n)
+        x[split] = centres[labels] + 0.7 * torch.randn(len(labels), 8, generator=g)
+        y[split], task[split] = labels, labels // 2
+    return TaskTable(x, y, task, [f"c{i}" for i in range(4)], ["t0", "t1"], [torch.arange(0, 2), torch.arange(2, 4)])
+
+
+@pytest.mark.parametrize("method", ["ridge", "ncm", "naive"])
+def test_within_task_matrix_separates_competing_classes_from_forgetting(tmp_path, method):
+    _, out = learn(tmp_path, method, table=overlapping_table(), projection=64)
+    within, matrix = out["within_matrix"], out["matrix"]
+    assert len(within) == len(matrix) == 2 and all(len(r) == 2 for r in within)
+    # after the first task only its classes are visible: the same number either way
+    assert within[0][0] == matrix[0][0]
+    plain, inside = summarize(matrix), summarize(within)
+    # the new classes take the old task's rows among all four (ridge, NCM: a third of them; naive
+    # training on the new task alone: all), not among its own two
+    assert plain["forgetting"] > 0.3 and inside["forgetting"] <= 0.02
+    assert inside["forgetting"] <= plain["forgetting"]
+    assert inside["forgetting_max"] >= inside["forgetting"] and inside["bwt"] == -inside["forgetting"]
 
 
 def test_ewc_keeps_weights_near_the_old_task_and_its_penalty_is_zero_at_the_anchor(tmp_path):
@@ -114,13 +146,14 @@ def test_a_run_resumed_after_a_task_equals_one_never_stopped(tmp_path, method):
     part = Learner(table, method, 0, s, cfg(), tmp_path / "part")
     part.initial = part.evaluate(-1)
     part.learn_task(0)   # "killed" after its first task was saved
-    part.matrix.append(part.evaluate(0))
+    part.matrix.append(part.evaluate(0, within=part.within_matrix))
     part.val_matrix.append(part.evaluate(0, "val"))
     part.seconds.append(0.0)
     part._save()
     again = Learner(table, method, 0, s, cfg(), tmp_path / "part")
     out = again.run()
     assert out["matrix"] == whole.matrix and out["val_matrix"] == whole.val_matrix
+    assert out["within_matrix"] == whole.within_matrix and len(whole.within_matrix) == 3
     a, b = load_file(str(tmp_path / "whole" / "continual_state.safetensors")), \
         load_file(str(tmp_path / "part" / "continual_state.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -217,6 +250,17 @@ def test_graft_continual_writes_runs_a_summary_and_a_report(tmp_path, capsys):
     run = folder / "runs" / "ridge-s1"
     record = json.loads((run / "continual.json").read_text())
     assert len(record["matrix"]) == 2 and record["seed"] == 1
+    # class-incremental: the within-task matrix and its metrics beside the accuracy matrix's
+    assert len(record["within_matrix"]) == 2 and record["within_matrix"][0][0] == record["matrix"][0][0]
+    assert record["within_metrics"] == summarize(record["within_matrix"], None, [12, 12])
+    within = summary["methods"]["ridge"]["within_metrics"]
+    assert within["forgetting"]["n"] == 2 and set(within) >= {"forgetting", "bwt", "forgetting_max"}
+    assert within["forgetting"]["mean"] == pytest.approx(
+        sum(json.loads((folder / "runs" / f"ridge-s{s}" / "continual.json").read_text())["within_metrics"]
+            ["forgetting"] for s in (0, 1)) / 2)
+    page = (folder / "report.html").read_text()
+    assert "forgetting within task" in page and "among its own classes only" in page
+    assert "forgetting within task" in (run / "report.html").read_text()
     assert main(["predict", str(run), str(data / "test" / "a")]) == 0
     assert main(["evaluate", str(run)]) == 0   # the run folder is an ordinary run
     capsys.readouterr()
@@ -327,3 +371,16 @@ def test_top_groups_train_the_backbone_top_on_cached_maps_and_the_saved_model_ag
     assert not torch.equal(body.conv_head.weight, stock.conv_head.weight)                      # the top trained
     with torch.no_grad():   # the saved model on images = the learner's top on the cached maps
         assert torch.allclose(saved(images), learner.logits(maps), atol=1e-4)
+
+
+def test_methods_table_shows_forgetting_within_task_for_class_incremental_only():
+    from graftnet.continual.report import table_header, table_rows
+    m = {"runs": 1, "metrics": {"forgetting": {"mean": 0.1, "sd": None, "n": 1}}, "seconds": {"mean": 1.0}}
+    cls = {"scenario": "class", "methods": {"ridge": {**m, "within_metrics": {"forgetting": {"mean": 0.02, "sd": None, "n": 1}}}}}
+    header = table_header(cls)
+    at = header.index("forgetting within task")
+    assert header[at - 1] == "forgetting"
+    row = table_rows(cls)[0]
+    assert len(row) == len(header) + 3 and row[1 + at] == "2.00" and row[at] == "10.00"
+    task = {"scenario": "task", "methods": {"naive": m}}   # its matrix is within-task already
+    assert "forgetting within task" not in table_header(task) and len(table_rows(task)[0]) == len(table_header(task)) + 3

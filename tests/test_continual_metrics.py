@@ -200,3 +200,35 @@ def test_mean_sd_bad_input():
         mean_sd([])
     with pytest.raises(ValueError, match=r"runs\[1\]\['per_task'\] is not a number"):
         mean_sd([{"per_task": None}, {"per_task": []}], keys=["per_task"])
+
+
+def test_within_task_matrix_from_hand_computed_logits():
+    """Two tasks of two classes, one test row per class. Scored among every class seen (the accuracy
+    matrix) each row loses to a class of the other task; scored among its own task's classes only
+    (the within-task matrix) one row of each task is right."""
+    import torch
+    from graftnet.continual.data import TaskTable
+    from graftnet.continual.learner import score, score_within
+    logits = torch.tensor([[1.0, 0.0, 5.0, 0.0],    # class 0: among all -> 2; within task 0 -> 0 (right)
+                           [2.0, 1.0, 0.0, 3.0],    # class 1: among all -> 3; within task 0 -> 0
+                           [0.0, 0.0, 1.0, 4.0],    # class 2: among all -> 3; within task 1 -> 3
+                           [9.0, 0.0, 1.0, 2.0]])   # class 3: among all -> 0; within task 1 -> 3 (right)
+    y = torch.arange(4)
+    task = torch.tensor([0, 0, 1, 1])
+    empty = torch.empty(0, 4)
+    table = TaskTable({"test": empty}, {"test": y}, {"test": task}, list("abcd"), ["t0", "t1"],
+                      [torch.tensor([0, 1]), torch.tensor([2, 3])])
+    first, both = torch.tensor([True, True, False, False]), torch.ones(4, dtype=torch.bool)
+    within = score_within(table, logits, y, task)
+    assert within == [0.5, 0.5]
+    # after the first task only its classes are visible: the first row's first entry is the same number
+    assert score(table, logits, y, task, "class", first)[0] == within[0] == 0.5
+    assert score(table, logits, y, task, "class", both) == [0.0, 0.0]
+    # task-incremental scoring is within-task scoring: one matrix, not two
+    assert score(table, logits, y, task, "task", both) == within
+    # the same logits after both tasks: everything "forgotten" among all classes, nothing within the task,
+    # by the same definitions (summarize) applied to each matrix
+    plain = summarize([score(table, logits, y, task, "class", first), score(table, logits, y, task, "class", both)])
+    inside = summarize([within, within])
+    assert close(plain["forgetting"], 0.5) and close(plain["bwt"], -0.5) and close(plain["forgetting_max"], 0.5)
+    assert close(inside["forgetting"], 0.0) and close(inside["bwt"], 0.0) and close(inside["forgetting_max"], 0.0)

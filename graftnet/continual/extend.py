@@ -32,7 +32,7 @@ from ..model import load_model, single_label_only
 from ..progress import log
 from .data import load_features, task_table
 from .gate import gated_head
-from .learner import score
+from .learner import score, score_within
 from .methods import method_parts
 from .runner import learn_run
 from .tasks import ContinualSettings, Task, TaskSequence
@@ -138,6 +138,8 @@ def _keeper(table, old_mlp, old_classes: int, old_head_cfg: dict, kept: dict):
             with torch.no_grad():
                 logits = gated(table.x[split])
             out[key][-1] = score(table, logits, table.y[split], table.task[split], "class", everything)
+            if split == "test" and out.get("within_matrix"):   # the saved head's, like the matrix's
+                out["within_matrix"][-1] = score_within(table, logits, table.y[split], table.task[split])
         out["prototype_last"] = kept["proto_after"]   # the record keeps the prototype head's own row too
         return gated, dict(old_head_cfg), {"gate": {"old_classes": old_classes, "hidden": list(head_cfg["hidden"])}}
     return finish

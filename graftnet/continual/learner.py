@@ -5,7 +5,9 @@ accuracy matrix.
 
 Outputs a run has so far: the seen classes (class-incremental: one growing head, every row scored
 over all outputs seen so far) or, task-incremental, each row's own task's outputs (a head per
-task; the task is known at test time). A run folder is resumable by task: after each task the
+task; the task is known at test time). Class-incremental, the same logits also give the
+within-task matrix (each task's rows among its own task's outputs only: score_within), which
+leaves out new classes competing for old rows. A run folder is resumable by task: after each task the
 head, every callback's state and the matrix so far are written (safetensors + JSON, atomically),
 and each task's shuffling is seeded from (seed, task), so a run resumed after task k equals one
 never stopped.
@@ -75,6 +77,23 @@ def score(table: TaskTable, logits: torch.Tensor, y: torch.Tensor, task: torch.T
     return out
 
 
+def score_within(table: TaskTable, logits: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> list[float]:
+    """Accuracy on each task's rows with the prediction restricted to that task's own outputs (argmax
+    over its columns only): the task-aware reading of a class-incremental model ("within-task
+    accuracy", van de Ven et al.'s task-incremental evaluation of a class-incremental learner). It
+    leaves out the new classes competing for an old task's rows, so what it loses is knowledge lost.
+    For a task-incremental run it is `score` itself."""
+    out = []
+    for i, cols in enumerate(table.task_cols):
+        rows = task == i
+        if not rows.any():
+            out.append(float("nan"))
+            continue
+        pred = cols[logits[rows][:, cols].argmax(1)]
+        out.append((pred == y[rows]).float().mean().item())
+    return out
+
+
 class Learner:
     """One method and seed over a task table, writing into `run_dir`."""
 
@@ -103,6 +122,10 @@ class Learner:
         self.preset: nn.Module | None = None   # a finished run's head: the first task counts as learned
         self.matrix: list[list[float]] = []
         self.val_matrix: list[list[float]] = []   # the same on validation rows: to choose a method's settings
+        # class-incremental: the test rows' accuracy among their own task's classes (score_within),
+        # from the same logits; None when a run resumed from a record written without it. A
+        # task-incremental matrix is this already (score restricts to the own task), so it is not kept twice.
+        self.within_matrix: list[list[float]] | None = [] if settings.scenario == "class" else None
         self.initial: list[float] = []
         self.seconds: list[float] = []
         self.history: list[dict] = []
@@ -126,6 +149,7 @@ class Learner:
         atomic_write_json(self.dir / PROGRESS, {"method": self.method, "seed": self.seed, "matrix": self.matrix,
                                                 "initial": self.initial, "seconds": self.seconds,
                                                 "val_matrix": self.val_matrix,
+                                                "within_matrix": self.within_matrix,
                                                 "history": self.history})
 
     def _load(self) -> None:
@@ -136,6 +160,9 @@ class Learner:
         self.matrix, self.initial, self.seconds, self.history = (done["matrix"], done["initial"], done["seconds"],
                                                                  done.get("history", []))
         self.val_matrix = done.get("val_matrix", [])
+        if self.within_matrix is not None:   # a progress file from before it was kept: the rows so far are lost
+            within = done.get("within_matrix")
+            self.within_matrix = within if within is not None and len(within) == len(self.matrix) else None
         tensors = load_file(str(self.dir / STATE))
         self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         for cb in self.callbacks:
@@ -181,10 +208,14 @@ class Learner:
         return predict_logits(self.head, feature_batches(x, torch.zeros(len(x), dtype=torch.long),
                                                            self.cfg.train.eval_batch_size, None))[0]
 
-    def evaluate(self, t: int, split: str = "test") -> list[float]:
+    def evaluate(self, t: int, split: str = "test", within: list | None = None) -> list[float]:
+        """One row of the accuracy matrix after task t; `within`: a list that receives the same
+        row scored within each task (score_within), from the same logits."""
         tb = self.table
         logits = self.logits(self._proto_features(split), pooled=True) if self.proto is not None and self.proto.classes \
             else self.logits(tb.x[split])
+        if within is not None:
+            within.append(score_within(tb, logits, tb.y[split], tb.task[split]))
         return score(tb, logits, tb.y[split], tb.task[split], self.s.scenario, self.visible(t))
 
     def learn_task(self, t: int) -> None:
@@ -244,14 +275,17 @@ class Learner:
         for t in range(len(self.matrix), len(self.table.task_cols)):
             t0 = time.perf_counter()
             self.learn_task(t)
-            self.matrix.append(self.evaluate(t))
+            self.matrix.append(self.evaluate(t, within=self.within_matrix))
             self.val_matrix.append(self.evaluate(t, "val"))
             self.seconds.append(time.perf_counter() - t0)
             log(f"{self.dir.name}: task {t + 1}/{len(self.table.task_cols)} ({self.table.task_names[t]}) "
                 f"accuracy per task " + " ".join(f"{a:.3f}" for a in self.matrix[-1][:t + 1])
                 + f"  ({self.seconds[-1]:.1f}s)")
             self._save()
-        return {"matrix": self.matrix, "val_matrix": self.val_matrix, "initial": self.initial, "seconds": self.seconds}
+        out = {"matrix": self.matrix, "val_matrix": self.val_matrix, "initial": self.initial, "seconds": self.seconds}
+        if self.within_matrix is not None:
+            out["within_matrix"] = self.within_matrix
+        return out
 
     def _take_preset(self) -> None:
         """Start from a finished run's head as if it had just learned task 1 (`graft extend`): its
@@ -269,7 +303,7 @@ class Learner:
         cols = self.table.task_cols[0]
         for cb in self.callbacks:
             cb.after_task(self.head, self.table.x["train"][rows], self.table.y["train"][rows], cols, generator)
-        self.matrix.append(self.evaluate(0))
+        self.matrix.append(self.evaluate(0, within=self.within_matrix))
         self.val_matrix.append(self.evaluate(0, "val"))
         self.seconds.append(0.0)
         self._save()

@@ -20,6 +20,9 @@ as Avalanche's StreamAccuracy / TrainedExperienceAccuracy (accuracy.py) count it
   Without `initial` it is None: other papers' FWT (e.g. the mean of the upper triangle of R, Diaz-Rodriguez
   et al. 2018) carries no baseline and is a different number, so it is not substituted.
 
+A class-incremental run also passes its within-task matrix (each task's rows scored among its own
+classes only; learner.score_within) through `summarize`: "forgetting within task" is its forgetting.
+
 Undefined is None, never 0 or NaN. Avalanche's Mean (mean.py) returns 0.0 when nothing was averaged, so
 its stream forgetting, BWT and forward transfer read 0.0 after the first experience and on a one-experience
 stream. Here forgetting, forgetting_max and bwt are None for T = 1 and for the last task, fwt is None for

@@ -10,6 +10,11 @@ from ..report.plots import _save, plt
 # the table's columns: summary key -> heading (points: accuracies x 100)
 COLUMNS = {"final_acc": "final acc", "avg_incremental_acc": "avg incr. acc", "forgetting": "forgetting",
            "bwt": "BWT", "fwt": "FWT"}
+# class-incremental runs also keep these metrics of the within-task matrix (each task's rows among its
+# own classes only; summary: methods.<name>.within_metrics); the table shows its forgetting beside the
+# forgetting. Task-incremental runs have no such column: their matrix is within-task already.
+WITHIN_KEYS = ["final_acc", "avg_incremental_acc", "forgetting", "forgetting_max", "bwt"]
+WITHIN_COLUMN = ("forgetting", "forgetting within task")
 
 
 def plot_matrix(matrix: list[list[float]], tasks: list[str], title: str, path: Path) -> Path:
@@ -58,13 +63,35 @@ def cell(stat: dict | None) -> str:
     return f"{100 * stat['mean']:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
 
 
+def _within(summary: dict) -> bool:
+    return summary.get("scenario") == "class" and any("within_metrics" in m for m in summary["methods"].values())
+
+
+def table_header(summary: dict) -> list[str]:
+    """The metric columns' headings: COLUMNS, and class-incremental "forgetting within task" right
+    after "forgetting"."""
+    out = []
+    for k, heading in COLUMNS.items():
+        out.append(heading)
+        if k == WITHIN_COLUMN[0] and _within(summary):
+            out.append(WITHIN_COLUMN[1])
+    return out
+
+
 def table_rows(summary: dict) -> list[list]:
-    return [[name, *[cell(m["metrics"].get(k)) for k in COLUMNS], f"{m['seconds']['mean']:.1f}", m["runs"]]
-            for name, m in summary["methods"].items()]
+    rows = []
+    for name, m in summary["methods"].items():
+        cells = []
+        for k in COLUMNS:
+            cells.append(cell(m["metrics"].get(k)))
+            if k == WITHIN_COLUMN[0] and _within(summary):
+                cells.append(cell((m.get("within_metrics") or {}).get(k)))
+        rows.append([name, *cells, f"{m['seconds']['mean']:.1f}", m["runs"]])
+    return rows
 
 
 def write_continual_report(folder: Path, summary: dict, config: dict, images: dict[str, Path]) -> Path:
-    header = ["method", *COLUMNS.values(), "seconds per run", "runs"]
+    header = ["method", *table_header(summary), "seconds per run", "runs"]
     cards = {"scenario": f"{summary['scenario']}-incremental", "tasks": len(summary["tasks"]),
              "task orders": summary["orders"], "seeds": len(summary["seeds"]),
              "best final accuracy": summary.get("best", "—")}
@@ -72,5 +99,10 @@ def write_continual_report(folder: Path, summary: dict, config: dict, images: di
             "right after learning it minus at the end, averaged over all but the last task (Avalanche's "
             "definition); BWT = −forgetting; FWT: accuracy on a task before learning it minus the untrained "
             "model's. Seconds: training and scoring of one run, features already cached.")
+    if _within(summary):
+        note += (" Class-incremental, a task's images are scored among all classes seen so far, so its "
+                 "forgetting also counts new classes outscoring its own (a cat now called a dog); "
+                 "forgetting within task is the same measure with each task's images scored among its own "
+                 "classes only, which counts knowledge lost.")
     return write_report(folder / "report.html", f"graftnet continual: {folder.name}", cards, config, [], None,
                         images, [], tables=[("Methods", note, header, table_rows(summary))], tables_first=True)

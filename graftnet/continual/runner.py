@@ -30,7 +30,7 @@ from ..run import run_scope, write_environment, write_history
 from .data import load_features, task_table
 from .learner import Learner
 from .metrics import mean_sd, summarize
-from .report import COLUMNS, plot_matrix, plot_steps, write_continual_report
+from .report import COLUMNS, WITHIN_KEYS, plot_matrix, plot_steps, write_continual_report
 from .tasks import ContinualSettings, Task, TaskSequence, check_tasks
 
 SETTINGS = "continual.yaml"
@@ -131,9 +131,13 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
     metrics = summarize(out["matrix"], out["initial"], sizes)
     val_sizes = [int((table.task["val"] == i).sum()) for i in range(len(table.task_cols))]
     val_metrics = summarize(out["val_matrix"], None, val_sizes) if all(val_sizes) else None
+    # class-incremental: the same metrics of the within-task matrix (each task's rows among its own
+    # classes only), by the same definitions; no initial accuracies, so no FWT
+    within = out.get("within_matrix")
+    within_metrics = summarize(within, None, sizes) if within else None
     record = {"method": method, "seed": seed, "scenario": settings.scenario, "tasks": table.task_names,
               "task_classes": [t.classes for t in seq.tasks], "classes": table.classes, **out, "metrics": metrics,
-              "val_metrics": val_metrics,
+              "val_metrics": val_metrics, **({"within_metrics": within_metrics} if within_metrics else {}),
               "total_seconds": sum(out["seconds"])}
     run_cfg = replace(cfg, head=HeadConfig(**head_cfg), name=run_dir.name, out=str(run_dir.parent),
                       data=replace(cfg.data, path=seq.data), train=replace(cfg.train, seed=seed))
@@ -150,6 +154,8 @@ def learn_run(table, method: str, seed: int, settings: ContinualSettings, cfg: R
     atomic_write_json(done, record)
     cards = {"method": method, "seed": seed, "final accuracy": metrics["final_acc"],
              "forgetting": metrics["forgetting"] if metrics["forgetting"] is not None else "—"}
+    if within_metrics:
+        cards["forgetting within task"] = within_metrics["forgetting"] if within_metrics["forgetting"] is not None else "—"
     from ..report.html import write_report
     write_report(run_dir / "report.html", f"graftnet continual run {run_dir.name}", cards,
                  dataclasses.asdict(run_cfg), learner.history, None,
@@ -166,6 +172,8 @@ def _summarize(results: dict[str, list[dict]], settings: ContinualSettings, seq:
         methods[name] = {"runs": len(runs), "metrics": mean_sd([r["metrics"] for r in runs], list(COLUMNS)),
                          "seconds": mean_sd([{"s": r["total_seconds"]} for r in runs])["s"],
                          "acc_per_step": [(p["mean"], p["sd"]) for p in per_step]}
+        if settings.scenario == "class":   # runs recorded before it was kept count as missing (n says how many)
+            methods[name]["within_metrics"] = mean_sd([r.get("within_metrics") or {} for r in runs], WITHIN_KEYS)
     finals = {n: m["metrics"]["final_acc"]["mean"] for n, m in methods.items()
               if m["metrics"].get("final_acc", {}).get("mean") is not None}
     best = max(finals, key=finals.get) if finals else None
@@ -178,7 +186,7 @@ def _write_pages(folder: Path, summary: dict, results: dict, first_run: dict[str
                  cfg: RunConfig, settings: ContinualSettings) -> None:
     from rich.table import Table
     from ..progress import make_console
-    from .report import COLUMNS as cols, table_rows
+    from .report import table_header, table_rows
     images = {"Accuracy on the tasks seen so far after each task (mean ± sd)":
               plot_steps({n: m["acc_per_step"] for n, m in summary["methods"].items()},
                          summary["tasks"], folder / "steps.png")}
@@ -190,7 +198,7 @@ def _write_pages(folder: Path, summary: dict, results: dict, first_run: dict[str
                                              "base config": dataclasses.asdict(cfg)}, images)
     table = Table(title=f"continual learning, {settings.scenario}-incremental, {len(seq.tasks)} tasks "
                         f"(points, mean ± sd over {len(results[next(iter(results))])} run(s) per method)")
-    for h in ["method", *cols.values(), "s/run", "runs"]:
+    for h in ["method", *table_header(summary), "s/run", "runs"]:
         table.add_column(h, justify="left" if h == "method" else "right")
     for row in table_rows(summary):
         table.add_row(*map(str, row))
