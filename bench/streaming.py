@@ -19,6 +19,7 @@ bench/results/streaming.json, written after every measurement):
 - limit: the largest size's frozen run inside a memory cgroup limited to 4 GiB, in each mode and in
   auto (which reads the limit): does it finish?
 - speed: fine-tuning batches at 224 px from memory and from records, alternating in one process.
+- epoch: a whole fine-tuning epoch of the smallest size from records (peak over the epoch).
 """
 from __future__ import annotations
 
@@ -263,6 +264,20 @@ def speed_stage(results: dict, data: Path, size: int, batches: int) -> None:
     save(results)
 
 
+def epoch_stage(results: dict, data: Path, size: int) -> None:
+    """A whole fine-tuning epoch from records (the memory stage times its first steps): does the
+    peak stay where the first steps put it?"""
+    out = WORK / f"epoch-{size}.json"
+    o = {**_overrides(data, size, "no", f"epoch-{size}-{time.time_ns()}"), "train.epochs": 1,
+         "finetune.epochs": 1, "train.batch_size": 64}
+    batches = -(-int(size * 0.9) // 64)
+    r = measured([PY, "-c", FT_CHILD, json.dumps(o), str(batches - 2), str(out)])  # ends at the last step
+    r.update(json.loads(out.read_text()) if out.is_file() else {"error": "no steps recorded"})
+    results["epoch"] = {"size": size, "batches": batches, **r}
+    print(f"epoch: {results['epoch']}", flush=True)
+    save(results)
+
+
 def limit_stage(results: dict, data: Path, size: int, limit_gb: float) -> None:
     here = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
                 if "memory" in line.split(":")[1].split(","))
@@ -304,6 +319,8 @@ def main() -> None:
         memory_stage(results, data, sizes, a.steps, "memory" in redo)
     if "speed" in stages and ("speed" not in results or "speed" in redo):
         speed_stage(results, data, max(sizes), a.steps)
+    if "epoch" in stages and ("epoch" not in results or "epoch" in redo):
+        epoch_stage(results, data, min(sizes))
     if "limit" in stages and ("limit" not in results or "limit" in redo):
         results.pop("limit", None)
         limit_stage(results, data, max(sizes), a.limit_gb)
