@@ -164,9 +164,16 @@ def _has_user(name: str) -> bool:
         return False
 
 
+_STORAGES: dict = {}
+
+
 def _study(url: str):
+    # one storage (one connection pool) per URL: a study loaded from the URL itself opens a new
+    # engine each time, and the polling loops below would use up the server's connections
     import optuna
-    return optuna.load_study(study_name="graft-search", storage=url)
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(url) if url.startswith("postgres") else url
+    return optuna.load_study(study_name="graft-search", storage=_STORAGES[url])
 
 
 def test_two_machines_share_one_study_on_postgres(postgres, flags, tmp_path):
