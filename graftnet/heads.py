@@ -204,11 +204,14 @@ class GatedHead(nn.Module):
         self.register_buffer("scales", torch.ones(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.old_classes
-        old = torch.log_softmax(self.old(x) * self.scales[0], 1)
-        z = self.proto(x) * self.scales[1]
-        group = torch.log_softmax(torch.stack([z[:, :k].logsumexp(1), z[:, k:].logsumexp(1)], 1), 1)
-        return torch.cat([old + group[:, :1], torch.log_softmax(z[:, k:], 1) + group[:, 1:]], 1)
+        return gated_logits(self.old(x), self.proto(x), self.old_classes, self.scales)
+
+
+def gated_logits(old: torch.Tensor, z: torch.Tensor, k: int, scales: torch.Tensor) -> torch.Tensor:
+    """GatedHead's output from its two heads' logits (also what its calibration fits the scales on)."""
+    old, z = torch.log_softmax(old * scales[0], 1), z * scales[1]
+    group = torch.log_softmax(torch.stack([z[:, :k].logsumexp(1), z[:, k:].logsumexp(1)], 1), 1)
+    return torch.cat([old + group[:, :1], torch.log_softmax(z[:, k:], 1) + group[:, 1:]], 1)
 
 
 def make_head(in_features: int, num_classes: int, cfg: HeadConfig, gate: dict | None = None) -> nn.Module:

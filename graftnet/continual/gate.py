@@ -22,16 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..heads import GatedHead
+from ..heads import GatedHead, gated_logits
 
 GRID = torch.logspace(-3, 4, 15, dtype=torch.float64)   # prototype scales, half a decade apart, before LBFGS
 
 
 def _merged(old: torch.Tensor, z: torch.Tensor, k: int, log_scales: torch.Tensor) -> torch.Tensor:
-    """GatedHead.forward on precomputed logits (float64 here; the head runs in float32)."""
-    old, z = old * log_scales[0].exp(), z * log_scales[1].exp()
-    group = torch.log_softmax(torch.stack([z[:, :k].logsumexp(1), z[:, k:].logsumexp(1)], 1), 1)
-    return torch.cat([torch.log_softmax(old, 1) + group[:, :1], torch.log_softmax(z[:, k:], 1) + group[:, 1:]], 1)
+    """GatedHead's output on precomputed logits (float64 here; the head runs in float32)."""
+    return gated_logits(old, z, k, log_scales.exp())
 
 
 def calibrate(old: torch.Tensor, z: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,7 +23,22 @@ import numpy as np
 import torch
 
 
-class DiskImages(Sequence):
+class _Images(Sequence):
+    """A sequence of images read one at a time by `_one`; a slice is a list of them."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._one(j) for j in range(*i.indices(len(self)))]
+        return self._one(i + len(self) if i < 0 else i)
+
+    def __iter__(self):
+        return (self._one(i) for i in range(len(self)))
+
+    def _one(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DiskImages(_Images):
     """uint8 squares (3 x s x s) read from a record file on demand; rows: which records, in order."""
 
     def __init__(self, path: str | Path, offsets: np.ndarray, sides: np.ndarray, rows: np.ndarray | None = None):
@@ -43,9 +58,7 @@ class DiskImages(Sequence):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _one(self, i: int) -> torch.Tensor:
         r = self.rows[i]
         s = int(self.sides[r])
         n = 3 * s * s
@@ -54,9 +67,6 @@ class DiskImages(Sequence):
             raise OSError(f"{self.path}: record {r} is cut short ({len(data)} of {n} bytes); delete "
                           "the cache folder's decoded/ entry to decode the images again")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, s, s)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
     def take(self, idx) -> "DiskImages":
         """The records at positions idx of this sequence, without reading them."""
@@ -85,7 +95,7 @@ class DiskImages(Sequence):
                 pass
 
 
-class Picked(Sequence):
+class Picked(_Images):
     """Positions idx of any sequence of images, read when asked for."""
 
     def __init__(self, base: Sequence, idx):
@@ -94,16 +104,11 @@ class Picked(Sequence):
     def __len__(self) -> int:
         return len(self.idx)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.base[j] for j in self.idx[i]]
+    def _one(self, i: int) -> torch.Tensor:
         return self.base[self.idx[i]]
 
-    def __iter__(self):
-        return (self.base[j] for j in self.idx)
 
-
-class Joined(Sequence):
+class Joined(_Images):
     """Two sequences of images, one after the other."""
 
     def __init__(self, first: Sequence, second: Sequence):
@@ -112,10 +117,7 @@ class Joined(Sequence):
     def __len__(self) -> int:
         return len(self.first) + len(self.second)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = i + len(self) if i < 0 else i
+    def _one(self, i: int) -> torch.Tensor:
         return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
 
 
