@@ -46,21 +46,23 @@ def _cpu_flags() -> set[str]:  # the seam native_bf16 reads (tests replace it)
     return cpu_flags()
 
 
-def native_bf16(device: str = "cpu", training: bool = False) -> bool:
+def native_bf16(device: str = "cpu", training: bool = False, dense: bool = False) -> bool:
     """True where bf16 runs fast enough to be the default: CUDA with bf16; a CPU with AMX; for
     inference (the backbone pass that fills the feature cache) also a CPU with AVX512-BF16. There
-    a training step in bf16 was slower than fp32 (0.71x, against 1.47x for inference: BENCHMARKS.md,
-    the machine), so `training` asks for AMX. Without either (AVX2 CPUs) PyTorch emulates bf16 and a
-    backbone pass gets ~10x slower."""
+    a fine-tuning step in bf16 was slower than fp32 (0.71x, against 1.47x for inference:
+    BENCHMARKS.md, the machine), so `training` asks for AMX, unless the step is `dense`: a head's
+    Linear layers on cached features, matrix products that AVX512-BF16 runs 1.2-1.8x faster than
+    fp32 (bench/head_precision.py). Without either (AVX2 CPUs) PyTorch emulates bf16 and a backbone
+    pass gets ~10x slower."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
     flags = _cpu_flags()
-    return "amx_bf16" in flags or (not training and "avx512_bf16" in flags)
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and (not training or dense))
 
 
-def resolve_precision(precision: str, device: str = "cpu", training: bool = False) -> str:
+def resolve_precision(precision: str, device: str = "cpu", training: bool = False, dense: bool = False) -> str:
     if precision == "auto":
-        return "bf16" if native_bf16(device, training) else "fp32"
+        return "bf16" if native_bf16(device, training, dense) else "fp32"
     return precision
 
 

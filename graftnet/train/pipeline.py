@@ -37,7 +37,7 @@ from .callbacks import EarlyStopping, WeightEMA, build_callbacks, schedule
 from .tracking import trackers
 from .checkpoint import Checkpointer, checkpoint_epoch, checkpoint_meta, describe_position, load_checkpoint
 from .distributed import Replicated, is_main, shard
-from ..features import chunk_size, device_of, image_batches, pick_device
+from ..features import chunk_size, device_of, image_batches, pick_device, resolve_precision
 from .finetune import FineTuneMode, all_groups, describe, optimizer_groups, set_trainable, unfrozen_count
 from .inputs import load_data, seed_everything, split_features
 from .loop import Callback, MultiLabel, State, Task, feature_batches, fit, hard_loss, predict_logits
@@ -229,7 +229,9 @@ def _fit_on_features(job: Job, stage: Stage, predict: bool) -> torch.Tensor | No
                                                                  t.sampler, targets)),
         -(-len(labels) // t.batch_size),
         (lambda: feature_batches(val_x, job.sets["val"].labels, t.eval_batch_size, None)) if val_x is not None else None,
-        stage.optimizer, stage.epochs, stage.state, stage.callbacks, task=job.task)
+        stage.optimizer, stage.epochs, stage.state, stage.callbacks,
+        resolve_precision(job.cfg.backbone.precision, device_of(job.model.mlp).type, training=True, dense=True),
+        task=job.task)
     if not predict or not is_main():
         return None
     views = [False, True] if t.flip_views else [False]  # flip_views: average the mirror's logits in
