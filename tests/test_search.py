@@ -177,3 +177,36 @@ def test_steps_and_the_base_config_in_the_space(image_folder, tmp_path):
         search.check_space({"export.int8": {"type": "float", "low": 0, "high": 1}})
     with pytest.raises(ConfigError, match="did you mean export.int8"):
         search.check_space({"export.int9": {"type": "bool"}})
+
+
+def test_prune_step_prunes_the_trial_run_on_validation_only(image_folder, tmp_path):
+    """A trial with prune.amount > 0 is channel-pruned as `graft prune` does: the pruned run (fewer
+    parameters) is the trial's, its value is the pruned model's validation accuracy, and no test
+    split is scored until the search chooses; best.yaml says how to redo the pruning."""
+    space = {"prune.amount": {"type": "categorical", "choices": [0.0, 0.5]},
+             "prune.finetune_epochs": {"type": "categorical", "choices": [0]}}
+    cfg = base(image_folder, tmp_path)
+    assert search.base_params(space, cfg) is None   # the base recovers 1 epoch: outside the space
+    space["prune.finetune_epochs"]["choices"] = [0, 1]
+    assert search.base_params(space, cfg) == {"prune.amount": 0.0, "prune.finetune_epochs": 1}
+    summary = search.run_search(cfg, space, tmp_path / "s", trials=3)
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    pruned = [r for r in rows if r["state"] == "COMPLETE" and r["params"]["prune.amount"] > 0]
+    plain = [r for r in rows if r["state"] == "COMPLETE" and r["params"]["prune.amount"] == 0]
+    assert pruned and plain
+    for r in pruned:
+        run = Path(r["run"])
+        assert run.name.endswith("-pruned") and (run / "model.safetensors").is_file()
+        record = json.loads((run / "prune.json").read_text())
+        assert "test_acc" not in record["before"] and "test_acc" not in record["after"]
+        assert r["weights_unpruned"] > r["weights"] == record["after"]["params"]
+        assert r["value"] == r["val_acc"] == record["after"]["val_acc"] and "val_acc_unpruned" in r
+    for r in rows:   # only the chosen trial's run was scored on the test split
+        chosen = r["number"] == summary["best_trial"]
+        assert (Path(r["run"]) / "evaluations").is_dir() == chosen
+        assert not (Path(r["run"]) / "test_metrics.json").exists()
+    best = next(r for r in rows if r["number"] == summary["best_trial"])
+    note = (tmp_path / "s" / "best.yaml").read_text()
+    assert ("graft prune RUN --amount 0.5" in note) == (best["params"]["prune.amount"] > 0)
+    with pytest.raises(ConfigError, match="prune.amount: fractions"):
+        search.check_space({"prune.amount": {"type": "float", "low": 0.2, "high": 1.5}})

@@ -268,10 +268,12 @@ def channel_pruner(model: nn.Module, image_size: int, s: PruneSettings):
 
 
 def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: str | None = None,
-              name: str | None = None, resume: str | Path | None = None) -> Path:
+              name: str | None = None, resume: str | Path | None = None, test: bool = True) -> Path:
     """Prune the run in `run_dir` into a new run folder; returns its path. `resume`: a pruned run
     folder left by a killed `prune_run`; it continues after its last completed epoch (or pruning
-    step) with the source run and settings it was started with."""
+    step) with the source run and settings it was started with. `test=False`: the test split is
+    never scored (a search trial prunes and is judged on validation; prune.json's before and after
+    hold val_acc), as train(test=False)."""
     saved = _resume_point(Path(resume)) if resume else None
     if saved:
         run_dir, settings = saved["source_run"], PruneSettings(**saved["settings"])
@@ -282,18 +284,22 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         raise ConfigError(f"prune: {run.dir} was extended with new classes (`graft extend`); prune the "
                           "original run, then extend the pruned one")
     shapes_before = module_shapes(model)
+    if saved:   # scored as it was started: on test, or on validation only
+        test = "test_acc" in saved["before"]
+    split = "test" if test else "val"
+    score = f"{split}_acc"
     if saved:
         before = saved["before"]
         new_dir = Path(resume)
     else:
         macs, params = count(model, spec.image_size)
-        before = {"test_acc": run.accuracy(model), "params": params, "macs": macs, "sparsity": sparsity(model)}
+        before = {score: run.accuracy(model, split), "params": params, "macs": macs, "sparsity": sparsity(model)}
         tag = f"{s.method}{round(s.amount * 100)}"
         new_dir = create_run(out or run.dir.parent, name or f"{run.dir.name}-pruned-{tag}", spec.backbone,
                              run.cfg, s.seed)
     with run_scope(new_dir, keep_if=CHECKPOINT, remove=not saved):
         log(f"pruning {run.dir} ({s.method}, {s.amount:.0%} in {s.steps} step(s), "
-            f"{s.finetune_epochs} recovery epoch(s) each): test accuracy before {before['test_acc']:.4f}")
+            f"{s.finetune_epochs} recovery epoch(s) each): {split} accuracy before {before[score]:.4f}")
         generator = torch.Generator().manual_seed(s.seed)
         torch.manual_seed(s.seed)
         state, steps, done, record = State(), [], 0, None
@@ -373,9 +379,16 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         new_spec.feature_dim = model.mlp[0].in_features
         save_model(model, new_spec, new_dir)
         _check_reload(model, new_dir, spec.image_size)
-        logits = run.logits(model)
         write_history(new_dir, state.history)
         macs, params = count(model, spec.image_size)
+        if not test:
+            after = {"val_acc": steps[-1]["val_acc_recovered"] if steps else before[score], "params": params,
+                     "macs": macs}
+            atomic_write_json(new_dir / "prune.json", {"source_run": str(run.dir), "settings": asdict(s),
+                                                       "steps": steps, "before": before, "after": after})
+            log(f"pruned: val acc {before[score]:.4f} -> {after['val_acc']:.4f}; params {params:,}; {new_dir}")
+            return new_dir
+        logits = run.logits(model)
         m = finish_evaluation(new_dir, run.cfg, new_spec, state.history, logits, run.sets["test"].labels,
                               run.sets["test"], run.sets["train"],
                               cards={"test accuracy before pruning": f"{before['test_acc']:.4f}",

@@ -15,7 +15,9 @@ Objectives: validation accuracy alone (default, with the median pruner on each e
 or with latency_ms (each trial's ONNX model timed with ONNX Runtime on this CPU, --latency-batch
 images) and size_mb: the result is the Pareto front, and --max-latency-ms keeps only the trials
 within it. The space may hold export.int8 ({type: bool}): such a trial ships its int8 model, so
-its accuracy is the int8 model's on the validation split and its latency the int8 model's.
+its accuracy is the int8 model's on the validation split and its latency the int8 model's; and
+prune.amount (with prune.finetune_epochs): the trained run is channel-pruned (`graft prune`,
+scored on validation only) and the pruned run is the trial's.
 
 Workers: `--workers N` runs N trials at a time in local processes sharing the study; --trials and
 --timeout count for all of them, Ctrl-C lets the running trials end and stops them all. A worker

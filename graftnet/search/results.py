@@ -158,7 +158,7 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
                   f"the best trial ({best.number}, validation accuracy {best.values[0]:.4f}) of this search"
                   + (f", the most accurate within {settings.max_latency_ms:g} ms" if settings.max_latency_ms else "")
                   + ";\n`graft train --config best.yaml` reproduces it"
-                  + ("; it ships int8: then `graft quantize RUN`" if best.user_attrs.get("int8") else ""))
+                  + _steps_note(best))
         test_acc = test_accuracy(best)
         summary.update(best_trial=best.number, params=best.params, val_accuracy=best.values[0],
                        test_accuracy=test_acc, run=str(run))
@@ -176,6 +176,18 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     from .report import write_search_report
     write_search_report(folder, study, settings, summary, rows)
     return summary
+
+
+def _steps_note(trial) -> str:
+    """What best.yaml's run needs after `graft train` to be the trial's model: its steps, as commands."""
+    note = ""
+    if trial.user_attrs.get("weights_unpruned"):   # pruned: the trial's prune step's settings
+        amount, epochs = trial.params.get("prune.amount"), trial.params.get("prune.finetune_epochs")
+        note += (f"; it is pruned: then `graft prune RUN --amount {amount:g}"
+                 + (f" --finetune-epochs {epochs}`" if epochs is not None else "`"))
+    if trial.user_attrs.get("int8"):
+        note += "; it ships int8: then `graft quantize " + ("PRUNED_RUN`" if note else "RUN`")
+    return note
 
 
 def _score(run: Path, evaluate_run) -> float | None:

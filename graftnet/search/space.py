@@ -6,8 +6,12 @@ from ..errors import ConfigError
 from ..fields import printable, suggest
 
 TYPES = ("float", "int", "categorical", "bool", "layers")
-# what a trial does to its trained model before it is judged (trial.py); keys beside the config's
-STEPS = {"export.int8": ("bool",)}
+# what a trial does to its trained model before it is judged (trial.py); keys beside the config's:
+# key -> (the types a space may give it, its value in a base config: the step not taken)
+STEPS = {"export.int8": (("bool",), False),
+         # structured channel pruning (`graft prune`) of the trained run, scored on validation only
+         "prune.amount": (("float", "categorical"), 0.0),
+         "prune.finetune_epochs": (("int", "categorical"), 1)}   # its recovery epochs (graft prune's default)
 
 DEFAULT_SPACE: dict[str, dict] = {
     "head.hidden": {"type": "layers", "low": 0, "high": 2, "choices": [256, 512, 1024]},
@@ -34,8 +38,8 @@ def check_space(space: dict) -> dict:
     for key, entry in space.items():
         if not isinstance(key, str):
             raise ConfigError(f"search space: {key!r} is not a config key (dotted text such as train.lr)")
-        if key in STEPS and (not isinstance(entry, dict) or entry.get("type") not in STEPS[key]):
-            raise ConfigError(f"search space: {key}: needs type: {' or '.join(STEPS[key])}")
+        if key in STEPS and (not isinstance(entry, dict) or entry.get("type") not in STEPS[key][0]):
+            raise ConfigError(f"search space: {key}: needs type: {' or '.join(STEPS[key][0])}")
         if key not in KEYS and key not in STEPS:
             near = suggest(key, [*KEYS, *STEPS])
             raise ConfigError(f"search space: unknown config key {printable(key)}"
@@ -65,6 +69,11 @@ def check_space(space: dict) -> dict:
             if kind == "layers" and not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
                                             for c in choices):
                 raise ConfigError(f"search space: {key}: layer widths must be positive integers, got {choices!r}")
+        if key == "prune.amount":   # graft prune takes a fraction of the channels below 1
+            ends = entry["choices"] if kind == "categorical" else [entry["low"], entry["high"]]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in ends):
+                raise ConfigError(f"search space: prune.amount: fractions of the channels in [0, 1) "
+                                  f"(0: not pruned), got {ends!r}")
         when = entry.get("when") or {}
         if not isinstance(when, dict):
             raise ConfigError(f"search space: {key}: `when` must map config keys to values, got {when!r}")
@@ -81,7 +90,7 @@ def sample(trial, space: dict, base: RunConfig) -> dict:
     (head.hidden.1 exists only in trials with two layers), so TPE models each on the trials that have it."""
     chosen: dict = {}
     for key, e in space.items():
-        if any((chosen[k] if k in chosen else _value(base, k)) != v for k, v in (e.get("when") or {}).items()):
+        if any((chosen[k] if k in chosen else _base_value(base, k)) != v for k, v in (e.get("when") or {}).items()):
             continue
         kind = e["type"]
         if kind == "float":
@@ -99,6 +108,11 @@ def sample(trial, space: dict, base: RunConfig) -> dict:
             n = trial.suggest_int(f"{key}.layers", e["low"], e["high"])
             chosen[key] = [trial.suggest_categorical(f"{key}.{i}", list(e["choices"])) for i in range(n)]
     return chosen
+
+
+def _base_value(cfg: RunConfig, key: str):
+    """A config key's value in the base config; a step's value there is the step not taken."""
+    return STEPS[key][1] if key in STEPS else _value(cfg, key)
 
 
 def _value(cfg: RunConfig, key: str):
@@ -127,8 +141,8 @@ def base_params(space: dict, base: RunConfig) -> dict:
     marked on the plots. None when a value lies outside the space: that trial would not be the base."""
     params: dict = {}
     for key, e in space.items():
-        value = False if key in STEPS else _value(base, key)
-        if any((_value(base, k) if k not in STEPS else False) != v for k, v in (e.get("when") or {}).items()):
+        value = _base_value(base, key)
+        if any(_base_value(base, k) != v for k, v in (e.get("when") or {}).items()):
             continue
         kind = e["type"]
         if kind in ("float", "int") and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -2,8 +2,12 @@
 the numbers the study is told (validation accuracy first, then latency and size when asked).
 
 Besides config keys a space may hold STEPS, what happens to the trained model before it is judged:
+    prune.amount: {type: float, low: 0.1, high: 0.5, zero: true}
+                                # structured channel pruning of the trained run (`graft prune`, with
+                                # prune.finetune_epochs recovery epochs, default 1), scored on the
+                                # validation split only: the pruned run is the trial's
     export.int8: {type: bool}   # the int8 ONNX model is what the trial ships: its validation accuracy
-                                # and its latency are the trial's
+                                # and its latency are the trial's (after pruning, when both are asked)
 """
 from __future__ import annotations
 
@@ -70,14 +74,31 @@ def run_trial(trial, folder: Path, base: RunConfig, space: dict, settings: Searc
     reporter = TrialReporter(trial)
     cfg = resolve(folder / "base.yaml", overrides)
     result = train(cfg, callbacks=[reporter], test=False)
-    acc = saved_val_acc(cfg, result.history)
+    acc, run = saved_val_acc(cfg, result.history), Path(result.run_dir)
     attrs = {"val_acc": acc}
+    if steps.get("prune.amount") and not reporter.pruned:
+        run, acc = _prune(run, steps, cfg, attrs)
     int8 = bool(steps.get("export.int8"))
     if not reporter.pruned and (settings.measures_latency or int8 or "size_mb" in settings.objectives):
         from .measure import measure_run
-        attrs.update(measure_run(result.run_dir, int8, settings.latency_batch))
+        attrs.update(measure_run(run, int8, settings.latency_batch))
         if int8:  # the shipped model is the int8 one: it is judged by its own accuracy
             attrs["val_acc_fp32"], acc = acc, attrs.pop("val_acc_int8")
             attrs["val_acc"] = acc
     values = [acc] + [attrs[o] for o in settings.objectives[1:]]
-    return Outcome(values=values, pruned=reporter.pruned, run=Path(result.run_dir), attrs=attrs)
+    return Outcome(values=values, pruned=reporter.pruned, run=run, attrs=attrs)
+
+
+def _prune(run: Path, steps: dict, cfg: RunConfig, attrs: dict) -> tuple[Path, float]:
+    """The trial's run pruned into its own folder beside it (validation only); that run is the
+    trial's from here on. Fills attrs with the unpruned and pruned numbers."""
+    import json
+    from ..compress.prune import PruneSettings, prune_run
+    settings = PruneSettings(amount=float(steps["prune.amount"]), seed=cfg.train.seed,
+                             finetune_epochs=int(steps.get("prune.finetune_epochs", STEPS["prune.finetune_epochs"][1])))
+    pruned = prune_run(run, settings, out=str(run.parent), name=f"{run.name}-pruned", test=False)
+    record = json.loads((pruned / "prune.json").read_text())
+    attrs.update(val_acc_unpruned=attrs["val_acc"], val_acc=record["after"]["val_acc"],
+                 weights=record["after"]["params"], weights_unpruned=record["before"]["params"],
+                 macs=record["after"]["macs"], macs_unpruned=record["before"]["macs"])
+    return pruned, record["after"]["val_acc"]
