@@ -1,6 +1,6 @@
 """Benchmark of `graft search` on CIFAR-10 with the embedded EfficientNet-Lite0.
 
-    python bench/search.py [--work DIR] [--stages demo,search,naive,pareto,samplers] [--redo STAGE]
+    python bench/search.py [--work DIR] [--stages demo,search,naive,pareto,pareto_ft,samplers] [--redo STAGE]
         [--trials 40] [--size 160] [--workers 2] [--pruner median] [--naive 3] [--pareto-trials 18]
         [--sampler-trials 20] [--out bench/results/search.json]
 
@@ -19,6 +19,8 @@ next start when its result is there, so a killed benchmark goes on where it stop
             feature mode, head and int8, on the search stage's cache; its Pareto front against the
             recipe's int8 export (`graft quantize` of the demo run): target, a front model at least
             1.5x faster than it at no more than 1 point less test accuracy, and 5 front models
+  pareto_ft the same against latency over fine-tuned trials (one epoch, 64/96 px, cut 0/1, top 3
+            groups or all, int8), --pareto-ft-trials of them; its front joined with pareto's
   samplers  TPE against random sampling, --sampler-trials each, seeds 0-2 (--workers each), on the
             warm cache of the search stage: the mean best validation accuracy of each and the gap
 
@@ -50,6 +52,15 @@ PARETO_SPACE = {
     "train.lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},
     "train.epochs": {"type": "int", "low": 5, "high": 15},
     "export.int8": {"type": "bool"},
+}
+
+# networks that are cheaper to run: smaller inputs, a cut backbone, every trial fine-tuned for one
+# epoch (frozen features at 64-96 px are not accurate enough) and shipped int8
+PARETO_FT_SPACE = {
+    "backbone.image_size": {"type": "categorical", "choices": [64, 96]},
+    "backbone.cut": {"type": "categorical", "choices": [0, 1]},
+    "finetune.unfreeze": {"type": "categorical", "choices": ["top:3", "all"]},
+    "export.int8": {"type": "categorical", "choices": [True]},
 }
 
 
@@ -148,6 +159,38 @@ def stage_pareto(a, work: Path, results: dict) -> dict:
             "targets": {"front_size_at_least": 5, "speedup_at_least": 1.5, "test_points_at_least": -1}}
 
 
+def stage_pareto_ft(a, work: Path, results: dict) -> dict:
+    """Fine-tuned trials on small inputs and cut backbones, int8; their front joined with the
+    frozen `pareto` stage's, each against the recipe's int8 export timed again in this stage."""
+    import yaml
+    folder = work / "pareto-ft"
+    shutil.rmtree(folder, ignore_errors=True)
+    space = work / "pareto-ft-space.yaml"
+    space.write_text(yaml.safe_dump(PARETO_FT_SPACE, sort_keys=False))
+    args = ["search", "--config", str(RECIPE), "--data", "cifar10", "--features", "last", "--finetune-epochs", "1",
+            "--cache-dir", str(work / "cache-search"), "--out", str(work), "--name", "pareto-ft", "--space", str(space),
+            "--trials", str(a.pareto_ft_trials), "--objectives", "val_acc,latency_ms", "--sampler", "random"]
+    seconds = graft(args, work / "logs" / "pareto-ft.log")
+    summary = json.loads((folder / "search.json").read_text())
+    base = recipe_int8(work)
+    front = summary.get("pareto") or []
+    frozen = results["stages"].get("pareto", {}).get("front", [])
+    for p in front:
+        p["speedup_vs_recipe_int8"] = round(base["latency_ms"] / p["latency_ms"], 2)
+        p["test_points_vs_recipe_int8"] = round(100 * (p["test_accuracy"] - base["test_accuracy"]), 2)
+    ok = [p for p in front if p["speedup_vs_recipe_int8"] >= 1.5 and p["test_points_vs_recipe_int8"] >= -1]
+    # one front over both searches, by validation accuracy and latency (as each search chose)
+    both = [("frozen", p) for p in frozen] + [("fine-tuned", p) for p in front]
+    joint = [f"{kind} {p['number']}" for kind, p in both
+             if not any(q["val_acc"] >= p["val_acc"] and q["latency_ms"] <= p["latency_ms"] and
+                        (q["val_acc"] > p["val_acc"] or q["latency_ms"] < p["latency_ms"]) for _, q in both)]
+    return {"command": "graft " + " ".join(args).replace(str(work), "WORK"), "space": PARETO_FT_SPACE,
+            "seconds": round(seconds, 1), "front": front, "recipe_int8": base, "front_size": len(front),
+            "joint_front": joint, "faster_within_a_point": [p["number"] for p in ok],
+            "trial_seconds": [t.get("seconds") for t in json.loads((folder / "trials.json").read_text())],
+            "targets": {"speedup_at_least": 1.5, "test_points_at_least": -1}}
+
+
 def recipe_int8(work: Path) -> dict:
     """`graft quantize` of the demo run: its int8 model's test accuracy and batch-1 latency."""
     run = work / "runs" / "demo"
@@ -182,7 +225,7 @@ def stage_samplers(a, work: Path, results: dict) -> dict:
 
 
 STAGES = {"demo": lambda a, w, r: stage_demo(a, w), "search": stage_search, "naive": stage_naive,
-          "pareto": stage_pareto, "samplers": stage_samplers}
+          "pareto": stage_pareto, "pareto_ft": stage_pareto_ft, "samplers": stage_samplers}
 
 
 def main() -> None:
@@ -197,6 +240,7 @@ def main() -> None:
     p.add_argument("--naive", type=int, default=3)
     p.add_argument("--pareto-trials", type=int, default=18)
     p.add_argument("--sampler-trials", type=int, default=20)
+    p.add_argument("--pareto-ft-trials", type=int, default=6)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
