@@ -19,8 +19,9 @@ next start when its result is there, so a killed benchmark goes on where it stop
             feature mode, head and int8, on the search stage's cache; its Pareto front against the
             recipe's int8 export (`graft quantize` of the demo run): target, a front model at least
             1.5x faster than it at no more than 1 point less test accuracy, and 5 front models
-  pareto_ft the same against latency over fine-tuned trials (one epoch, 64/96 px, cut 0/1, top 3
-            groups or all, int8), --pareto-ft-trials of them; its front joined with pareto's
+  pareto_ft the same against latency over fine-tuned trials (every group for one epoch after the
+            recipe's head; 64/96 px, cut 0/1; int8), --pareto-ft-trials of them, on the search
+            stage's cache; its front joined with pareto's
   samplers  TPE against random sampling, --sampler-trials each, seeds 0-2 (--workers each), on the
             warm cache of the search stage: the mean best validation accuracy of each and the gap
 
@@ -59,7 +60,6 @@ PARETO_SPACE = {
 PARETO_FT_SPACE = {
     "backbone.image_size": {"type": "categorical", "choices": [64, 96]},
     "backbone.cut": {"type": "categorical", "choices": [0, 1]},
-    "finetune.unfreeze": {"type": "categorical", "choices": ["top:3", "all"]},
     "export.int8": {"type": "categorical", "choices": [True]},
 }
 
