@@ -8,7 +8,7 @@ from ..fields import printable, suggest
 TYPES = ("float", "int", "categorical", "bool", "layers")
 # what a trial does to its trained model before it is judged (trial.py); keys beside the config's:
 # key -> (the types a space may give it, its value in a base config: the step not taken)
-STEPS = {"export.int8": (("bool",), False),
+STEPS = {"export.int8": (("bool", "categorical"), False),   # categorical [true]: every trial ships int8
          # structured channel pruning (`graft prune`) of the trained run, scored on validation only
          "prune.amount": (("float", "categorical"), 0.0),
          "prune.finetune_epochs": (("int", "categorical"), 1)}   # its recovery epochs (graft prune's default)
