@@ -91,10 +91,12 @@ class BackboneConfig:
     features: str = option("last", choices=("last", "multi", "blocks"),
                            help="final feature map; + pooled outputs of late stages (multi); + of "
                            "every block (blocks)")
-    # auto: bf16 only where it is fast (features.native_bf16): a GPU, AMX, or for the inference
-    # pass AVX512-BF16 (training steps stay fp32 there); on AVX2 bf16 is ~10x slower
+    # auto: bf16 only where it is fast (features.native_bf16): a GPU, AMX, or AVX512-BF16 for the
+    # inference pass and a head's steps on cached features (fine-tuning steps stay fp32 there); on
+    # AVX2 bf16 is ~10x slower
     precision: str = option("auto", choices=("auto", "bf16", "fp32"),
-                            help="backbone pass: bf16 autocast, fp32, or auto (bf16 where it is fast)")
+                            help="backbone pass and training steps: bf16 autocast, fp32, or auto (bf16 "
+                            "where it is fast)")
     channels_last: bool = option(True, cli=False, help="channels-last memory layout for the backbone")
 
 
