@@ -1,6 +1,6 @@
 """Benchmark of `graft search` on CIFAR-10 with the embedded EfficientNet-Lite0.
 
-    python bench/search.py [--work DIR] [--stages demo,search,naive,pareto,pareto_ft,samplers] [--redo STAGE]
+    python bench/search.py [--work DIR] [--stages demo,search,naive,pareto,pareto_ft,latency,samplers] [--redo STAGE]
         [--trials 40] [--size 160] [--workers 2] [--pruner median] [--naive 3] [--pareto-trials 18]
         [--sampler-trials 20] [--out bench/results/search.json]
 
@@ -22,6 +22,8 @@ next start when its result is there, so a killed benchmark goes on where it stop
   pareto_ft the same against latency over fine-tuned trials (every group for one epoch after the
             recipe's head; 64/96 px, cut 0/1; int8), --pareto-ft-trials of them, on the search
             stage's cache; its front joined with pareto's
+  latency   both fronts' models and the recipe's int8 and fp32 exports timed again in one process,
+            in turns (--latency-rounds rounds of 50 batch-1 runs): the speed ratios to trust
   samplers  TPE against random sampling, --sampler-trials each, seeds 0-2 (--workers each), on the
             warm cache of the search stage: the mean best validation accuracy of each and the gap
 
@@ -196,6 +198,53 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
             "targets": {"speedup_at_least": 1.5, "test_points_at_least": -1}}
 
 
+RETIME = """
+import json, statistics, sys
+from graftnet.export.runtime import measure_latency
+models, rounds = json.loads(sys.argv[1]), int(sys.argv[2])
+times = {name: [] for name in models}
+for _ in range(rounds):   # in turns: every model sees the same moments of the machine
+    for name, path in models.items():
+        times[name].append(measure_latency(path, batch_size=1, repeats=50)["median_ms"])
+print(json.dumps({name: {"median_ms": statistics.median(t), "rounds_ms": t} for name, t in times.items()}))
+"""
+
+
+def stage_latency(a, work: Path, results: dict) -> dict:
+    """The front members of pareto and pareto_ft and the recipe's int8 and fp32 exports timed again
+    in one process, in turns, --latency-rounds rounds of 50 batch-1 runs each: one timing per trial,
+    right after its training, varied up to 2x for one model (pareto_ft's trials 1, 3 and 4 are the
+    same network), so the ratios are taken from these."""
+    st = results["stages"]
+    models = {"recipe int8": str(work / "runs" / "demo" / "export" / "model.int8.onnx"),
+              "recipe fp32": str(work / "runs" / "demo" / "export" / "model.onnx")}
+    for stage in ("pareto", "pareto_ft"):
+        for p in st.get(stage, {}).get("front", []):
+            run = Path(p["run"])
+            int8 = (run / "export" / "model.int8.onnx")
+            models[f"{stage} {p['number']}"] = str(int8 if int8.is_file() and p["params"].get("export.int8") else
+                                                   run / "export" / "model.onnx")
+    models = {k: v for k, v in models.items() if Path(v).is_file()}
+    out = subprocess.check_output([sys.executable, "-c", RETIME, json.dumps(models), str(a.latency_rounds)],
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    timed = json.loads(out)
+    base = timed["recipe int8"]["median_ms"]
+    rows = {}
+    for name, t in timed.items():
+        stage, _, number = name.rpartition(" ")
+        member = next((p for p in st.get(stage, {}).get("front", []) if str(p["number"]) == number), None)
+        acc = member["test_accuracy"] if member else None
+        rows[name] = {"model": models[name], "median_ms": round(t["median_ms"], 3),
+                      "rounds_ms": [round(x, 3) for x in t["rounds_ms"]],
+                      "speedup_vs_recipe_int8": round(base / t["median_ms"], 2), "test_accuracy": acc}
+    recipe_acc = st["pareto_ft"]["recipe_int8"]["test_accuracy"] if "pareto_ft" in st else None
+    ok = [n for n, r in rows.items() if r["test_accuracy"] is not None and recipe_acc is not None
+          and r["speedup_vs_recipe_int8"] >= 1.5 and 100 * (r["test_accuracy"] - recipe_acc) >= -1]
+    return {"rounds": a.latency_rounds, "repeats_per_round": 50, "models": rows,
+            "recipe_int8_test_accuracy": recipe_acc, "faster_within_a_point": ok,
+            "targets": {"speedup_at_least": 1.5, "test_points_at_least": -1}}
+
+
 def recipe_int8(work: Path) -> dict:
     """`graft quantize` of the demo run: its int8 model's test accuracy and batch-1 latency."""
     run = work / "runs" / "demo"
@@ -229,7 +278,7 @@ def stage_samplers(a, work: Path, results: dict) -> dict:
 
 
 STAGES = {"demo": lambda a, w, r: stage_demo(a, w), "search": stage_search, "naive": stage_naive,
-          "pareto": stage_pareto, "pareto_ft": stage_pareto_ft, "samplers": stage_samplers}
+          "pareto": stage_pareto, "pareto_ft": stage_pareto_ft, "latency": stage_latency, "samplers": stage_samplers}
 
 
 def main() -> None:
@@ -245,6 +294,7 @@ def main() -> None:
     p.add_argument("--pareto-trials", type=int, default=18)
     p.add_argument("--sampler-trials", type=int, default=20)
     p.add_argument("--pareto-ft-trials", type=int, default=6)
+    p.add_argument("--latency-rounds", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
