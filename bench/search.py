@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -229,6 +230,7 @@ def stage_latency(a, work: Path, results: dict) -> dict:
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     timed = json.loads(out)
     base = timed["recipe int8"]["median_ms"]
+    base_rounds = timed["recipe int8"]["rounds_ms"]
     rows = {}
     for name, t in timed.items():
         stage, _, number = name.rpartition(" ")
@@ -236,10 +238,15 @@ def stage_latency(a, work: Path, results: dict) -> dict:
         acc = member["test_accuracy"] if member else None
         rows[name] = {"model": models[name], "median_ms": round(t["median_ms"], 3),
                       "rounds_ms": [round(x, 3) for x in t["rounds_ms"]],
-                      "speedup_vs_recipe_int8": round(base / t["median_ms"], 2), "test_accuracy": acc}
+                      "speedup_vs_recipe_int8": round(base / t["median_ms"], 2),
+                      # the machine's pace changed between rounds (all models alike): the ratio
+                      # within each round, then its median
+                      "speedup_per_round_median": round(statistics.median(
+                          b / x for b, x in zip(base_rounds, t["rounds_ms"])), 2), "test_accuracy": acc}
     recipe_acc = st["pareto_ft"]["recipe_int8"]["test_accuracy"] if "pareto_ft" in st else None
     ok = [n for n, r in rows.items() if r["test_accuracy"] is not None and recipe_acc is not None
-          and r["speedup_vs_recipe_int8"] >= 1.5 and 100 * (r["test_accuracy"] - recipe_acc) >= -1]
+          and min(r["speedup_vs_recipe_int8"], r["speedup_per_round_median"]) >= 1.5
+          and 100 * (r["test_accuracy"] - recipe_acc) >= -1]
     return {"rounds": a.latency_rounds, "repeats_per_round": 50, "models": rows,
             "recipe_int8_test_accuracy": recipe_acc, "faster_within_a_point": ok,
             "targets": {"speedup_at_least": 1.5, "test_points_at_least": -1}}
