@@ -171,6 +171,8 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
     args = ["search", "--config", str(RECIPE), "--data", "cifar10", "--features", "last", "--finetune-epochs", "1",
             "--cache-dir", str(work / "cache-search"), "--out", str(work), "--name", "pareto-ft", "--space", str(space),
             "--trials", str(a.pareto_ft_trials), "--objectives", "val_acc,latency_ms", "--sampler", "random"]
+    # (random drew one of the four networks three times; `--sampler grid`, added after this stage
+    # ran, runs each once)
     if (folder / "search.json").is_file() and "pareto_ft" not in a.redo:
         # its search finished in an earlier start of this stage: its own span stands for the wall time
         summary = json.loads((folder / "search.json").read_text())

@@ -210,3 +210,24 @@ def test_prune_step_prunes_the_trial_run_on_validation_only(image_folder, tmp_pa
     assert ("graft prune RUN --amount 0.5" in note) == (best["params"]["prune.amount"] > 0)
     with pytest.raises(ConfigError, match="prune.amount: fractions"):
         search.check_space({"prune.amount": {"type": "float", "low": 0.2, "high": 1.5}})
+
+
+def test_grid_sampler_runs_each_combination_once(image_folder, tmp_path, capsys):
+    """A small categorical space under random sampling repeats combinations; --sampler grid runs
+    each once, asks no more trials than the grid holds, and refuses a space without a finite grid."""
+    space = {"train.epochs": {"type": "categorical", "choices": [2, 3]},
+             "head.dropout": {"type": "categorical", "choices": [0.0, 0.25, 0.5]}}
+    settings = search.SearchSettings(sampler="grid", seed=0)
+    cfg = base(image_folder, tmp_path, **{"train.epochs": 4})   # the base config is outside the grid
+    summary = search.run_search(cfg, space, tmp_path / "s", trials=10, settings=settings)
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    combos = [(r["params"]["train.epochs"], r["params"]["head.dropout"]) for r in rows]
+    assert sorted(combos) == sorted((e, d) for e in (2, 3) for d in (0.0, 0.25, 0.5))
+    assert summary["trials_done"] == 6 and "the grid has 6 trial(s); 10 asked" in capsys.readouterr().err
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}))
+    code = main(["search", "--data", str(image_folder), "--backbone", "test_efficientnet", "--sampler", "grid",
+                 "--space", str(path), "--out", str(tmp_path / "runs"), "--name", "g"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--sampler grid needs categorical or bool" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -4,6 +4,7 @@ joined the study's database; the totals are the study's, so they hold across all
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
@@ -19,7 +20,7 @@ from ..io import atomic_write_text
 from ..progress import log
 from .results import best_trial, finish
 from .settings import SearchSettings
-from .space import base_params, check_space
+from .space import base_params, check_space, grid
 from .storage import (GRACE_S, JOURNAL, STUDY, claim, counted, folder_lock, heartbeat, open_storage, quiet, recover,
                       shown)
 from .trial import run_trial
@@ -51,7 +52,7 @@ class _StopAfterTrial:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def open_study(storage, settings: SearchSettings, create: bool = False, worker: int = 0):
+def open_study(storage, settings: SearchSettings, create: bool = False, worker: int = 0, space: dict | None = None):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial says it all
     if create:
@@ -59,8 +60,15 @@ def open_study(storage, settings: SearchSettings, create: bool = False, worker: 
     # Reseeded with the trial count (a resumed study would replay its first draws) and the worker
     # (parallel workers would draw the same parameters).
     seed = (settings.seed + len(optuna.load_study(study_name=STUDY, storage=storage).trials) + 1000 * worker) % 2**32
-    sampler = (optuna.samplers.TPESampler(seed=seed) if settings.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
+    if settings.sampler == "grid":   # the grid's points are handed out through the storage: no repeats
+        class Grid(optuna.samplers.GridSampler):
+            def after_trial(self, *args):
+                """Optuna's stops the study when its grid is done, which only optimize() allows; this
+                loop asks and tells, and stops at the study's total, which the grid's size bounds."""
+        sampler = Grid(grid(space), seed=seed)
+    else:
+        sampler = (optuna.samplers.TPESampler(seed=seed) if settings.sampler == "tpe"
+                   else optuna.samplers.RandomSampler(seed=seed))
     # Optuna prunes single-objective studies only (Trial.report refuses several objectives)
     if settings.pruner == "none" or len(settings.directions) > 1:
         pruner = optuna.pruners.NopPruner()
@@ -81,12 +89,19 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
     if resume:
         cfg, space, settings, storage = _reopen(folder)
         # a database may have workers on other machines: draw apart from them too
-        study = open_study(storage, settings, worker=1 + os.getpid() % 4096 if settings.storage else 0)
+        study = open_study(storage, settings, worker=1 + os.getpid() % 4096 if settings.storage else 0,
+                           space=space)
     else:
         settings = settings or SearchSettings(seed=cfg.train.seed)
         storage, study = _create(cfg, space, folder, settings)
     if trials is not None or "trials" not in study.user_attrs:  # the study's total: every worker reads it
-        study.set_user_attr("trials", trials if trials is not None else DEFAULT_TRIALS)
+        total = trials if trials is not None else DEFAULT_TRIALS
+        if settings.sampler == "grid":   # each point once (and the base config, queued first, besides)
+            points = math.prod(len(v) for v in grid(space).values()) + bool(base_params(space, cfg))
+            if total > points:
+                log(f"search: the grid has {points} trial(s); {total} asked, {points} run")
+            total = min(total, points)
+        study.set_user_attr("trials", total)
     deadline = time.time() + timeout_s if timeout_s is not None else None
     workers = workers or settings.workers
     if workers > 1 and settings.measures_latency:
@@ -121,6 +136,8 @@ def _reopen(folder: Path):
 def _create(cfg: RunConfig, space: dict, folder: Path, settings: SearchSettings):
     import optuna
     check_space(space)
+    if settings.sampler == "grid":
+        grid(space)   # a space without a finite grid: one line, before any folder exists
     if folder.exists() and any(folder.iterdir()):
         raise GraftError(f"{folder}: exists and is not empty; continue it with --resume or pick --name")
     if settings.storage:  # reached and checked before anything is created
@@ -134,7 +151,7 @@ def _create(cfg: RunConfig, space: dict, folder: Path, settings: SearchSettings)
     settings.save(folder)
     if not settings.storage:
         storage = open_storage(folder, None)
-    study = open_study(storage, settings, create=True)
+    study = open_study(storage, settings, create=True, space=space)
     # what a worker on another machine needs besides the URL and the data
     shared = {"workers": 1, "storage": None}  # each machine's own
     for key, value in {"name": folder.name, "base": load_yaml(folder / "base.yaml"), "space": space,
@@ -214,7 +231,7 @@ def _worker(folder: str, index: int, workers: int, deadline: float | None) -> No
         cfg, space = resolve(folder_ / "base.yaml"), load_yaml(folder_ / "space.yaml")
         settings = SearchSettings.load(folder_)
         storage = open_storage(folder_, settings.storage)
-        _work(open_study(storage, settings, worker=index + 1), storage, folder_, cfg, space, settings,
+        _work(open_study(storage, settings, worker=index + 1, space=space), storage, folder_, cfg, space, settings,
               deadline, speak=False)
     except GraftError as e:
         log(f"[bold red]error:[/] search worker {index}: {e}")

@@ -14,7 +14,9 @@ from ..io import atomic_write_text
 
 # objective -> Optuna direction; latency is ONNX Runtime on this CPU (export.runtime.measure_latency)
 OBJECTIVES = {"val_acc": "maximize", "latency_ms": "minimize", "size_mb": "minimize"}
-SAMPLERS = ("tpe", "random")
+# grid: every combination of a space whose entries are all categorical or bool, each once (random
+# sampling of a small space draws the same combination again and again)
+SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 
 

@@ -110,6 +110,16 @@ def sample(trial, space: dict, base: RunConfig) -> dict:
     return chosen
 
 
+def grid(space: dict) -> dict[str, list]:
+    """{Optuna parameter name: its values} for a grid search: only a space of unconditional
+    categorical and bool entries has a finite grid; anything else is one ConfigError line."""
+    bad = [k for k, e in space.items() if e["type"] not in ("categorical", "bool") or e.get("when")]
+    if bad:
+        raise ConfigError(f"search space: --sampler grid needs categorical or bool entries without `when`; "
+                          f"{', '.join(map(printable, bad))} is not (use tpe or random)")
+    return {k: list(e["choices"]) if e["type"] == "categorical" else [False, True] for k, e in space.items()}
+
+
 def _base_value(cfg: RunConfig, key: str):
     """A config key's value in the base config; a step's value there is the step not taken."""
     return STEPS[key][1] if key in STEPS else _value(cfg, key)
