@@ -90,7 +90,8 @@ def add_commands(sub) -> dict:
     p.add_argument("--storage", metavar="URL", help="the study in a database, for workers on several machines: "
                    "postgresql://USER@HOST:PORT/DB or sqlite:///FILE (default: SEARCH/study.journal)")
     p.add_argument("--join", metavar="URL", help="work on the search whose study is in this database")
-    p.add_argument("--sampler", choices=SAMPLERS, help="tpe (default), random, or grid (every combination of a space of categorical and bool entries, each once)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="tpe (default), random, or grid (every combination "
+                   "of a space of categorical and bool entries, each once)")
     p.add_argument("--pruner", choices=PRUNERS, help="stops poor trials early on validation accuracy: median "
                    "(default), hyperband or none; single-objective searches only (Optuna prunes no other)")
     p.add_argument("--objectives", type=lambda t: [o.strip() for o in t.split(",") if o.strip()],
