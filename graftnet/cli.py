@@ -21,7 +21,7 @@ FINETUNE_EPOCHS = 3
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
 COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.compare", "graftnet.serve",
                               "graftnet.export.commands", "graftnet.compress.cli", "graftnet.search",
-                              "graftnet.continual"]
+                              "graftnet.continual", "graftnet.auto"]
 EXTRA_COMMANDS: dict = {}
 
 

@@ -1,0 +1,147 @@
+"""The stages of `graft auto` after the probe, each a function of the base config and what the
+earlier stages decided, returning the numbers its decision was made on (they go to decisions.json).
+
+search    the head and feature taps by `graft search` on cached features, within its time share;
+finetune  the search's best run with its backbone unfrozen, for the epochs the plan found time for;
+          kept only when its validation accuracy beats the head's;
+export    fp32 and int8 ONNX models of the kept run, each with its validation accuracy and its
+          latency measured in ONNX Runtime; the most accurate one within --max-latency-ms ships;
+test      the shipped file scored on the test split, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, resolve
+from ..errors import GraftError
+from ..progress import log
+from ..search import DEFAULT_SPACE, run_search
+from ..search.measure import measure_run
+from ..search.trial import saved_val_acc
+from ..train.pipeline import train
+from .budget import StopAtDeadline
+
+MAX_TRIALS = 200          # the search stops on its time share long before this on real data
+MAX_INT8_DROP = 0.005     # validation accuracy int8 may lose against fp32 and still ship (0.5 points)
+FINETUNE_BATCH = 64       # images per step when fine-tuning: fits a CPU's memory at 224 px
+
+
+def search_space(n_train: int) -> dict:
+    """The default space, with epochs and batch sizes that suit small sets too."""
+    space = dict(DEFAULT_SPACE)
+    batches = [b for b in (32, 64, 128, 256, 512) if b <= max(32, n_train // 4)][-3:]
+    space["train.batch_size"] = {"type": "categorical", "choices": batches}
+    return space
+
+
+def search(base: RunConfig, folder: Path, seconds: float, n_train: int, command: str, resume: bool) -> dict:
+    """The head search; its trials stop starting `seconds` from now (the first one runs whatever it
+    takes: it fills the feature cache). The best trial is not scored on the test split here."""
+    began = time.monotonic()
+    if resume and (folder / "base.yaml").is_file():
+        summary = run_search(None, None, folder, MAX_TRIALS, seconds, resume=True, command=command, test=False)
+    else:
+        summary = run_search(base, search_space(n_train), folder, MAX_TRIALS, seconds, command=command, test=False)
+    if summary["run"] is None:
+        raise GraftError(f"{folder}: no search trial completed, so there is no model to ship; a larger "
+                         "--budget gives the search time for one")
+    return {"run": summary["run"], "val_acc": summary["val_accuracy"], "best_trial": summary["best_trial"],
+            "trials": summary["trials_done"], "params": summary["params"],
+            "seconds": round(time.monotonic() - began, 1)}
+
+
+def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: bool) -> dict:
+    """The best trial's model with its backbone unfrozen for `epochs` (stage 2 alone, from the
+    trial's weights); ends early at the epoch that would cross `deadline`."""
+    run = folder / "finetune"
+    stop = StopAtDeadline(deadline)
+    if resume and (run / "config.yaml").is_file() and not (run / "model.safetensors").is_file():
+        result = train(None, resume=run, callbacks=[stop], test=False)   # on from its last checkpoint
+    else:
+        cfg = resolve(Path(best_run) / "config.yaml", {
+            "out": str(folder), "name": "finetune", "train.init": str(best_run), "train.epochs": 0,
+            "finetune.epochs": epochs, "finetune.batch_size": FINETUNE_BATCH})
+        result = train(cfg, callbacks=[stop], test=False)
+    cfg = resolve(result.run_dir / "config.yaml")
+    rows = [r for r in result.history if r.get("stage") == "fine-tuning"]
+    return {"run": str(result.run_dir), "val_acc": saved_val_acc(cfg, rows or result.history),
+            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
+
+
+def measure(run: str | Path) -> dict:
+    """fp32 and int8 ONNX models of the run: {"fp32": {...}, "int8": {...}} with validation accuracy,
+    latency at batch 1 (median, ms) and size; int8's quantization may fail, recorded as its error."""
+    run = Path(run)
+    cfg = resolve(run / "config.yaml")
+    val_acc = saved_val_acc(cfg, _history(run))
+    out = {"fp32": {**measure_run(run, int8=False), "val_acc": val_acc}}
+    try:
+        out["int8"] = measure_run(run, int8=True)
+        out["int8"]["val_acc"] = out["int8"].pop("val_acc_int8")
+    except (GraftError, RuntimeError, ValueError) as e:   # ORT's quantizer raises its own types
+        out["int8"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    return out
+
+
+def _history(run: Path) -> list[dict]:
+    from ..run import read_history
+    return read_history(run)
+
+
+def choose(models: dict, max_latency_ms: float | None) -> dict:
+    """The model to ship: int8 when it keeps fp32's validation accuracy within MAX_INT8_DROP (it is
+    smaller and, with VNNI, faster), else the more accurate; only models within `max_latency_ms`
+    count; when none is, the fastest ships and `meets` is False."""
+    ok = {k: m for k, m in models.items() if "error" not in m and m.get("val_acc") is not None}
+    if not ok:
+        raise GraftError("no exported model could be measured")
+    within = {k: m for k, m in ok.items() if max_latency_ms is None or m["latency_ms"] <= max_latency_ms}
+    if not within:
+        name = min(ok, key=lambda k: ok[k]["latency_ms"])
+        return {"model": name, "meets": False,
+                "why": f"no model meets --max-latency-ms {max_latency_ms:g}: the fastest, {name}, takes "
+                       f"{ok[name]['latency_ms']:.3g} ms; it ships anyway"}
+    best = max(within.values(), key=lambda m: m["val_acc"])["val_acc"]
+    if "int8" in within and within["int8"]["val_acc"] >= best - MAX_INT8_DROP:
+        name = "int8"
+    else:
+        name = max(within, key=lambda k: within[k]["val_acc"])
+    why = (f"{name}: validation accuracy {ok[name]['val_acc']:.4f}, {ok[name]['latency_ms']:.3g} ms at batch 1"
+           + (f" (within {max_latency_ms:g} ms)" if max_latency_ms is not None else "")
+           + (f"; fp32 {ok['fp32']['val_acc']:.4f}" if name == "int8" else
+              f"; int8 {ok['int8']['val_acc']:.4f}" if "int8" in ok else "; int8 failed"))
+    return {"model": name, "meets": True, "why": why}
+
+
+def test_score(model_path: str | Path, run: str | Path) -> dict | None:
+    """The shipped file's metrics on the run's test split (accuracy with its 95% interval, per class);
+    None when the split is not readable."""
+    from ..export.quantize import held_out_images
+    from ..export.runtime import OnnxClassifier
+    from ..metrics import classification_metrics
+    from ..model import load_model
+    _, spec = load_model(run)
+    images = held_out_images(resolve(Path(run) / "config.yaml"), spec, "test")
+    if images is None:
+        return None
+    logits = OnnxClassifier(model_path).logits([im.numpy() for im in images.images])
+    metrics = classification_metrics(torch.from_numpy(logits), images.labels, list(spec.classes))
+    metrics.pop("confusion", None)
+    return metrics
+
+
+def base_config(cfg: RunConfig, chosen: dict, data: dict) -> RunConfig:
+    """The probe's backbone and size on the user's base config; imbalanced classes weigh the loss."""
+    weights = "balanced" if data["imbalance"] > 3 else cfg.train.class_weights
+    return dataclasses.replace(
+        cfg, backbone=dataclasses.replace(cfg.backbone, name=chosen["backbone"], image_size=chosen["image_size"]),
+        train=dataclasses.replace(cfg.train, class_weights=weights),
+        data=dataclasses.replace(cfg.data, skip_bad=cfg.data.skip_bad or bool(data["unreadable_count"])))
+
+
+def note(stage: str, message: str) -> None:
+    log(f"auto: {stage}: {message}")
