@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from graftnet.auto import parse_budget
 from graftnet.auto.stages import choose
 from graftnet.cli import main
 from graftnet.errors import ConfigError
+from graftnet.train.callbacks import register_callback
+from graftnet.train.loop import Callback
 
 from .conftest import TINY, make_folder
 
@@ -151,3 +154,44 @@ def test_missing_data_and_a_folder_that_is_not_an_auto_folder(tmp_path, capsys):
     assert main(["auto", "--resume", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a `graft auto` folder" in err and len(err.splitlines()) == 1
+
+
+def test_a_set_too_large_for_the_budget_is_sliced_to_fit():
+    from graftnet.auto.plan import slice_to_fit
+    data = {"per_class": {"a": 5000, "b": 5000}}
+    plan = {"estimates": {"decode": 100.0, "features": 900.0}, "left_s": 600.0, "reserve_s": 100.0}
+    cap = slice_to_fit(data, plan)          # half of the 500 s after the export, less a trial: 245 s
+    assert cap == int(5000 * 245 / 1000)
+    assert slice_to_fit(data, {**plan, "left_s": 110.0}) is None
+
+
+class _CtrlC(Callback):
+    """Ctrl-C at the end of the first fine-tuning epoch: the search's trials are left alone."""
+
+    def __init__(self, options):
+        pass
+
+    def after_epoch(self, state, row: dict) -> None:
+        if state.stage == "fine-tuning":
+            raise KeyboardInterrupt
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+register_callback("auto_test_ctrl_c", _NoOptions)(_CtrlC)
+
+
+def test_ctrl_c_in_fine_tuning_ships_the_best_model_so_far(tmp_path):
+    data = make_folder(tmp_path / "data", n=14)
+    config = tmp_path / "base.yaml"
+    config.write_text("callbacks: {auto_test_ctrl_c: {}}\n")
+    assert main(flags(data, tmp_path, "--budget", f"{BUDGET_S}s", "--name", "c", "--config", str(config))) == 0
+    folder = tmp_path / "runs" / "c"
+    decisions = json.loads((folder / "decisions.json").read_text())
+    assert decisions["stages"]["finetune"]["status"] == "interrupted"
+    assert decisions["result"]["interrupted"] == "finetune"
+    assert decisions["stages"]["deploy"]["status"] == "done" and (folder / "model.onnx").is_file()
+    assert decisions["result"]["run"] == decisions["stages"]["search"]["numbers"]["run"]

@@ -108,7 +108,7 @@ def estimates(data: dict, probe: dict) -> dict:
     infer, train_rate, decode = probe["images_per_s"], probe["train_images_per_s"], probe["decode_images_per_s"]
     every = sum(n.values())
     return {"decode": every / decode,
-            "features": every / infer,
+            "features": (n["train"] + n["val"]) / infer,   # the test split's pass is the deploy stage's
             "finetune_epoch": n["train"] / train_rate + n["val"] / infer,
             # export checks 32 images, int8 calibrates on 256 and scores the validation split
             "export": FIXED["export"] + (32 + min(256, n["train"]) + n["val"]) / infer,
@@ -140,6 +140,18 @@ def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 1
     plan.update(search_s=left - reserve - finetune, finetune_epochs=epochs, finetune_s=finetune,
                 finetune_reason=f"{epochs} epoch(s) of about {shown(epoch)} fit in the budget")
     return plan
+
+
+def slice_to_fit(data: dict, plan: dict, share: float = 0.5, least: int = 10) -> int | None:
+    """Images per class (data.max_per_class) that bring the backbone pass down to `share` of the time
+    left after the export: fewer images trained on beat a plan that cannot finish. None when even
+    `least` per class would not fit."""
+    est = plan["estimates"]
+    room = share * (plan["left_s"] - plan["reserve_s"]) - FIXED["search"]
+    pass_s = est["decode"] + est["features"]
+    largest = max(data["per_class"].values())
+    cap = int(largest * room / pass_s) if room > 0 else 0
+    return cap if cap >= least else None
 
 
 def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float) -> list[tuple]:

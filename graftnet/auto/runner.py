@@ -7,6 +7,7 @@ dry run leave nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -115,13 +116,27 @@ def prepare(req: Request, budget: Budget) -> tuple[dict, dict, dict]:
     splits = config_splits(source, req.cfg.data)
     found = probe(req.cfg, source, splits, req.candidates, feature_share_s=0.4 * budget.left())
     made = plan_mod.make_plan(data, found, budget.left())
-    first = made["estimates"]["decode"] + made["estimates"]["features"] + plan_mod.FIXED["search"]
-    if made["search_s"] < first:
-        need = budget.spent() + first + made["reserve_s"]
-        raise ConfigError(f"--budget {shown(budget.total)}: too small for this data; the backbone pass over "
-                          f"{sum(data['counts'].values())} images and the export take about {shown(need)} here "
-                          f"(give --budget {int(need * 1.2) + 1}s or more, or fewer images: --set data.max_per_class=N)")
+    if made["search_s"] < _first(made):
+        cap = plan_mod.slice_to_fit(data, made)
+        if cap is None:
+            need = budget.spent() + _first(made) + made["reserve_s"]
+            raise ConfigError(f"--budget {shown(budget.total)}: too small for this data; the backbone pass over "
+                              f"{sum(data['counts'].values())} images and the export take about {shown(need)} here "
+                              f"(give --budget {int(need * 1.2) + 1}s or more, or fewer images: --set data.max_per_class=N)")
+        # the whole set's backbone pass would not leave time for anything else: train on a slice
+        whole = data["counts"]
+        req.cfg = dataclasses.replace(req.cfg, data=dataclasses.replace(req.cfg.data, max_per_class=cap))
+        data = {**plan_mod.look(req.cfg), "seconds": data["seconds"]}
+        data["notes"].append(f"the whole set's backbone pass ({shown(made['estimates']['features'])}) does not fit "
+                             f"the budget: at most {cap} images per class and split (data.max_per_class); all "
+                             f"would be {whole}")
+        made = plan_mod.make_plan(data, found, budget.left())
     return data, found, made
+
+
+def _first(made: dict) -> float:
+    """The search's first trial: decoding and the backbone pass that fills the feature cache."""
+    return made["estimates"]["decode"] + made["estimates"]["features"] + plan_mod.FIXED["search"]
 
 
 def run_auto(req: Request, folder: Path, dry_run: bool = False, resume: bool = False) -> dict:
