@@ -45,7 +45,7 @@ def look(cfg: RunConfig) -> dict:
         notes.append(f"classes imbalanced: {max(counts)} vs {min(counts)} training images ({ratio:.1f}:1); "
                      "the loss weighs classes by inverse frequency (train.class_weights=balanced)")
     if unreadable:
-        notes.append(f"{len(unreadable)} unreadable file(s) left out (data.skip_bad): "
+        notes.append(f"{len(unreadable)} unreadable file(s) among those read, left out (data.skip_bad): "
                      + ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else ""))
     if dups["pairs"]:
         notes.append(f"{dups['pairs']} image(s) appear in more than one split ({', '.join(dups['between'])}): "

@@ -24,6 +24,7 @@ from ..search.measure import measure_run
 from ..search.trial import saved_val_acc
 from ..train.pipeline import train
 from .budget import StopAtDeadline
+from .plan import IMBALANCED
 
 MAX_TRIALS = 200          # the search stops on its time share long before this on real data
 MAX_INT8_DROP = 0.005     # validation accuracy int8 may lose against fp32 and still ship (0.5 points)
@@ -135,12 +136,14 @@ def test_score(model_path: str | Path, run: str | Path) -> dict | None:
 
 
 def base_config(cfg: RunConfig, chosen: dict, data: dict) -> RunConfig:
-    """The probe's backbone and size on the user's base config; imbalanced classes weigh the loss."""
-    weights = "balanced" if data["imbalance"] > 3 else cfg.train.class_weights
+    """The probe's backbone and size on the user's base config; imbalanced classes weigh the loss, and
+    unreadable files (the look reads only a sample) are left out and listed in each run's skipped.txt
+    rather than failing every trial."""
+    weights = "balanced" if data["imbalance"] > IMBALANCED else cfg.train.class_weights
     return dataclasses.replace(
         cfg, backbone=dataclasses.replace(cfg.backbone, name=chosen["backbone"], image_size=chosen["image_size"]),
         train=dataclasses.replace(cfg.train, class_weights=weights),
-        data=dataclasses.replace(cfg.data, skip_bad=cfg.data.skip_bad or bool(data["unreadable_count"])))
+        data=dataclasses.replace(cfg.data, skip_bad=True))
 
 
 def note(stage: str, message: str) -> None:
