@@ -42,15 +42,18 @@ def write_deployment(folder: Path, decisions: dict, exported: dict, command: str
     if not keep_int8:
         (folder / FILES["int8"]).unlink(missing_ok=True)   # an earlier attempt's file would pass for this one's
     pre = json.loads((run / "export" / "preprocess.json").read_text())
-    atomic_write_json(folder / "preprocess.json", {**pre, "model": FILES[shipped], "run": str(run)})
-    metrics = _test_once(folder, FILES[shipped], models[shipped]["model"], run)
-    _card(folder, decisions, run, metrics, models, shipped, command)
+    tta = (exported.get("tta") or {}).get("used", False)
+    # flip_average: every runtime reading preprocess.json (graft predict, OnnxClassifier) averages the mirror in
+    atomic_write_json(folder / "preprocess.json", {**pre, "model": FILES[shipped], "run": str(run),
+                                                   "flip_average": bool(pre.get("flip_average") or tta)})
+    metrics = _test_once(folder, FILES[shipped], f"{models[shipped]['model']}, flip_average {tta}", run)
+    _card(folder, decisions, run, metrics, models, shipped, command, tta)
     acc = metrics["accuracy"] if metrics else None
     text = "-" if metrics is None else (f"{acc:.4f} (95% interval {metrics['accuracy_ci95'][0]:.4f}-"
                                         f"{metrics['accuracy_ci95'][1]:.4f}, {metrics['n']} images)")
     return {"model": FILES[shipped], "int8_kept": keep_int8, "run": str(run), "test_accuracy": acc,
             "test_accuracy_text": text, "meets_latency": exported["meets"],
-            "latency_ms": models[shipped]["latency_ms"]}
+            "latency_ms": models[shipped]["latency_ms"] * (2 if tta else 1), "tta": tta}
 
 
 def _test_once(folder: Path, name: str, source: str, run: Path) -> dict | None:
@@ -67,7 +70,7 @@ def _test_once(folder: Path, name: str, source: str, run: Path) -> dict | None:
 
 
 def _card(folder: Path, decisions: dict, run: Path, metrics: dict | None, models: dict, shipped: str,
-          command: str) -> None:
+          command: str, tta: bool) -> None:
     cpu = cpu_name() or platform.processor() or platform.machine()
     latency = {f"ONNX Runtime {k}, batch 1, median ({cpu}, {os.cpu_count()} cores)": m["latency_ms"]
                for k, m in models.items() if "error" not in m}
@@ -87,7 +90,9 @@ def _card(folder: Path, decisions: dict, run: Path, metrics: dict | None, models
     text = render_card(folder.name, json.loads((run / "model.json").read_text()),
                        yaml.safe_load((run / "config.yaml").read_text()), metrics, read_history(run), env,
                        decisions["look"]["counts"], latency,
-                       {"file": f"`{FILES[shipped]}` ({shipped}), with `preprocess.json` beside it"}, path=str(run))
+                       {"file": f"`{FILES[shipped]}` ({shipped}), with `preprocess.json` beside it",
+                        "test-time augmentation": "each image and its mirror, logits averaged (flip_average)"
+                        if tta else "none"}, path=str(run))
     atomic_write_text(folder / CARD_FILE, text + "\n".join(how))
 
 
