@@ -102,8 +102,9 @@ def _duplicates(source, splits: dict) -> dict:
 
 
 def estimates(data: dict, probe: dict) -> dict:
-    """Seconds per unit of work on this machine, from the probe's measured rates: the backbone pass
-    over every split, one fine-tuning epoch, the int8 export and the test pass."""
+    """Seconds per unit of work on this machine, from the probe's measured rates: decoding every
+    split, the backbone pass over training and validation images, one fine-tuning epoch, the export
+    with int8, and the test pass."""
     n = data["counts"]
     infer, train_rate, decode = probe["images_per_s"], probe["train_images_per_s"], probe["decode_images_per_s"]
     every = sum(n.values())

@@ -242,23 +242,11 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         choice = stages.choose(models, req.max_latency_ms)
         if not choice["meets"]:
             log(f"[yellow]auto: {choice['why']}[/]")
-        choice["tta"] = _tta(models[choice["model"]], source_run, budget.left() - made["estimates"]["test"])
+        choice["tta"] = stages.tta(models[choice["model"]], source_run, budget.left() - made["estimates"]["test"],
+                                   2 * 1.5 * data["counts"]["val"] / found["images_per_s"], req.max_latency_ms)
         why = choice["why"] + (f"; {choice['tta']['why']}" if choice["tta"].get("why") else "")
         return "done", why, {"run": source_run, "models": models, **choice}
 
-    def _tta(model: dict, run: str, left: float) -> dict:
-        """Flip test-time augmentation for the chosen model, when the budget has time for two more
-        validation passes and the latency bound room for twice the latency; kept from MIN_TTA_GAIN."""
-        cost = 2 * 1.5 * data["counts"]["val"] / found["images_per_s"]   # two passes, an int8 margin
-        if left < cost:
-            return {"used": False, "why": f"test-time flips not tried: {shown(left)} left, they need about {shown(cost)}"}
-        if req.max_latency_ms is not None and 2 * model["latency_ms"] > req.max_latency_ms:
-            return {"used": False, "why": "test-time flips not tried: twice the latency would exceed --max-latency-ms"}
-        flipped = stages.flip_accuracy(run, model["model"])
-        used = flipped >= model["val_acc"] + stages.MIN_TTA_GAIN
-        return {"used": used, "val_acc": flipped, "latency_ms": 2 * model["latency_ms"],
-                "why": f"test-time flips {'used' if used else 'not used'}: validation accuracy {flipped:.4f} "
-                       f"against {model['val_acc']:.4f} without, at twice the latency"}
     exported = run("export", made["estimates"]["export"], do_export)
 
     def do_deploy():

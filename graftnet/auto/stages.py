@@ -5,7 +5,8 @@ search    the head and feature taps by `graft search` on cached features, within
 finetune  the search's best run with its backbone unfrozen, for the epochs the plan found time for;
           kept only when its validation accuracy beats the head's;
 export    fp32 and int8 ONNX models of the kept run, each with its validation accuracy and its
-          latency measured in ONNX Runtime; the most accurate one within --max-latency-ms ships;
+          latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
+          points of the most accurate ships, with test-time flips when they pay and fit;
 test      the shipped file scored on the test split, once.
 """
 from __future__ import annotations
@@ -23,17 +24,18 @@ from ..search import DEFAULT_SPACE, run_search
 from ..search.measure import measure_run
 from ..search.trial import saved_val_acc
 from ..train.pipeline import train
-from .budget import StopAtDeadline
+from .budget import StopAtDeadline, shown
 from .plan import IMBALANCED
 
 MAX_TRIALS = 200          # the search stops on its time share long before this on real data
 MAX_INT8_DROP = 0.005     # validation accuracy int8 may lose against fp32 and still ship (0.5 points)
 MIN_TTA_GAIN = 0.005      # test-time flips double the latency: worth it from 0.5 points of validation accuracy
+LATENCY_TIE = 1.10        # latencies this close count as equal when choosing what ships
 FINETUNE_BATCH = 64       # images per step when fine-tuning: fits a CPU's memory at 224 px
 
 
 def search_space(n_train: int) -> dict:
-    """The default space, with epochs and batch sizes that suit small sets too."""
+    """The default space, with batch sizes that leave a small set several steps per epoch."""
     space = dict(DEFAULT_SPACE)
     batches = [b for b in (32, 64, 128, 256, 512) if b <= max(32, n_train // 4)][-3:]
     space["train.batch_size"] = {"type": "categorical", "choices": batches}
@@ -105,26 +107,50 @@ def flip_accuracy(run: str | Path, model: str | Path) -> float:
     return val.accuracy(Path(model))
 
 
+def tta(model: dict, run: str | Path, left: float, cost: float, max_latency_ms: float | None) -> dict:
+    """Flip test-time augmentation for the chosen `model`, tried when the `left` seconds hold its
+    `cost` (two validation passes; the plan's rate with a margin) and the latency bound room for
+    twice the latency; used from MIN_TTA_GAIN of validation accuracy."""
+    if left < cost:
+        return {"used": False, "why": f"test-time flips not tried: {shown(left)} left, they need about {shown(cost)}"}
+    if max_latency_ms is not None and 2 * model["latency_ms"] > max_latency_ms:
+        return {"used": False, "why": "test-time flips not tried: twice the latency would exceed --max-latency-ms"}
+    flipped = flip_accuracy(run, model["model"])
+    used = flipped >= model["val_acc"] + MIN_TTA_GAIN
+    return {"used": used, "val_acc": flipped, "latency_ms": 2 * model["latency_ms"],
+            "why": f"test-time flips {'used' if used else 'not used'}: validation accuracy {flipped:.4f} "
+                   f"against {model['val_acc']:.4f} without, at twice the latency"}
+
+
 def choose(models: dict, max_latency_ms: float | None) -> dict:
     """The model to ship: the fastest within MAX_INT8_DROP of the most accurate (int8, when it keeps
-    fp32's accuracy, being the smaller and usually the faster); only models within `max_latency_ms`
-    count; when none is, the fastest ships and `meets` is False."""
+    fp32's accuracy, being the smaller and usually the faster; of two as fast, the smaller); only
+    models within `max_latency_ms` count; when none is, the fastest ships and `meets` is False."""
     ok = {k: m for k, m in models.items() if "error" not in m and m.get("val_acc") is not None}
     if not ok:
         raise GraftError("no exported model could be measured")
     within = {k: m for k, m in ok.items() if max_latency_ms is None or m["latency_ms"] <= max_latency_ms}
     if not within:
-        name = min(ok, key=lambda k: ok[k]["latency_ms"])
+        name = _fastest(ok)
         return {"model": name, "meets": False,
                 "why": f"no model meets --max-latency-ms {max_latency_ms:g}: the fastest, {name}, takes "
                        f"{ok[name]['latency_ms']:.3g} ms; it ships anyway"}
     best = max(m["val_acc"] for m in within.values())
-    name = min((k for k in within if within[k]["val_acc"] >= best - MAX_INT8_DROP), key=lambda k: within[k]["latency_ms"])
+    good = {k: m for k, m in within.items() if m["val_acc"] >= best - MAX_INT8_DROP}
+    name = _fastest(good)
     others = "; ".join(f"{k} {m['val_acc']:.4f}, {m['latency_ms']:.3g} ms" if "error" not in m else f"{k} failed"
                        for k, m in models.items() if k != name)
     why = (f"{name}: validation accuracy {ok[name]['val_acc']:.4f}, {ok[name]['latency_ms']:.3g} ms at batch 1"
            + (f" (within {max_latency_ms:g} ms)" if max_latency_ms is not None else "") + (f"; {others}" if others else ""))
     return {"model": name, "meets": True, "why": why}
+
+
+def _fastest(models: dict) -> str:
+    """The fastest model's name; latencies within LATENCY_TIE of each other are one speed (the next
+    measurement may order them the other way), and of those the smaller file wins."""
+    fastest = min(m["latency_ms"] for m in models.values())
+    return min((k for k, m in models.items() if m["latency_ms"] <= LATENCY_TIE * fastest),
+               key=lambda k: (models[k].get("size_mb", 0.0), models[k]["latency_ms"]))
 
 
 def test_score(model_path: str | Path, run: str | Path) -> dict | None:
