@@ -243,7 +243,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         if not choice["meets"]:
             log(f"[yellow]auto: {choice['why']}[/]")
         choice["tta"] = stages.tta(models[choice["model"]], source_run, budget.left() - made["estimates"]["test"],
-                                   2 * 1.5 * data["counts"]["val"] / found["images_per_s"], req.max_latency_ms)
+                                   made["estimates"]["tta"], req.max_latency_ms)
         why = choice["why"] + (f"; {choice['tta']['why']}" if choice["tta"].get("why") else "")
         return "done", why, {"run": source_run, "models": models, **choice}
 
