@@ -305,12 +305,17 @@ def main() -> None:
     p.add_argument("--pareto-ft-trials", type=int, default=6)
     p.add_argument("--latency-rounds", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
-    a = p.parse_args()
+    run_stages(p.parse_args(), STAGES, "bench/search.py", ("trial_seconds", "front", "space"))
+
+
+def run_stages(a, stages: dict, script: str, unprinted: tuple[str, ...]) -> None:
+    """The stages named by a.stages, in order, each skipped when a.out holds its result (unless
+    a.redo names it) and saved there as soon as it ends."""
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("stages", {})
-    results.update(command="python bench/search.py " + " ".join(sys.argv[1:]), machine=machine(),
+    results.update(command=f"python {script} " + " ".join(sys.argv[1:]), machine=machine(),
                    tree=git_state(ROOT))
     for stage in a.stages.split(","):
         if stage in results["stages"] and stage not in a.redo:
@@ -318,12 +323,12 @@ def main() -> None:
             continue
         print(f"{stage}: running ({dt.datetime.now():%H:%M})", flush=True)
         started = dt.datetime.now().isoformat(timespec="seconds")
-        result = STAGES[stage](a, work, results)
+        result = stages[stage](a, work, results)
         # each stage with the tree it ran from: a resumed benchmark may run later stages from a later commit
         results["stages"][stage] = {**result, "started": started, "loadavg_end": loadavg(),
                                     "commit": git_state(ROOT)["commit"]}
         atomic_write_json(out, results)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("trial_seconds", "front", "space")}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in unprinted}), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ FINETUNE_EPOCHS = 3
 # area (compression, deployment) keeps its commands beside its code instead of growing this file.
 COMMAND_MODULES: list[str] = ["graftnet.ensemble", "graftnet.compare", "graftnet.serve",
                               "graftnet.export.commands", "graftnet.compress.cli", "graftnet.search",
-                              "graftnet.continual"]
+                              "graftnet.continual", "graftnet.auto"]
 EXTRA_COMMANDS: dict = {}
 
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: `graft train`, `finetune`, `distill` and `prune` "
+        console.print("[yellow]interrupted[/]: `graft train`, `finetune`, `distill`, `prune` and `auto` "
                       "continue with `--resume RUN`")
         return 130
     except Exception as e:  # noqa: BLE001 - the promise: no command prints a traceback

@@ -94,9 +94,9 @@ def trial_rows(study, settings: SearchSettings, choice: Choice) -> list[dict]:
 
 
 def finish(study, folder: Path, space: dict, base: RunConfig, command: str | None, evaluate_run,
-           settings: SearchSettings | None = None) -> dict:
-    """trials.csv/json, best.yaml, the chosen runs' single test evaluations, search.json, plots and
-    report.html. `settings` default to the folder's search.yaml."""
+           settings: SearchSettings | None = None, test: bool = True) -> dict:
+    """trials.csv/json, best.yaml, the chosen runs' single test evaluations (none with `test=False`),
+    search.json, plots and report.html. `settings` default to the folder's search.yaml."""
     from optuna.trial import TrialState
     folder = Path(folder)
     settings = settings or SearchSettings.load(folder)
@@ -125,7 +125,7 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
 
     def test_accuracy(t) -> float | None:
         run = t.user_attrs.get("run")
-        if run is not None and run not in scored:
+        if run is not None and run not in scored and test:
             here = Path(run, "config.yaml").is_file()
             # a trial that ships its int8 model is scored as shipped: the int8 ONNX model on the test split
             model = t.user_attrs.get("model") if t.user_attrs.get("int8") else None

@@ -81,10 +81,12 @@ def open_study(storage, settings: SearchSettings, create: bool = False, worker: 
 
 def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, trials: int | None = None,
                timeout_s: float | None = None, resume: bool = False, command: str | None = None,
-               settings: SearchSettings | None = None, workers: int | None = None) -> dict:
+               settings: SearchSettings | None = None, workers: int | None = None, test: bool = True) -> dict:
     """Run (or continue, with `resume`) a search in `folder` until its study holds `trials`
     finished trials (default 20, or the study's total on resume) or `timeout_s` has passed;
-    returns what search.json holds. `workers` overrides the saved settings' local worker count."""
+    returns what search.json holds. `workers` overrides the saved settings' local worker count.
+    `test=False`: the chosen trial is not scored on the test split (a caller that trains on from
+    it scores only its own final model, once)."""
     folder = Path(folder)
     if resume:
         cfg, space, settings, storage = _reopen(folder)
@@ -116,7 +118,7 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
     if workers and not (workers > 1 and _run_workers(folder, workers, deadline)):
         _work(study, storage, folder, cfg, space, settings, deadline)
     from ..evaluation import evaluate_run
-    return finish(study, folder, space, cfg, command, evaluate_run)
+    return finish(study, folder, space, cfg, command, evaluate_run, test=test)
 
 
 def _reopen(folder: Path):

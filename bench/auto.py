@@ -1,0 +1,91 @@
+"""Benchmark of `graft auto` on CIFAR-10: accuracy within a budget, and the plan's estimates.
+
+    python bench/auto.py [--work DIR] [--stages dryrun,budget30,budget10,slice300] [--redo STAGE]
+        [--out bench/results/auto.json]
+
+Stages, each written to the JSON as soon as it ends (temp file, then rename) and skipped on the
+next start when its result is there, so a killed benchmark goes on where it stopped:
+  dryrun    `graft auto --data cifar10 --budget 30m --dry-run`: the plan as printed and the dry run's
+            own wall time (the probe; nothing is trained)
+  budget30  `graft auto --data cifar10 --budget 30m`: the shipped model's test accuracy (target: at
+            least 88%, int8 when it ships) and the wall time against the budget (at most 110%)
+  budget10  the same with --budget 10m (target: at least 80%)
+  slice300  300 images per class and split (`--set data.max_per_class=300`) with --budget 10m,
+            against `graft train --max-per-class 300` with its defaults on the same slice
+Each real run's stages are compared with the plan: expected seconds / measured seconds per stage
+("estimate_ratio"; 1.0 is a perfect estimate, above 1 an overestimate).
+
+Every command runs in a subprocess with PYTHONPATH set to this tree (its graftnet is the one
+measured) and GRAFTNET_QUIET=1; its log lies in WORK/logs. Wall times are of the whole command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from search import graft, run_stages, test_accuracy  # noqa: E402
+
+
+def auto(work: Path, name: str, budget: str, *extra: str) -> dict:
+    """One `graft auto` run from a fresh folder: its result, per-stage estimates against times."""
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
+    args = ["auto", "--data", "cifar10", "--budget", budget, "--out", str(work / "runs"), "--name", name, *extra]
+    seconds = graft(args, work / "logs" / f"{name}.log")
+    decisions = json.loads((work / "runs" / name / "decisions.json").read_text())
+    stages = {k: {"expected_s": s.get("expected_s"), "seconds": s.get("seconds"), "status": s["status"],
+                  "decision": s.get("decision"),
+                  "estimate_ratio": round(s["expected_s"] / s["seconds"], 2)
+                  if s.get("expected_s") and s.get("seconds") else None}
+              for k, s in decisions["stages"].items()}
+    result = decisions["result"]
+    return {"command": "graft " + " ".join(args).replace(str(work), "WORK"), "seconds": round(seconds, 1),
+            "budget_s": decisions["budget_s"], "wall_over_budget": round(seconds / decisions["budget_s"], 3),
+            "shipped": result["model"], "test_accuracy": result["test_accuracy"],
+            "chosen": decisions["probe"]["chosen"], "plan": decisions["plan"], "stages": stages}
+
+
+def stage_dryrun(a, work: Path, results: dict) -> dict:
+    log = work / "logs" / "dryrun.log"
+    seconds = graft(["auto", "--data", "cifar10", "--budget", "30m", "--dry-run", "--out", str(work / "runs")], log)
+    return {"command": "graft auto --data cifar10 --budget 30m --dry-run", "seconds": round(seconds, 1),
+            "plan": log.read_text()[-4000:]}
+
+
+def stage_budget30(a, work: Path, results: dict) -> dict:
+    return {**auto(work, "budget30", "30m"), "targets": {"test_accuracy_at_least": 0.88, "wall_over_budget_at_most": 1.1}}
+
+
+def stage_budget10(a, work: Path, results: dict) -> dict:
+    return {**auto(work, "budget10", "10m"), "targets": {"test_accuracy_at_least": 0.80, "wall_over_budget_at_most": 1.1}}
+
+
+def stage_slice300(a, work: Path, results: dict) -> dict:
+    out = auto(work, "slice300", "10m", "--set", "data.max_per_class=300")
+    shutil.rmtree(work / "runs" / "train300", ignore_errors=True)
+    seconds = graft(["train", "--data", "cifar10", "--max-per-class", "300", "--out", str(work / "runs"),
+                     "--name", "train300"], work / "logs" / "train300.log")
+    base = test_accuracy(work / "runs" / "train300")
+    return {**out, "graft_train_defaults": {"command": "graft train --data cifar10 --max-per-class 300",
+                                            "seconds": round(seconds, 1), "test_accuracy": base},
+            "points_over_train": round(100 * (out["test_accuracy"] - base), 2)}
+
+
+STAGES = {"dryrun": stage_dryrun, "budget30": stage_budget30, "budget10": stage_budget10, "slice300": stage_slice300}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "auto"))
+    p.add_argument("--stages", default="dryrun,budget30,budget10,slice300")
+    p.add_argument("--redo", action="append", default=[], help="rerun this stage though its result is there")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto.json"))
+    run_stages(p.parse_args(), STAGES, "bench/auto.py", ("plan", "stages"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""What `graft auto` finds in the data before it spends anything, and the plan it makes from that and
+from the probe's measured speeds: each stage with the seconds it is expected to take on this machine.
+
+The data is opened and split exactly as `graft train` opens and splits it (data.labels.open_data,
+data.images.config_splits), so the counts printed here are the run's counts. Images are read, not
+decoded, for the checks: sizes from a sample's headers, duplicates by the hash of every file's bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import statistics
+from collections import Counter
+
+from ..config import RunConfig
+from ..data.images import config_splits
+from ..data.labels import open_data
+from ..errors import DataError
+from ..progress import bar
+from .budget import shown
+
+SIZE_SAMPLE = 64          # images whose headers give the size range
+HASH_LIMIT = 20_000       # files hashed per split for the duplicate check (a sample beyond that)
+IMBALANCED = 3.0          # largest / smallest class above this: say so, and balance the loss
+# seconds that do not scale with the data: opening runs, ONNX export and quantization, writing files
+FIXED = {"search": 5.0, "finetune": 3.0, "export": 5.0, "deploy": 2.0}
+# the ONNX export (torch.export) and int8 quantization grow with the network: seconds per million
+# parameters on a 2-core CPU (EfficientNet-Lite0, 3.4 M, at 160 px: its export stage took 39 s with
+# 400 validation images, where a fixed 12 s had been planned)
+EXPORT_S_PER_M = 6.0
+
+
+def look(cfg: RunConfig) -> dict:
+    """Counts per split and class, imbalance, image sizes, unreadable files and duplicates across
+    splits, as plain numbers (they go to decisions.json) with `notes`, the lines worth a warning."""
+    source = open_data(cfg.data, cfg.cache_dir)
+    splits = config_splits(source, cfg.data)
+    if not splits["val"]:
+        raise DataError(f"{source.location}: no validation images; `graft auto` chooses on the validation "
+                        "split (set data.val_fraction > 0 or give the data more images)")
+    per_class = Counter(label for _, label in splits["train"])
+    counts = [per_class.get(i, 0) for i in range(len(source.classes))]
+    ratio = max(counts) / max(min(counts), 1)
+    sides, unreadable = _sizes(source, splits["train"])
+    unreadable = sorted(set(unreadable) | set(source.bad))
+    dups = _duplicates(source, splits)
+    notes = []
+    if ratio > IMBALANCED:
+        notes.append(f"classes imbalanced: {max(counts)} vs {min(counts)} training images ({ratio:.1f}:1); "
+                     "the loss weighs classes by inverse frequency (train.class_weights=balanced)")
+    if unreadable:
+        notes.append(f"{len(unreadable)} unreadable file(s) among those read, left out (data.skip_bad): "
+                     + ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else ""))
+    if dups["pairs"]:
+        notes.append(f"{dups['pairs']} image(s) appear in more than one split ({', '.join(dups['between'])}): "
+                     "the validation and test scores are optimistic by that much")
+    return {"location": source.location, "classes": list(source.classes),
+            "counts": {k: len(v) for k, v in splits.items()}, "per_class": dict(zip(source.classes, counts)),
+            "imbalance": round(ratio, 3), "image_sides": sides, "unreadable": unreadable[:100],
+            "unreadable_count": len(unreadable), "duplicates": dups, "notes": notes}
+
+
+def _sizes(source, train: list) -> tuple[dict, list[str]]:
+    """Smallest, median and largest side of a spread sample of training images (headers only)."""
+    from PIL import Image
+    step = max(1, len(train) // SIZE_SAMPLE)
+    found, bad = [], []
+    for key, _ in train[::step][:SIZE_SAMPLE]:
+        try:
+            data = source.read(key)
+            if hasattr(data, "shape"):   # an in-memory array (CIFAR archives): H x W x C
+                found.append(min(data.shape[:2]))
+                continue
+            with Image.open(io.BytesIO(data)) as im:
+                found.append(min(im.size))
+        except (DataError, OSError, ValueError):
+            bad.append(source.describe(key))
+    if not found:
+        return {"min": None, "median": None, "max": None, "sampled": 0}, bad
+    return {"min": min(found), "median": int(statistics.median(found)), "max": max(found),
+            "sampled": len(found)}, bad
+
+
+def _duplicates(source, splits: dict) -> dict:
+    """Files with the same bytes in two splits: {"pairs", "between", "hashed"}."""
+    seen: dict[str, str] = {}
+    pairs, between, hashed = 0, set(), 0
+    total = sum(min(len(v), HASH_LIMIT) for v in splits.values())
+    with bar(total, "checking for duplicates") as advance:
+        for name, samples in splits.items():
+            step = max(1, len(samples) // HASH_LIMIT)
+            for key, _ in samples[::step][:HASH_LIMIT]:
+                try:
+                    data = source.read(key)
+                except DataError:
+                    continue
+                digest = hashlib.blake2b(data.tobytes() if hasattr(data, "tobytes") else data,
+                                         digest_size=16).hexdigest()
+                hashed += 1
+                advance()
+                other = seen.setdefault(digest, name)
+                if other != name:
+                    pairs += 1
+                    between.add(f"{other}/{name}")
+    return {"pairs": pairs, "between": sorted(between), "hashed": hashed}
+
+
+def estimates(data: dict, probe: dict) -> dict:
+    """Seconds per unit of work on this machine, from the probe's measured rates: decoding every
+    split, the backbone pass over training and validation images, one fine-tuning epoch, the export
+    with int8 (test-time flips included), and the test pass."""
+    n = data["counts"]
+    infer, train_rate, decode = probe["images_per_s"], probe["train_images_per_s"], probe["decode_images_per_s"]
+    every = sum(n.values())
+    tta = 2 * 1.5 * n["val"] / infer   # test-time flips: two validation passes, with an int8 margin
+    return {"decode": every / decode,
+            "features": (n["train"] + n["val"]) / infer,   # the test split's pass is the deploy stage's
+            "finetune_epoch": n["train"] / train_rate + n["val"] / infer,
+            # export checks 32 images, int8 calibrates on 256 and scores the validation split
+            "export": FIXED["export"] + EXPORT_S_PER_M * probe["chosen"].get("params_m", 0.0)
+            + (32 + min(256, n["train"]) + n["val"]) / infer + tta,
+            "tta": tta,
+            "test": n["test"] / infer + FIXED["deploy"]}
+
+
+def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 10) -> dict:
+    """Each stage's share of the `left` seconds: the search gets the backbone pass and at least a third
+    of what follows it; fine-tuning gets whole epochs of the rest, or is skipped with its reason."""
+    est = estimates(data, probe)
+    reserve = est["export"] + est["test"]
+    first = est["decode"] + est["features"] + FIXED["search"]   # the first trial fills the feature cache
+    room = left - reserve - first
+    plan = {"estimates": {k: round(v, 2) for k, v in est.items()}, "left_s": round(left, 1),
+            "reserve_s": round(reserve, 1)}
+    if room <= 0:
+        plan.update(search_s=max(left - reserve, 0.0), finetune_epochs=0, finetune_s=0.0,
+                    finetune_reason=f"no time left after the backbone pass ({shown(first)}) and the export "
+                                    f"({shown(reserve)})")
+        return plan
+    epoch = est["finetune_epoch"]
+    epochs = min(max_finetune_epochs, int((2 / 3 * room - FIXED["finetune"]) // epoch))
+    if epochs < 1:
+        plan.update(search_s=first + room, finetune_epochs=0, finetune_s=0.0,
+                    finetune_reason=f"one fine-tuning epoch takes about {shown(epoch)}, more than two thirds "
+                                    f"of the {shown(room)} left after the head search's backbone pass")
+        return plan
+    finetune = FIXED["finetune"] + epochs * epoch
+    plan.update(search_s=left - reserve - finetune, finetune_epochs=epochs, finetune_s=finetune,
+                finetune_reason=f"{epochs} epoch(s) of about {shown(epoch)} fit in the budget")
+    return plan
+
+
+def slice_to_fit(data: dict, plan: dict, share: float = 0.5, least: int = 10) -> int | None:
+    """Images per class (data.max_per_class) that bring the backbone pass down to `share` of the time
+    left after the export: fewer images trained on beat a plan that cannot finish. None when even
+    `least` per class would not fit."""
+    est = plan["estimates"]
+    room = share * (plan["left_s"] - plan["reserve_s"]) - FIXED["search"]
+    pass_s = est["decode"] + est["features"]
+    largest = max(data["per_class"].values())
+    cap = int(largest * room / pass_s) if room > 0 else 0
+    return cap if cap >= least else None
+
+
+def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float) -> list[tuple]:
+    """(stage, what, expected time) for the plan table."""
+    n = data["counts"]
+    rows = [("look", f"{len(data['classes'])} classes; train {n['train']}, val {n['val']}, test {n['test']}", "done")]
+    if probe is None:
+        return rows + [("probe", "frozen features of a sample per candidate backbone and size", "?")]
+    chosen = probe["chosen"]
+    rows.append(("probe", f"chose {chosen['backbone']} at {chosen['image_size']} px "
+                          f"(sample accuracy {chosen['sample_acc']:.3f}, {chosen['images_per_s']:.0f} images/s)",
+                 shown(probe["seconds"])))
+    rows.append(("search", "head and features on cached features (Optuna), best on validation",
+                 shown(plan["search_s"])))
+    rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the unfrozen backbone" if plan["finetune_epochs"]
+                 else f"skipped: {plan['finetune_reason']}", shown(plan["finetune_s"]) if plan["finetune_epochs"] else "-"))
+    rows.append(("export", "ONNX fp32 and int8, validation accuracy and latency measured", shown(plan["estimates"]["export"])))
+    rows.append(("deploy", "test split scored once; model card, report, deployment folder", shown(plan["estimates"]["test"])))
+    return rows
+
+
+def print_plan(data: dict, probe: dict | None, plan: dict | None, budget_s: float, console) -> None:
+    from rich.table import Table
+    for note in data["notes"]:
+        console.print(f"[yellow]data:[/] {note}", soft_wrap=True)
+    sides = data["image_sides"]
+    if sides["min"] is not None:
+        console.print(f"data: image sides {sides['min']}-{sides['max']} px (median {sides['median']}, "
+                      f"{sides['sampled']} sampled); {data['duplicates']['hashed']} files hashed, "
+                      f"{data['duplicates']['pairs']} duplicate(s) across splits", soft_wrap=True)
+    table = Table(title=f"graft auto: plan for a budget of {shown(budget_s)}")
+    for col in ("stage", "what", "expected"):
+        table.add_column(col, overflow="fold", justify="right" if col == "expected" else "left")
+    for row in plan_rows(data, probe, plan, budget_s):
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,218 @@
+"""`graft auto` on the tiny random backbone: the plan of a dry run, one whole run within its budget
+(deployment folder, model card, decisions), resume, an impossible latency bound and bad input."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graftnet.auto import parse_budget
+from graftnet.auto.stages import choose, tta
+from graftnet.cli import main
+from graftnet.errors import ConfigError
+from graftnet.train.callbacks import register_callback
+from graftnet.train.loop import Callback
+
+from .conftest import TINY, make_folder
+
+BUDGET_S = 45
+# Beyond the budget's 10%: the search's last trial may still be running when its share ends, and the
+# export's time is an estimate, not a reservation; on this 2-core machine either runs a few seconds over.
+SLACK_S = 8
+
+
+def flags(data: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["auto", "--data", str(data), "--backbones", f"{TINY}:32", "--out", str(tmp / "runs"),
+            "--set", "backbone.pretrained=false", "--set", f"cache_dir={tmp / 'cache'}",
+            "--set", "data.workers=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One whole run with a latency bound no model can meet; (folder, wall seconds)."""
+    tmp = tmp_path_factory.mktemp("auto")
+    data = make_folder(tmp / "data", n=14)
+    began = time.monotonic()
+    code = main(flags(data, tmp, "--budget", f"{BUDGET_S}s", "--name", "a", "--max-latency-ms", "1e-6"))
+    assert code == 0
+    return tmp / "runs" / "a", time.monotonic() - began
+
+
+def test_budget_text():
+    assert parse_budget("90s") == 90 and parse_budget("30m") == 1800 and parse_budget("1h") == 3600
+    assert parse_budget("1h30m") == 5400 and parse_budget("45") == 45 and parse_budget("1.5h") == 5400
+    for bad in ("soon", "30m1h", "0", "-5", "1m1m", "", "nan"):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(image_folder, tmp_path, capsys):
+    assert main(flags(image_folder, tmp_path, "--budget", "60s", "--name", "d", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    for stage in ("probe", "search", "finetune", "export", "deploy"):
+        assert stage in out
+    assert "plan for a budget of 1m00s" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_run_ends_within_its_budget(finished):
+    folder, seconds = finished
+    assert seconds <= BUDGET_S * 1.1 + SLACK_S
+    decisions = json.loads((folder / "decisions.json").read_text())
+    assert decisions["result"]["within_budget"] and decisions["spent_s"] <= BUDGET_S * 1.1
+
+
+def test_the_deployment_folder(finished):
+    from graftnet.export.runtime import OnnxClassifier
+    folder, _ = finished
+    for name in ("model.onnx", "preprocess.json", "MODEL_CARD.md", "report.html", "decisions.json",
+                 "test_metrics.json"):
+        assert (folder / name).is_file(), name
+    pre = json.loads((folder / "preprocess.json").read_text())
+    clf = OnnxClassifier(folder / pre["model"])
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 24, 24), dtype=np.uint8)
+    assert clf.logits(list(x)).shape == (2, 3)
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\n") and "## Evaluation" in card and "95% Wilson interval" in card
+    assert "graft auto --data" in card and "--budget 45s" in card
+    decisions = json.loads((folder / "decisions.json").read_text())
+    stages = decisions["stages"]
+    assert [s for s in stages if stages[s]["status"] not in ("done", "skipped")] == []
+    assert stages["search"]["numbers"]["val_acc"] > 0 and stages["search"]["numbers"]["trials"] >= 1
+    assert decisions["probe"]["chosen"]["images_per_s"] > 0 and decisions["plan"]["estimates"]["features"] > 0
+    report = (folder / "report.html").read_text()
+    assert all(f"Stage: {s}" in report for s in stages)
+    # the test split was scored once, for the shipped file only
+    assert json.loads((folder / "test_metrics.json").read_text())["model"] == pre["model"]
+    assert not list((folder / "search").glob("trials/*/evaluations"))
+
+
+def test_an_impossible_latency_bound_is_said_and_the_fastest_ships(finished):
+    folder, _ = finished
+    decisions = json.loads((folder / "decisions.json").read_text())
+    export = decisions["stages"]["export"]
+    assert export["numbers"]["meets"] is False
+    assert export["decision"].startswith("no model meets --max-latency-ms 1e-06")
+    models = export["numbers"]["models"]
+    fastest = min(m["latency_ms"] for m in models.values() if "latency_ms" in m)
+    assert models[export["numbers"]["model"]]["latency_ms"] <= 1.1 * fastest
+    assert decisions["result"]["meets_latency"] is False
+    assert "no model meets" in (folder / "report.html").read_text()
+
+
+def test_resume_runs_only_the_stages_that_did_not_finish(finished):
+    folder, _ = finished
+    path = folder / "decisions.json"
+    before = json.loads(path.read_text())
+    trials = sorted(p.name for p in (folder / "search" / "trials").iterdir())
+    before["stages"]["deploy"]["status"] = "running"   # as a kill during the deployment leaves it
+    path.write_text(json.dumps(before))
+    tested = (folder / "test_metrics.json").stat().st_mtime_ns
+    assert main(["auto", "--resume", str(folder)]) == 0
+    after = json.loads(path.read_text())
+    for name in ("look", "probe", "search", "finetune", "export"):
+        assert after["stages"][name] == before["stages"][name], name
+    assert after["stages"]["deploy"]["attempts"] == 2 and after["stages"]["deploy"]["status"] == "done"
+    assert sorted(p.name for p in (folder / "search" / "trials").iterdir()) == trials
+    # the same file ships: its test score is read back, not measured again
+    assert (folder / "test_metrics.json").stat().st_mtime_ns == tested
+
+
+def test_resume_after_a_kill_in_the_export_measures_again(finished):
+    folder, _ = finished
+    path = folder / "decisions.json"
+    before = json.loads(path.read_text())
+    before["stages"]["export"]["status"] = "running"
+    path.write_text(json.dumps(before))
+    assert main(["auto", "--resume", str(folder)]) == 0
+    after = json.loads(path.read_text())
+    assert after["stages"]["search"] == before["stages"]["search"]
+    assert after["stages"]["export"]["attempts"] == 2 and after["stages"]["export"]["started"] >= before["stages"]["export"]["started"]
+    assert after["stages"]["deploy"]["attempts"] == 3 and (folder / "model.onnx").is_file()
+
+
+def test_the_choice_of_the_shipped_model():
+    models = {"fp32": {"val_acc": 0.90, "latency_ms": 4.0, "size_mb": 4.0},
+              "int8": {"val_acc": 0.898, "latency_ms": 2.0, "size_mb": 1.0}}
+    assert choose(models, None)["model"] == "int8"                  # within 0.5 points: the smaller one
+    assert choose(models, 3.0) == {**choose(models, 3.0), "model": "int8", "meets": True}
+    models["int8"]["val_acc"] = 0.85
+    assert choose(models, None)["model"] == "fp32"
+    assert choose(models, 3.0)["model"] == "int8"                   # fp32 is too slow
+    assert choose({**models, "int8": {"error": "quantization failed"}}, None)["model"] == "fp32"
+    none = choose(models, 1.0)
+    assert none["model"] == "int8" and not none["meets"] and "no model meets" in none["why"]
+    # as fast within measurement noise (10%): the smaller file ships, whichever timed faster this time
+    models["int8"].update(val_acc=0.9, latency_ms=4.2)
+    assert choose(models, None)["model"] == "int8" and choose(models, 1.0)["model"] == "int8"
+    # test-time flips are not even tried where the time or the latency bound has no room for them
+    model = {"val_acc": 0.9, "latency_ms": 2.0, "model": "unused.onnx"}
+    assert "not tried" in tta(model, "run", left=5.0, cost=10.0, max_latency_ms=None)["why"]
+    assert "twice the latency" in tta(model, "run", left=50.0, cost=10.0, max_latency_ms=3.0)["why"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "soon"], "--budget soon: expected a positive duration"),
+    (["--budget", "2s"], "too small"),
+    (["--budget", "1m", "--backbones", "x:big"], "--backbones"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(image_folder, tmp_path, capsys, args, message):
+    assert main(flags(image_folder, tmp_path, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_and_a_folder_that_is_not_an_auto_folder(tmp_path, capsys):
+    assert main(flags(tmp_path / "nowhere", tmp_path, "--budget", "1m")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere" in err and len(err.splitlines()) == 1
+    (tmp_path / "run").mkdir()
+    assert main(["auto", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a `graft auto` folder" in err and len(err.splitlines()) == 1
+
+
+def test_a_set_too_large_for_the_budget_is_sliced_to_fit():
+    from graftnet.auto.plan import slice_to_fit
+    data = {"per_class": {"a": 5000, "b": 5000}}
+    plan = {"estimates": {"decode": 100.0, "features": 900.0}, "left_s": 600.0, "reserve_s": 100.0}
+    cap = slice_to_fit(data, plan)          # half of the 500 s after the export, less a trial: 245 s
+    assert cap == int(5000 * 245 / 1000)
+    assert slice_to_fit(data, {**plan, "left_s": 110.0}) is None
+
+
+class _CtrlC(Callback):
+    """Ctrl-C at the end of the first fine-tuning epoch: the search's trials are left alone."""
+
+    def __init__(self, options):
+        pass
+
+    def after_epoch(self, state, row: dict) -> None:
+        if state.stage == "fine-tuning":
+            raise KeyboardInterrupt
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+register_callback("auto_test_ctrl_c", _NoOptions)(_CtrlC)
+
+
+def test_ctrl_c_in_fine_tuning_ships_the_best_model_so_far(tmp_path):
+    data = make_folder(tmp_path / "data", n=14)
+    config = tmp_path / "base.yaml"
+    config.write_text("callbacks: {auto_test_ctrl_c: {}}\n")
+    assert main(flags(data, tmp_path, "--budget", f"{BUDGET_S}s", "--name", "c", "--config", str(config))) == 0
+    folder = tmp_path / "runs" / "c"
+    decisions = json.loads((folder / "decisions.json").read_text())
+    assert decisions["stages"]["finetune"]["status"] == "interrupted"
+    assert decisions["result"]["interrupted"] == "finetune"
+    assert decisions["stages"]["deploy"]["status"] == "done" and (folder / "model.onnx").is_file()
+    assert decisions["result"]["run"] == decisions["stages"]["search"]["numbers"]["run"]
