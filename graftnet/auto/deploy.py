@@ -22,6 +22,7 @@ from ..report.card import CARD_FILE, render_card
 from ..report.html import write_report
 from ..run import read_history
 from . import stages
+from .budget import shown
 
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
@@ -111,7 +112,8 @@ def _report(folder: Path, decisions: dict, run: Path) -> None:
     test = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     summary = {"shipped": result.get("model", "-"), "test accuracy": result.get("test_accuracy", "-"),
                "latency (ms, batch 1)": result.get("latency_ms", "-"),
-               "budget (s)": decisions["budget_s"], "spent (s)": decisions.get("spent_s", "-")}
+               "budget": shown(decisions["budget_s"]),
+               "spent": shown(decisions["spent_s"]) if "spent_s" in decisions else "-"}
     tables = [(f"Stage: {name} ({s.get('status')}, {s.get('seconds', 0):.1f} s"
                + (f", expected {s['expected_s']:.0f} s" if s.get("expected_s") else "") + ")",
                s.get("decision", ""), ["number", "value"], _flat(s.get("numbers") or {}))
