@@ -20,8 +20,8 @@ next start when its result is there, so a killed benchmark goes on where it stop
             recipe's int8 export (`graft quantize` of the demo run): target, a front model at least
             1.5x faster than it at no more than 1 point less test accuracy, and 5 front models
   pareto_ft the same against latency over fine-tuned trials (every group for one epoch after the
-            recipe's head; 64/96 px, cut 0/1; int8), --pareto-ft-trials of them, on the search
-            stage's cache; its front joined with pareto's
+            recipe's head; --pareto-ft-sizes px, --pareto-ft-cuts; int8), --pareto-ft-trials of them
+            (--pareto-ft-sampler), on the search stage's cache; its front joined with pareto's
   latency   both fronts' models and the recipe's int8 and fp32 exports timed again in one process,
             in turns (--latency-rounds rounds of 50 batch-1 runs): the speed ratios to trust
   samplers  TPE against random sampling, --sampler-trials each, seeds 0-2 (--workers each), on the
@@ -58,13 +58,14 @@ PARETO_SPACE = {
     "export.int8": {"type": "bool"},
 }
 
-# networks that are cheaper to run: smaller inputs, a cut backbone, every trial fine-tuned for one
-# epoch (frozen features at 64-96 px are not accurate enough) and shipped int8
-PARETO_FT_SPACE = {
-    "backbone.image_size": {"type": "categorical", "choices": [64, 96]},
-    "backbone.cut": {"type": "categorical", "choices": [0, 1]},
-    "export.int8": {"type": "categorical", "choices": [True]},
-}
+
+def pareto_ft_space(a) -> dict:
+    """Networks that are cheaper to run: smaller inputs (--pareto-ft-sizes), a cut backbone
+    (--pareto-ft-cuts), every trial fine-tuned for one epoch (frozen features at 64-96 px are not
+    accurate enough) and shipped int8."""
+    return {"backbone.image_size": {"type": "categorical", "choices": [int(x) for x in a.pareto_ft_sizes.split(",")]},
+            "backbone.cut": {"type": "categorical", "choices": [int(x) for x in a.pareto_ft_cuts.split(",")]},
+            "export.int8": {"type": "categorical", "choices": [True]}}
 
 
 def graft(args: list[str], log: Path) -> float:
@@ -170,16 +171,14 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
     space = work / "pareto-ft-space.yaml"
     args = ["search", "--config", str(RECIPE), "--data", "cifar10", "--features", "last", "--finetune-epochs", "1",
             "--cache-dir", str(work / "cache-search"), "--out", str(work), "--name", "pareto-ft", "--space", str(space),
-            "--trials", str(a.pareto_ft_trials), "--objectives", "val_acc,latency_ms", "--sampler", "random"]
-    # (random drew one of the four networks three times; `--sampler grid`, added after this stage
-    # ran, runs each once)
+            "--trials", str(a.pareto_ft_trials), "--objectives", "val_acc,latency_ms", "--sampler", a.pareto_ft_sampler]
     if (folder / "search.json").is_file() and "pareto_ft" not in a.redo:
         # its search finished in an earlier start of this stage: its own span stands for the wall time
         summary = json.loads((folder / "search.json").read_text())
         seconds = summary["span_seconds"]
     else:
         shutil.rmtree(folder, ignore_errors=True)
-        space.write_text(yaml.safe_dump(PARETO_FT_SPACE, sort_keys=False))
+        space.write_text(yaml.safe_dump(pareto_ft_space(a), sort_keys=False))
         seconds = graft(args, work / "logs" / "pareto-ft.log")
         summary = json.loads((folder / "search.json").read_text())
     base = recipe_int8(work)
@@ -194,7 +193,7 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
     joint = [f"{kind} {p['number']}" for kind, p in both
              if not any(q["val_acc"] >= p["val_acc"] and q["latency_ms"] <= p["latency_ms"] and
                         (q["val_acc"] > p["val_acc"] or q["latency_ms"] < p["latency_ms"]) for _, q in both)]
-    return {"command": "graft " + " ".join(args).replace(str(work), "WORK"), "space": PARETO_FT_SPACE,
+    return {"command": "graft " + " ".join(args).replace(str(work), "WORK"), "space": pareto_ft_space(a),
             "seconds": round(seconds, 1), "front": front, "recipe_int8": base, "front_size": len(front),
             "joint_front": joint, "faster_within_a_point": [p["number"] for p in ok],
             "trial_seconds": [t.get("seconds") for t in json.loads((folder / "trials.json").read_text())],
@@ -303,6 +302,10 @@ def main() -> None:
     p.add_argument("--pareto-trials", type=int, default=18)
     p.add_argument("--sampler-trials", type=int, default=20)
     p.add_argument("--pareto-ft-trials", type=int, default=6)
+    p.add_argument("--pareto-ft-sizes", default="64,96")
+    p.add_argument("--pareto-ft-cuts", default="0,1")
+    # the first run drew with random, which repeated one of the four networks three times
+    p.add_argument("--pareto-ft-sampler", default="grid", choices=("grid", "random", "tpe"))
     p.add_argument("--latency-rounds", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
     run_stages(p.parse_args(), STAGES, "bench/search.py", ("trial_seconds", "front", "space"))
