@@ -34,7 +34,10 @@ from search import graft, run_stages, test_accuracy  # noqa: E402
 def auto(work: Path, name: str, budget: str, *extra: str) -> dict:
     """One `graft auto` run from a fresh folder: its result, per-stage estimates against times."""
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
-    args = ["auto", "--data", "cifar10", "--budget", budget, "--out", str(work / "runs"), "--name", name, *extra]
+    cache = work / f"cache-{name}"   # cold, as a first run on a user's machine: decoding and backbone pass included
+    shutil.rmtree(cache, ignore_errors=True)
+    args = ["auto", "--data", "cifar10", "--budget", budget, "--out", str(work / "runs"), "--name", name,
+            "--set", f"cache_dir={cache}", *extra]
     seconds = graft(args, work / "logs" / f"{name}.log")
     decisions = json.loads((work / "runs" / name / "decisions.json").read_text())
     stages = {k: {"expected_s": s.get("expected_s"), "seconds": s.get("seconds"), "status": s["status"],
