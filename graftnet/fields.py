@@ -169,3 +169,22 @@ def check_choices(obj: Any, prefix: str = "") -> None:
             near = difflib.get_close_matches(str(value), allowed, n=1)
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}"
                               + (f"; did you mean {near[0]}?" if near else ""))
+
+
+_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text, flag: str) -> float:
+    """Seconds from 30m, 90s, 1h, 1h30m, 1.5h or plain seconds (units in decreasing order, each at
+    most once: not 30m1h or 1m1m); one ConfigError line naming `flag` for anything else."""
+    import re
+    words = str(text).strip().lower() if text is not None else ""
+    try:
+        seconds = float(words) if words else None
+    except ValueError:
+        seconds = None
+        if re.fullmatch(r"(\d+(?:\.\d+)?h)?(\d+(?:\.\d+)?m)?(\d+(?:\.\d+)?s)?", words):
+            seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", words))
+    if seconds is None or not 0 < seconds < math.inf:
+        raise ConfigError(f"{flag} {text}: expected a positive duration like 90s, 30m, 1h30m or seconds")
+    return seconds

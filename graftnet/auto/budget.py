@@ -6,29 +6,14 @@ stops at the end of the epoch that would otherwise run past the stage's end (`St
 """
 from __future__ import annotations
 
-import re
 import time
 
-from ..errors import ConfigError
+from ..fields import parse_duration
 from ..train.loop import Callback
-
-_UNITS = {"h": 3600, "m": 60, "s": 1}
-_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
-
 
 def parse_budget(text: str | None) -> float:
     """Seconds from 30m, 90s, 1h, 1h30m, 1.5h or plain seconds; one ConfigError line for anything else."""
-    words = str(text).strip().lower() if text is not None else ""
-    try:
-        seconds = float(words) if words else None
-    except ValueError:
-        seconds = None
-        # units in decreasing order, each at most once: 1h30m, not 30m1h or 1m1m
-        if re.fullmatch(r"(\d+(?:\.\d+)?h)?(\d+(?:\.\d+)?m)?(\d+(?:\.\d+)?s)?", words):
-            seconds = sum(float(n) * _UNITS[u] for n, u in _PART.findall(words))
-    if seconds is None or not seconds > 0 or seconds != seconds or seconds == float("inf"):
-        raise ConfigError(f"--budget {text}: expected a positive duration like 90s, 30m, 1h30m or seconds")
-    return seconds
+    return parse_duration(text, "--budget")
 
 
 def shown(seconds: float) -> str:

@@ -284,8 +284,7 @@ def prune_run(run_dir: str | Path | None, settings: PruneSettings | None, out: s
         raise ConfigError(f"prune: {run.dir} was extended with new classes (`graft extend`); prune the "
                           "original run, then extend the pruned one")
     shapes_before = module_shapes(model)
-    if saved:   # scored as it was started: on test, or on validation only
-        test = "test_acc" in saved["before"]
+    test = "test_acc" in saved["before"] if saved else test   # a resumed run is scored as it started
     split = "test" if test else "val"
     score = f"{split}_acc"
     if saved:

@@ -48,12 +48,12 @@ searched yet: channel pruning.
 """
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 from ..config import check_folder_name, load_yaml, resolve
 from ..errors import ConfigError
+from ..fields import parse_duration
 from .runner import run_search
 from .settings import OBJECTIVES, PRUNERS, SAMPLERS, SearchSettings
 from .space import DEFAULT_SPACE, check_space
@@ -64,13 +64,8 @@ SETTING_FLAGS = ("sampler", "pruner", "objectives", "max_latency_ms", "latency_b
 
 
 def parse_timeout(text: str | None) -> float | None:
-    """30m, 2h, 90s or plain seconds."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"--timeout {text}: expected a positive duration like 90s, 30m, 2h or seconds")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    """30m, 2h, 1h30m, 90s or plain seconds; None: no time budget."""
+    return None if text is None else parse_duration(text, "--timeout")
 
 
 def add_commands(sub) -> dict:
