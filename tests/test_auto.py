@@ -102,6 +102,9 @@ def test_an_impossible_latency_bound_is_said_and_the_fastest_ships(finished):
     assert models[export["numbers"]["model"]]["latency_ms"] <= 1.1 * fastest
     assert decisions["result"]["meets_latency"] is False
     assert "no model meets" in (folder / "report.html").read_text()
+    # pruning was weighed and refused: a millionth of a millisecond would take nearly every channel
+    prune = decisions["stages"]["prune"]
+    assert prune["status"] == "skipped" and "more than the 50%" in prune["decision"]
 
 
 def test_resume_runs_only_the_stages_that_did_not_finish(finished):
@@ -216,3 +219,45 @@ def test_ctrl_c_in_fine_tuning_ships_the_best_model_so_far(tmp_path):
     assert decisions["result"]["interrupted"] == "finetune"
     assert decisions["stages"]["deploy"]["status"] == "done" and (folder / "model.onnx").is_file()
     assert decisions["result"]["run"] == decisions["stages"]["search"]["numbers"]["run"]
+
+
+def test_fine_tuning_moves_to_a_smaller_input_only_when_an_epoch_fits_there():
+    from graftnet.auto.plan import make_plan, smaller_sizes
+    assert smaller_sizes(160) == [144, 128] and smaller_sizes(224) == [208, 192, 176] and smaller_sizes(32) == []
+    data = {"counts": {"train": 40_000, "val": 5_000, "test": 10_000}}
+    # at 160 px: the backbone pass 180 s, a fine-tuning epoch 40,000 / 40 + 20 = 1020 s
+    probe = {"chosen": {"image_size": 160, "params_m": 3.4}, "images_per_s": 250.0, "train_images_per_s": 40.0,
+             "decode_images_per_s": 4000.0}
+    at160 = make_plan(data, probe, 2400.0)
+    assert at160["image_size"] == 160 and at160["finetune_epochs"] == 1 and at160["size_reason"] is None
+    # less time: an epoch no longer fits at 160 px, it does at 128 px (0.64 of the pixels)
+    moved = make_plan(data, probe, 1500.0)
+    assert moved["image_size"] in (144, 128) and moved["finetune_epochs"] >= 1
+    assert moved["estimates"]["finetune_epoch"] < at160["estimates"]["finetune_epoch"]
+    assert "instead of the probe's 160" in moved["size_reason"]
+    assert moved["search_s"] + moved["finetune_s"] + moved["reserve_s"] == pytest.approx(1500.0, abs=1.0)
+    # too little for an epoch even at 128 px: the probe's size, frozen, as before
+    frozen = make_plan(data, probe, 600.0)
+    assert frozen["image_size"] == 160 and frozen["finetune_epochs"] == 0 and "one fine-tuning epoch" in frozen["finetune_reason"]
+
+
+def test_pruning_for_a_latency_bound(finished, tmp_path):
+    """The finished run's shipped model pruned as far as a bound 0.8x its latency asks: a smaller
+    network, measured again; a bound that would take most channels is refused with its reason."""
+    from graftnet.auto.stages import MAX_PRUNE, prune_amount, prune_for_latency
+    assert prune_amount(1.0, 1.0) == pytest.approx(1 - 1 / 1.2)
+    assert prune_amount(3.0, 1.0) > MAX_PRUNE and prune_amount(1.0, 2.0) == 0.05
+    folder, _ = finished
+    exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]
+    fastest = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+    r = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=1.0, seed=0, resume=False)
+    assert r["pruned"] and r["amount"] == pytest.approx(prune_amount(fastest, 0.8 * fastest), abs=1e-3)
+    assert r["recovery_epochs"] == 0 and r["macs_ratio"] < 1.0
+    assert Path(r["run"]) == tmp_path / "pruned" and (tmp_path / "pruned" / "prune.json").is_file()
+    assert r["models"]["fp32"]["val_acc"] == r["val_acc_after"] and r["models"]["fp32"]["latency_ms"] > 0
+    again = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=1.0, seed=0, resume=True)
+    assert again["run"] == r["run"] and again["val_acc_after"] == r["val_acc_after"]   # a finished prune is kept
+    refused = prune_for_latency(exported, fastest / 100, tmp_path / "x", left=1e9, epoch_s=1.0, seed=0, resume=False)
+    assert not refused["pruned"] and "more than the 50%" in refused["why"] and not (tmp_path / "x").exists()
+    late = prune_for_latency(exported, 0.8 * fastest, tmp_path / "y", left=0.0, epoch_s=1.0, seed=0, resume=False)
+    assert not late["pruned"] and "no time left" in late["why"] and not (tmp_path / "y").exists()

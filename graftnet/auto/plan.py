@@ -28,6 +28,10 @@ FIXED = {"search": 5.0, "finetune": 3.0, "export": 5.0, "deploy": 2.0}
 # parameters on a 2-core CPU (EfficientNet-Lite0, 3.4 M, at 160 px: its export stage took 39 s with
 # 400 validation images, where a fixed 12 s had been planned)
 EXPORT_S_PER_M = 6.0
+# Fine-tuning moves to a smaller input, down to this share of the probe's size, when that lets it run
+# a whole epoch (CIFAR-10, EfficientNet-Lite0: one epoch at 96 px, 0.6 of 160, reached only the
+# frozen 160 px head's validation accuracy, 86.4% against 86.6-87.4%: bench/search.py's pareto_ft)
+MIN_FINETUNE_SCALE = 0.75
 
 
 def look(cfg: RunConfig) -> dict:
@@ -105,12 +109,15 @@ def _duplicates(source, splits: dict) -> dict:
     return {"pairs": pairs, "between": sorted(between), "hashed": hashed}
 
 
-def estimates(data: dict, probe: dict) -> dict:
+def estimates(data: dict, probe: dict, size: int | None = None) -> dict:
     """Seconds per unit of work on this machine, from the probe's measured rates: decoding every
     split, the backbone pass over training and validation images, one fine-tuning epoch, the export
-    with int8 (test-time flips included), and the test pass."""
+    with int8 (test-time flips included), and the test pass. At another input `size` than the probe's
+    chosen one, the network's rates scale with the pixels (a convolutional network's work does)."""
     n = data["counts"]
-    infer, train_rate, decode = probe["images_per_s"], probe["train_images_per_s"], probe["decode_images_per_s"]
+    scale = (probe["chosen"]["image_size"] / size) ** 2 if size else 1.0
+    infer, train_rate = probe["images_per_s"] * scale, probe["train_images_per_s"] * scale
+    decode = probe["decode_images_per_s"]
     every = sum(n.values())
     tta = 2 * 1.5 * n["val"] / infer   # test-time flips: two validation passes, with an int8 margin
     return {"decode": every / decode,
@@ -123,15 +130,39 @@ def estimates(data: dict, probe: dict) -> dict:
             "test": n["test"] / infer + FIXED["deploy"]}
 
 
+def smaller_sizes(size: int) -> list[int]:
+    """Input sizes below the probe's choice that fine-tuning may move to: 16-pixel steps down to
+    MIN_FINETUNE_SCALE of it."""
+    return [s for s in range(size - 16, 0, -16) if s >= MIN_FINETUNE_SCALE * size]
+
+
 def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 10) -> dict:
     """Each stage's share of the `left` seconds: the search gets the backbone pass and at least a third
-    of what follows it; fine-tuning gets whole epochs of the rest, or is skipped with its reason."""
-    est = estimates(data, probe)
+    of what follows it; fine-tuning gets whole epochs of the rest, or is skipped with its reason.
+    When not one epoch fits at the probe's input size, the largest smaller size (down to
+    MIN_FINETUNE_SCALE of it) where one does is taken for the whole run, search included."""
+    size = probe["chosen"]["image_size"]
+    plan = _plan_at(data, probe, left, size, max_finetune_epochs)
+    if plan["finetune_epochs"] or plan["search_s"] <= 0:
+        return plan
+    for smaller in smaller_sizes(size):
+        alt = _plan_at(data, probe, left, smaller, max_finetune_epochs)
+        if alt["finetune_epochs"]:
+            alt["size_reason"] = (f"{smaller} px instead of the probe's {size}: an epoch there fits "
+                                  f"({shown(alt['estimates']['finetune_epoch'])}), at {size} px it would not "
+                                  f"({shown(plan['estimates']['finetune_epoch'])}); fine-tuning gains more than "
+                                  "the larger input")
+            return alt
+    return plan
+
+
+def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epochs: int) -> dict:
+    est = estimates(data, probe, size)
     reserve = est["export"] + est["test"]
     first = est["decode"] + est["features"] + FIXED["search"]   # the first trial fills the feature cache
     room = left - reserve - first
-    plan = {"estimates": {k: round(v, 2) for k, v in est.items()}, "left_s": round(left, 1),
-            "reserve_s": round(reserve, 1)}
+    plan = {"image_size": size, "size_reason": None, "estimates": {k: round(v, 2) for k, v in est.items()},
+            "left_s": round(left, 1), "reserve_s": round(reserve, 1)}
     if room <= 0:
         plan.update(search_s=max(left - reserve, 0.0), finetune_epochs=0, finetune_s=0.0,
                     finetune_reason=f"no time left after the backbone pass ({shown(first)}) and the export "
@@ -172,8 +203,9 @@ def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float
     rows.append(("probe", f"chose {chosen['backbone']} at {chosen['image_size']} px "
                           f"(sample accuracy {chosen['sample_acc']:.3f}, {chosen['images_per_s']:.0f} images/s)",
                  shown(probe["seconds"])))
-    rows.append(("search", "head and features on cached features (Optuna), best on validation",
-                 shown(plan["search_s"])))
+    size = plan.get("image_size", chosen["image_size"])
+    rows.append(("search", f"head and features on cached features (Optuna) at {size} px, best on validation"
+                 + (f"; {plan['size_reason']}" if plan.get("size_reason") else ""), shown(plan["search_s"])))
     rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the unfrozen backbone" if plan["finetune_epochs"]
                  else f"skipped: {plan['finetune_reason']}", shown(plan["finetune_s"]) if plan["finetune_epochs"] else "-"))
     rows.append(("export", "ONNX fp32 and int8, validation accuracy and latency measured", shown(plan["estimates"]["export"])))

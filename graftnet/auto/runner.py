@@ -27,7 +27,7 @@ from .probe import probe
 DECISIONS = "decisions.json"
 CONFIG = "auto.yaml"
 FORMAT = "graftnet-auto-1"
-STAGES = ("look", "probe", "search", "finetune", "export", "deploy")
+STAGES = ("look", "probe", "search", "finetune", "export", "prune", "deploy")
 PROBE_S = 5.0             # a candidate's probe on a small set: model build, sample features, fit
 # the budget must hold every candidate's probe, one head fit and the export
 MIN_FIXED_S = plan_mod.FIXED["search"] + plan_mod.FIXED["export"] + plan_mod.FIXED["deploy"]
@@ -179,7 +179,9 @@ def run_auto(req: Request, folder: Path, dry_run: bool = False, resume: bool = F
 
 def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: dict, found: dict, made: dict) -> dict:
     from .deploy import write_deployment
-    base = stages.base_config(req.cfg, found["chosen"], data)
+    base = stages.base_config(req.cfg, found["chosen"], data, made.get("image_size"))
+    if made.get("size_reason"):
+        log(f"auto: {made['size_reason']}")
     # a stage runs again when it or any stage before it did not finish (its inputs may have changed)
     rerun = next((s for s in STAGES if not record.done(s)), None)
     todo = STAGES[STAGES.index(rerun):] if rerun else ()
@@ -249,11 +251,33 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
 
     exported = run("export", made["estimates"]["export"], do_export)
 
+    def do_prune():
+        if interrupted:
+            return "skipped", "skipped: stopped by Ctrl-C", {}
+        if req.max_latency_ms is None or exported["meets"]:
+            return "skipped", ("skipped: no --max-latency-ms" if req.max_latency_ms is None else
+                               f"skipped: {exported['model']} meets --max-latency-ms"), {}
+        left = budget.left() - made["estimates"]["test"] - made["estimates"]["export"]
+        r = stages.prune_for_latency(exported, req.max_latency_ms, folder, left, made["estimates"]["finetune_epoch"],
+                                     req.cfg.train.seed, resume=record.stage("prune").get("attempts", 0) > 1)
+        if not r["pruned"]:
+            return "skipped", r["why"], r
+        choice = stages.choose(r["models"], req.max_latency_ms)
+        fastest_before = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+        r.update(choice, ships=choice["meets"] or r["models"][choice["model"]]["latency_ms"] < fastest_before,
+                 tta={"used": False, "why": "test-time flips not tried: the latency bound is what pruning is for"})
+        verdict = ("it meets the bound and ships" if choice["meets"] else "it does not meet the bound either; "
+                   + ("it ships, being faster" if r["ships"] else "the unpruned model ships"))
+        return "done", (f"{r['amount']:.0%} of the channels inside blocks removed, {r['recovery_epochs']} recovery "
+                        f"epoch(s), MACs x{r['macs_ratio']:.2f}: {choice['why']}; {verdict}"), r
+    pruned = run("prune", None, do_prune)
+    shipping = pruned if pruned and pruned.get("ships") else exported
+
     def do_deploy():
-        result = write_deployment(folder, record.data, exported, req.command)
+        result = write_deployment(folder, record.data, shipping, req.command)
         return "done", f"shipped {result['model']}: test accuracy {result['test_accuracy_text']}", result
     run("deploy", made["estimates"]["test"], do_deploy)
-    write_deployment(folder, record.data, exported, req.command, report_only=True)  # with the deploy stage in it
+    write_deployment(folder, record.data, shipping, req.command, report_only=True)  # with the deploy stage in it
     spent = budget.spent()
     record.data["result"] = {**record.stage("deploy").get("numbers", {}), "spent_s": round(spent, 1),
                              "within_budget": spent <= OVERRUN * record.data["budget_s"],

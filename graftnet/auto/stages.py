@@ -7,11 +7,15 @@ finetune  the search's best run with its backbone unfrozen, for the epochs the p
 export    fp32 and int8 ONNX models of the kept run, each with its validation accuracy and its
           latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
           points of the most accurate ships, with test-time flips when they pay and fit;
+prune     only when no model meets --max-latency-ms: the exported run with channels removed by
+          `graft prune` as far as the bound asks (at most MAX_PRUNE), recovered for an epoch when
+          the budget holds one; it ships when it meets the bound or is at least faster;
 test      the shipped file scored on the test split, once.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -32,6 +36,10 @@ MAX_INT8_DROP = 0.005     # validation accuracy int8 may lose against fp32 and s
 MIN_TTA_GAIN = 0.005      # test-time flips double the latency: worth it from 0.5 points of validation accuracy
 LATENCY_TIE = 1.10        # latencies this close count as equal when choosing what ships
 FINETUNE_BATCH = 64       # images per step when fine-tuning: fits a CPU's memory at 224 px
+# pruning for a latency bound: half of the channels inside blocks, with a recovery epoch after each of
+# two steps, left Lite0 11.5 points below its base on CIFAR-10 (BENCHMARKS.md, pruning): no further
+MAX_PRUNE = 0.5
+PRUNE_MARGIN = 1.2
 
 
 def search_space(n_train: int) -> dict:
@@ -76,12 +84,13 @@ def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: 
             "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
 
 
-def measure(run: str | Path) -> dict:
-    """fp32 and int8 ONNX models of the run: {"fp32": {...}, "int8": {...}} with validation accuracy,
-    latency at batch 1 (median, ms) and size; int8's quantization may fail, recorded as its error."""
+def measure(run: str | Path, val_acc: float | None = None) -> dict:
+    """fp32 and int8 ONNX models of the run: {"fp32": {...}, "int8": {...}} with validation accuracy
+    (`val_acc`, else the run's saved epoch's), latency at batch 1 (median, ms) and size; int8's
+    quantization may fail, recorded as its error."""
     run = Path(run)
     cfg = resolve(run / "config.yaml")
-    val_acc = saved_val_acc(cfg, _history(run))
+    val_acc = saved_val_acc(cfg, _history(run)) if val_acc is None else val_acc
     out = {"fp32": {**measure_run(run, int8=False), "val_acc": val_acc}}
     try:
         out["int8"] = measure_run(run, int8=True)
@@ -89,6 +98,51 @@ def measure(run: str | Path) -> dict:
     except (GraftError, RuntimeError, ValueError) as e:   # ORT's quantizer raises its own types
         out["int8"] = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
     return out
+
+
+def prune_amount(latency_ms: float, bound_ms: float) -> float:
+    """The share of channels to remove for `latency_ms` to fall under `bound_ms`. Pruning only the
+    channels inside blocks (an inverted residual's expansion), a block's work falls about in
+    proportion to the channels kept (Lite0: MACs 0.64x at 30%, 0.45x at 50%; BENCHMARKS.md,
+    pruning); aimed PRUNE_MARGIN below the bound, since a run's fixed costs do not shrink."""
+    return max(0.05, 1 - bound_ms / (PRUNE_MARGIN * latency_ms))
+
+
+def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
+                      seed: int, resume: bool) -> dict:
+    """The exported run with channels removed (`graft prune`, structured, inside blocks only) until
+    its estimated latency meets `bound_ms`, with one recovery epoch when `left` seconds hold it
+    (`epoch_s`: the plan's fine-tuning epoch), BatchNorm recalibration only otherwise; then both of
+    its models measured. Returns what the export stage returns, for the pruned run, with `amount`,
+    `recovery_epochs` and `unpruned` (the export's choice)."""
+    import shutil
+    from ..compress.prune import PruneSettings, prune_run
+    from ..train.checkpoint import FILE as CHECKPOINT
+    models = exported["models"]
+    fastest = min(m["latency_ms"] for m in models.values() if "error" not in m)
+    amount = round(prune_amount(fastest, bound_ms), 3)
+    if amount > MAX_PRUNE:
+        return {"pruned": False, "amount": amount,
+                "why": f"not pruned: {fastest:.3g} ms to {bound_ms:g} ms would take removing about {amount:.0%} of "
+                       f"the channels, more than the {MAX_PRUNE:.0%} a network recovers from"}
+    if left <= 0:
+        return {"pruned": False, "amount": amount, "why": f"not pruned: it would remove {amount:.0%} of the "
+                "channels, and the budget has no time left for it (a larger --budget has)"}
+    epochs = 1 if left > 2 * epoch_s else 0
+    out = folder / "pruned"
+    if resume and (out / "prune.json").is_file():    # it finished; the kill came while measuring
+        run = out
+    elif resume and (out / CHECKPOINT).is_file():
+        run = prune_run(None, None, resume=out, test=False)
+    else:
+        shutil.rmtree(out, ignore_errors=True)   # an attempt killed before its first checkpoint
+        settings = PruneSettings(amount=amount, finetune_epochs=epochs, channels="inner", seed=seed)
+        run = prune_run(exported["run"], settings, out=str(folder), name="pruned", test=False)
+    record = json.loads((run / "prune.json").read_text())
+    pruned = measure(run, record["after"]["val_acc"])
+    return {"pruned": True, "run": str(run), "models": pruned, "amount": amount, "recovery_epochs": epochs,
+            "val_acc_before": record["before"]["val_acc"], "val_acc_after": record["after"]["val_acc"],
+            "macs_ratio": round(record["after"]["macs"] / max(record["before"]["macs"], 1), 3)}
 
 
 def _history(run: Path) -> list[dict]:
@@ -170,13 +224,13 @@ def test_score(model_path: str | Path, run: str | Path) -> dict | None:
     return metrics
 
 
-def base_config(cfg: RunConfig, chosen: dict, data: dict) -> RunConfig:
-    """The probe's backbone and size on the user's base config; imbalanced classes weigh the loss, and
-    unreadable files (the look reads only a sample) are left out and listed in each run's skipped.txt
-    rather than failing every trial."""
+def base_config(cfg: RunConfig, chosen: dict, data: dict, size: int | None = None) -> RunConfig:
+    """The probe's backbone and the plan's input `size` (the probe's by default) on the user's base
+    config; imbalanced classes weigh the loss, and unreadable files (the look reads only a sample) are
+    left out and listed in each run's skipped.txt rather than failing every trial."""
     weights = "balanced" if data["imbalance"] > IMBALANCED else cfg.train.class_weights
     return dataclasses.replace(
-        cfg, backbone=dataclasses.replace(cfg.backbone, name=chosen["backbone"], image_size=chosen["image_size"]),
+        cfg, backbone=dataclasses.replace(cfg.backbone, name=chosen["backbone"], image_size=size or chosen["image_size"]),
         train=dataclasses.replace(cfg.train, class_weights=weights),
         data=dataclasses.replace(cfg.data, skip_bad=True))
 
