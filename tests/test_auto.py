@@ -236,6 +236,14 @@ def test_fine_tuning_moves_to_a_smaller_input_only_when_an_epoch_fits_there():
     assert moved["estimates"]["finetune_epoch"] < at160["estimates"]["finetune_epoch"]
     assert "instead of the probe's 160" in moved["size_reason"]
     assert moved["search_s"] + moved["finetune_s"] + moved["reserve_s"] == pytest.approx(1500.0, abs=1.0)
+    # a latency bound reserves pruning's recovery epoch and export when they take at most a third of the room
+    roomy = make_plan(data, probe, 6000.0)
+    bound = make_plan(data, probe, 6000.0, prune=True)
+    assert roomy["prune_s"] == 0 and bound["prune_s"] > roomy["estimates"]["finetune_epoch"]
+    assert bound["search_s"] + bound["finetune_s"] + bound["reserve_s"] == pytest.approx(6000.0, abs=1.0)
+    assert bound["finetune_epochs"] < roomy["finetune_epochs"]
+    tight = make_plan(data, probe, 2400.0, prune=True)
+    assert tight["prune_s"] == 0 and "not reserved" in tight["prune_reason"]
     # too little for an epoch even at 128 px: the probe's size, frozen, as before
     frozen = make_plan(data, probe, 600.0)
     assert frozen["image_size"] == 160 and frozen["finetune_epochs"] == 0 and "one fine-tuning epoch" in frozen["finetune_reason"]
@@ -250,14 +258,17 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
     folder, _ = finished
     exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]
     fastest = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
-    r = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=1.0, seed=0, resume=False)
+    r = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=10.0, seed=0, resume=False)
     assert r["pruned"] and r["amount"] == pytest.approx(prune_amount(fastest, 0.8 * fastest), abs=1e-3)
     assert r["recovery_epochs"] == 0 and r["macs_ratio"] < 1.0
     assert Path(r["run"]) == tmp_path / "pruned" and (tmp_path / "pruned" / "prune.json").is_file()
     assert r["models"]["fp32"]["val_acc"] == r["val_acc_after"] and r["models"]["fp32"]["latency_ms"] > 0
-    again = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=1.0, seed=0, resume=True)
+    again = prune_for_latency(exported, 0.8 * fastest, tmp_path, left=1.0, epoch_s=10.0, seed=0, resume=True)
     assert again["run"] == r["run"] and again["val_acc_after"] == r["val_acc_after"]   # a finished prune is kept
     refused = prune_for_latency(exported, fastest / 100, tmp_path / "x", left=1e9, epoch_s=1.0, seed=0, resume=False)
     assert not refused["pruned"] and "more than the 50%" in refused["why"] and not (tmp_path / "x").exists()
     late = prune_for_latency(exported, 0.8 * fastest, tmp_path / "y", left=0.0, epoch_s=1.0, seed=0, resume=False)
     assert not late["pruned"] and "no time left" in late["why"] and not (tmp_path / "y").exists()
+    recovered = prune_for_latency(exported, 0.8 * fastest, tmp_path / "z", left=100.0, epoch_s=10.0, seed=0,
+                                  resume=False)
+    assert recovered["recovery_epochs"] == 1 and recovered["models"]["int8"].get("latency_ms", 1) > 0

@@ -136,17 +136,19 @@ def smaller_sizes(size: int) -> list[int]:
     return [s for s in range(size - 16, 0, -16) if s >= MIN_FINETUNE_SCALE * size]
 
 
-def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 10) -> dict:
+def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 10, prune: bool = False) -> dict:
     """Each stage's share of the `left` seconds: the search gets the backbone pass and at least a third
     of what follows it; fine-tuning gets whole epochs of the rest, or is skipped with its reason.
     When not one epoch fits at the probe's input size, the largest smaller size (down to
-    MIN_FINETUNE_SCALE of it) where one does is taken for the whole run, search included."""
+    MIN_FINETUNE_SCALE of it) where one does is taken for the whole run, search included.
+    `prune` (a latency bound was given): pruning's recovery epoch and second export are reserved
+    when they take at most a third of what the backbone pass leaves (unused when int8 meets the bound)."""
     size = probe["chosen"]["image_size"]
-    plan = _plan_at(data, probe, left, size, max_finetune_epochs)
+    plan = _plan_at(data, probe, left, size, max_finetune_epochs, prune)
     if plan["finetune_epochs"] or plan["search_s"] <= 0:
         return plan
     for smaller in smaller_sizes(size):
-        alt = _plan_at(data, probe, left, smaller, max_finetune_epochs)
+        alt = _plan_at(data, probe, left, smaller, max_finetune_epochs, prune)
         if alt["finetune_epochs"]:
             alt["size_reason"] = (f"{smaller} px instead of the probe's {size}: an epoch there fits "
                                   f"({shown(alt['estimates']['finetune_epoch'])}), at {size} px it would not "
@@ -156,13 +158,23 @@ def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 1
     return plan
 
 
-def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epochs: int) -> dict:
+def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epochs: int, prune: bool) -> dict:
     est = estimates(data, probe, size)
     reserve = est["export"] + est["test"]
     first = est["decode"] + est["features"] + FIXED["search"]   # the first trial fills the feature cache
     room = left - reserve - first
+    prune_s, prune_reason = 0.0, None
+    if prune:
+        need = FIXED["finetune"] + est["finetune_epoch"] + est["export"]
+        if need <= room / 3:
+            prune_s, room, reserve = need, room - need, reserve + need
+        else:
+            prune_reason = (f"pruning's recovery epoch and export (about {shown(need)}) would take more than a "
+                            "third of the budget after the backbone pass: not reserved; pruning, if the bound "
+                            "needs it, gets what is left")
     plan = {"image_size": size, "size_reason": None, "estimates": {k: round(v, 2) for k, v in est.items()},
-            "left_s": round(left, 1), "reserve_s": round(reserve, 1)}
+            "left_s": round(left, 1), "reserve_s": round(reserve, 1), "prune_s": round(prune_s, 1),
+            "prune_reason": prune_reason}
     if room <= 0:
         plan.update(search_s=max(left - reserve, 0.0), finetune_epochs=0, finetune_s=0.0,
                     finetune_reason=f"no time left after the backbone pass ({shown(first)}) and the export "
@@ -209,6 +221,10 @@ def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float
     rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the unfrozen backbone" if plan["finetune_epochs"]
                  else f"skipped: {plan['finetune_reason']}", shown(plan["finetune_s"]) if plan["finetune_epochs"] else "-"))
     rows.append(("export", "ONNX fp32 and int8, validation accuracy and latency measured", shown(plan["estimates"]["export"])))
+    if plan.get("prune_s") or plan.get("prune_reason"):
+        rows.append(("prune", "only if no model meets --max-latency-ms: channels removed, one recovery epoch"
+                     if plan.get("prune_s") else f"only if no model meets --max-latency-ms; {plan['prune_reason']}",
+                     shown(plan["prune_s"]) if plan.get("prune_s") else "-"))
     rows.append(("deploy", "test split scored once; model card, report, deployment folder", shown(plan["estimates"]["test"])))
     return rows
 

@@ -115,7 +115,7 @@ def prepare(req: Request, budget: Budget) -> tuple[dict, dict, dict]:
     data["seconds"] = round(time.monotonic() - began, 2)
     splits = config_splits(source, req.cfg.data)
     found = probe(req.cfg, source, splits, req.candidates, feature_share_s=0.4 * budget.left())
-    made = plan_mod.make_plan(data, found, budget.left())
+    made = plan_mod.make_plan(data, found, budget.left(), prune=req.max_latency_ms is not None)
     if made["search_s"] < _first(made):
         cap = plan_mod.slice_to_fit(data, made)
         if cap is None:
@@ -130,7 +130,7 @@ def prepare(req: Request, budget: Budget) -> tuple[dict, dict, dict]:
         data["notes"].append(f"the whole set's backbone pass ({shown(made['estimates']['features'])}) does not fit "
                              f"the budget: at most {cap} images per class and split (data.max_per_class); all "
                              f"would be {whole}")
-        made = plan_mod.make_plan(data, found, budget.left())
+        made = plan_mod.make_plan(data, found, budget.left(), prune=req.max_latency_ms is not None)
     return data, found, made
 
 
@@ -270,7 +270,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
                    + ("it ships, being faster" if r["ships"] else "the unpruned model ships"))
         return "done", (f"{r['amount']:.0%} of the channels inside blocks removed, {r['recovery_epochs']} recovery "
                         f"epoch(s), MACs x{r['macs_ratio']:.2f}: {choice['why']}; {verdict}"), r
-    pruned = run("prune", None, do_prune)
+    pruned = run("prune", made.get("prune_s") or None, do_prune)
     shipping = pruned if pruned and pruned.get("ships") else exported
 
     def do_deploy():

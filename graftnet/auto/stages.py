@@ -112,7 +112,8 @@ def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float
                       seed: int, resume: bool) -> dict:
     """The exported run with channels removed (`graft prune`, structured, inside blocks only) until
     its estimated latency meets `bound_ms`, with one recovery epoch when `left` seconds hold it
-    (`epoch_s`: the plan's fine-tuning epoch), BatchNorm recalibration only otherwise; then both of
+    (`epoch_s`: the plan's fine-tuning epoch, reserved by the plan when a bound is given),
+    BatchNorm recalibration only otherwise; then both of
     its models measured. Returns what the export stage returns, for the pruned run, with `amount`,
     `recovery_epochs` and `unpruned` (the export's choice)."""
     import shutil
@@ -128,7 +129,7 @@ def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float
     if left <= 0:
         return {"pruned": False, "amount": amount, "why": f"not pruned: it would remove {amount:.0%} of the "
                 "channels, and the budget has no time left for it (a larger --budget has)"}
-    epochs = 1 if left > 2 * epoch_s else 0
+    epochs = 1 if left >= 1.1 * epoch_s else 0   # the pruning steps' BatchNorm recalibrations besides
     out = folder / "pruned"
     if resume and (out / "prune.json").is_file():    # it finished; the kill came while measuring
         run = out
