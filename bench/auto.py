@@ -1,6 +1,6 @@
 """Benchmark of `graft auto` on CIFAR-10: accuracy within a budget, and the plan's estimates.
 
-    python bench/auto.py [--work DIR] [--stages dryrun,budget30,budget10,slice300] [--redo STAGE]
+    python bench/auto.py [--work DIR] [--stages dryrun,budget30,budget10,slice300,latency300] [--redo STAGE]
         [--out bench/results/auto.json]
 
 Stages, each written to the JSON as soon as it ends (temp file, then rename) and skipped on the
@@ -12,6 +12,9 @@ next start when its result is there, so a killed benchmark goes on where it stop
   budget10  the same with --budget 10m (target: at least 80%)
   slice300  300 images per class and split (`--set data.max_per_class=300`) with --budget 10m,
             against `graft train --max-per-class 300` with its defaults on the same slice
+  latency300  the slice with `--max-latency-ms 1.0` (--bound-ms), below what its int8 model took:
+            the prune stage's decision and the shipped model's latency and accuracy (not in the
+            default stages)
 Each real run's stages are compared with the plan: expected seconds / measured seconds per stage
 ("estimate_ratio"; 1.0 is a perfect estimate, above 1 an overestimate).
 
@@ -78,7 +81,19 @@ def stage_slice300(a, work: Path, results: dict) -> dict:
             "points_over_train": round(100 * (out["test_accuracy"] - base), 2)}
 
 
-STAGES = {"dryrun": stage_dryrun, "budget30": stage_budget30, "budget10": stage_budget10, "slice300": stage_slice300}
+def stage_latency300(a, work: Path, results: dict) -> dict:
+    """The slice again with a latency bound its int8 model did not meet (1.56 ms at 160 px in the
+    slice300 stage): the prune stage's decision, the shipped model's latency and test accuracy."""
+    out = auto(work, "latency300", "10m", "--set", "data.max_per_class=300", "--max-latency-ms", str(a.bound_ms))
+    decisions = json.loads((work / "runs" / "latency300" / "decisions.json").read_text())
+    prune = decisions["stages"]["prune"]
+    return {**out, "bound_ms": a.bound_ms, "meets": decisions["result"]["meets_latency"],
+            "shipped_latency_ms": decisions["result"]["latency_ms"], "prune": prune.get("numbers") or {},
+            "prune_decision": prune.get("decision")}
+
+
+STAGES = {"dryrun": stage_dryrun, "budget30": stage_budget30, "budget10": stage_budget10, "slice300": stage_slice300,
+          "latency300": stage_latency300}
 
 
 def main() -> None:
@@ -86,6 +101,7 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "auto"))
     p.add_argument("--stages", default="dryrun,budget30,budget10,slice300")
     p.add_argument("--redo", action="append", default=[], help="rerun this stage though its result is there")
+    p.add_argument("--bound-ms", type=float, default=1.0, help="latency300's --max-latency-ms")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto.json"))
     run_stages(p.parse_args(), STAGES, "bench/auto.py", ("plan", "stages"))
 
