@@ -184,3 +184,41 @@ def test_a_best_trial_run_on_another_machine_is_named_not_read(tmp_path):
     summary = finish(study, tmp_path, {}, None, None, lambda run: calls.append(run) or {}, SearchSettings())
     assert summary["best_trial"] == 0 and summary["test_accuracy"] is None and not calls
     assert not (tmp_path / "best.yaml").exists() and (tmp_path / "search.json").is_file()
+
+
+def _matmul_chain(path: Path, width: int, layers: int) -> Path:
+    """An ONNX model of `layers` width x width MatMuls on a [batch, width] input: its cost is chosen."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) / width ** 0.5, f"w{i}")
+             for i in range(layers)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}" if i < layers - 1 else "y"])
+             for i in range(layers)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_the_front_is_chosen_on_latencies_timed_again_in_turns(image_folder, tmp_path):
+    # each trial's own timing is one moment of the machine: here trial 0's heavy model was timed at
+    # 1 ms, so it looked as fast as it was accurate and trial 1's light model (timed at 5 ms) seemed
+    # dominated. Timed again, in turns, the heavy model is the slow one and both are on the front.
+    heavy = _matmul_chain(tmp_path / "heavy.onnx", 1024, 24)
+    light = _matmul_chain(tmp_path / "light.onnx", 8, 1)
+    trials = [([0.80, 1.0], C, {"latency_ms": 1.0, "model": str(heavy)}),
+              ([0.70, 5.0], C, {"latency_ms": 5.0, "model": str(light)})]
+    study, cfg = make_study(tmp_path, image_folder, ["maximize", "minimize"], trials)
+    summary, _ = run_finish(study, cfg, tmp_path, SearchSettings(objectives=["val_acc", "latency_ms"]))
+    assert summary["latency_retimed"] is True
+    assert [p["number"] for p in summary["pareto"]] == [0, 1]
+    fast, slow = summary["pareto"][1], summary["pareto"][0]
+    assert fast["latency_ms"] < slow["latency_ms"] and slow["latency_ms_trial"] == 1.0
+    rows = json.loads((tmp_path / "s" / "trials.json").read_text())
+    assert [r["latency_ms_trial"] for r in rows] == [1.0, 5.0] and rows[0]["latency_ms"] > rows[1]["latency_ms"]
+    # without the models on this machine the trials' own timings stand
+    heavy.unlink()
+    again, _ = run_finish(study, cfg, tmp_path, SearchSettings(objectives=["val_acc", "latency_ms"]))
+    assert again["latency_retimed"] is False and [p["number"] for p in again["pareto"]] == [0]

@@ -162,16 +162,12 @@ def evaluate_onnx(model_path: str | Path, images, batch_size: int = 64,
             "predictions": preds.tolist()}
 
 
-def measure_latency(model_path: str | Path, batch_size: int = 1, repeats: int = 20, warmup: int = 3,
-                    threads: int | None = None, seed: int = 0) -> dict:
-    """Wall time of one ORT run on a random normalised batch (the model alone, no decoding):
-    {"median_ms", "min_ms", "max_ms", "per_image_ms", "batch_size", "repeats"}."""
-    clf_session = session(model_path, threads)
+def timed_runs(clf_session, batch_size: int, repeats: int, warmup: int = 3, seed: int = 0) -> list[float]:
+    """Milliseconds of each of `repeats` runs of an ORT session on one random batch, after `warmup`."""
     inp = clf_session.get_inputs()[0]
     size = [d if isinstance(d, int) else batch_size for d in inp.shape]
     size[0] = batch_size
-    x = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
-    feed = {inp.name: x}
+    feed = {inp.name: np.random.default_rng(seed).standard_normal(size).astype(np.float32)}
     for _ in range(warmup):
         clf_session.run(None, feed)
     times = []
@@ -179,6 +175,14 @@ def measure_latency(model_path: str | Path, batch_size: int = 1, repeats: int = 
         t = time.perf_counter()
         clf_session.run(None, feed)
         times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def measure_latency(model_path: str | Path, batch_size: int = 1, repeats: int = 20, warmup: int = 3,
+                    threads: int | None = None, seed: int = 0) -> dict:
+    """Wall time of one ORT run on a random normalised batch (the model alone, no decoding):
+    {"median_ms", "min_ms", "max_ms", "per_image_ms", "batch_size", "repeats"}."""
+    times = timed_runs(session(model_path, threads), batch_size, repeats, warmup, seed)
     median = statistics.median(times)
     return {"median_ms": median, "min_ms": min(times), "max_ms": max(times),
             "per_image_ms": median / batch_size, "batch_size": batch_size, "repeats": repeats}

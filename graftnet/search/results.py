@@ -17,9 +17,12 @@ from .settings import SearchSettings
 SELECTION = "selected on validation; test scored once for the chosen model(s)"
 
 
-def measure(t, name: str, objectives: list[str] | None = None):
+def measure(t, name: str, objectives: list[str] | None = None, retimed: dict | None = None):
     """An objective's value as the study was told it, else the number the trial measured
-    (pruned and failed trials have no values, but may have measured attrs)."""
+    (pruned and failed trials have no values, but may have measured attrs); latency as `retimed`
+    ({trial number: ms}, measure.retime) gives it, where it does."""
+    if name == "latency_ms" and retimed and t.number in retimed:
+        return retimed[t.number]
     if t.values and objectives and name in objectives:
         return t.values[objectives.index(name)]
     value = t.user_attrs.get(name)
@@ -28,11 +31,12 @@ def measure(t, name: str, objectives: list[str] | None = None):
     return value
 
 
-def feasible(t, max_latency_ms: float | None, objectives: list[str] | None = None) -> bool:
+def feasible(t, max_latency_ms: float | None, objectives: list[str] | None = None,
+             retimed: dict | None = None) -> bool:
     """Within the latency constraint; a trial without a latency is not known to meet it."""
     if max_latency_ms is None:
         return True
-    latency = measure(t, "latency_ms", objectives)
+    latency = measure(t, "latency_ms", objectives, retimed)
     return latency is not None and latency <= max_latency_ms
 
 
@@ -59,22 +63,25 @@ class Choice:
     best: object | None    # the most accurate feasible trial: best.yaml
 
 
-def choose(study, settings: SearchSettings) -> Choice:
+def choose(study, settings: SearchSettings, retimed: dict | None = None) -> Choice:
+    """The feasible trials, their front and the best; latency as `retimed` gives it, where it does."""
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
     objectives, limit = settings.objectives, settings.max_latency_ms
-    ok = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t, limit, objectives)]
+    ok = [t for t in study.trials if t.state == TrialState.COMPLETE and feasible(t, limit, objectives, retimed)]
     front = []
     if len(study.directions) > 1:
         signs = [1 if d == StudyDirection.MAXIMIZE else -1 for d in study.directions]
-        front = pareto_front(ok, lambda t: tuple(s * v for s, v in zip(signs, t.values)))
+        front = pareto_front(ok, lambda t: tuple(s * measure(t, o, objectives, retimed)
+                                                 for s, o in zip(signs, objectives)))
         front.sort(key=lambda t: (-t.values[0], t.number))
     best = max(front or ok, key=lambda t: (t.values[0], -t.number)) if ok else None
     return Choice(ok, front, best)
 
 
-def trial_rows(study, settings: SearchSettings, choice: Choice) -> list[dict]:
-    """One row per trial: the objectives' values and every attr the trial measured as columns."""
+def trial_rows(study, settings: SearchSettings, choice: Choice, retimed: dict | None = None) -> list[dict]:
+    """One row per trial: the objectives' values and every attr the trial measured as columns
+    (latency_ms as `retimed` gives it where it does, latency_ms_trial as the trial timed it)."""
     fixed = ("number", "state", "params", "value", *settings.objectives, "seconds", "error", "run")
     extra = list(dict.fromkeys(k for t in study.trials for k in t.user_attrs if k not in fixed))
     ok, front = {t.number for t in choice.feasible}, {t.number for t in choice.front}
@@ -82,8 +89,11 @@ def trial_rows(study, settings: SearchSettings, choice: Choice) -> list[dict]:
     for t in study.trials:
         row = {"number": t.number, "state": t.state.name, "params": t.params,
                "value": t.values[0] if t.values else None}
-        row.update({o: measure(t, o, settings.objectives) for o in settings.objectives})
+        row.update({o: measure(t, o, settings.objectives, retimed) for o in settings.objectives})
         row.update({k: t.user_attrs.get(k) for k in extra})
+        if retimed:
+            row["latency_ms"] = measure(t, "latency_ms", settings.objectives, retimed)
+            row["latency_ms_trial"] = measure(t, "latency_ms", settings.objectives)
         if settings.max_latency_ms is not None:
             row["feasible"] = t.number in ok
         if len(settings.objectives) > 1:
@@ -100,8 +110,9 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     from optuna.trial import TrialState
     folder = Path(folder)
     settings = settings or SearchSettings.load(folder)
-    choice = choose(study, settings)
-    rows = trial_rows(study, settings, choice)
+    retimed = _retime(study, settings)
+    choice = choose(study, settings, retimed)
+    rows = trial_rows(study, settings, choice, retimed)
     atomic_write_json(folder / "trials.json", rows)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["number"])
@@ -120,7 +131,8 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
                "selection": SELECTION, "states": {k: v for k, v in states.items() if v},
                "trial_seconds": round(sum(t.user_attrs.get("seconds") or 0 for t in study.trials), 2),
                "span_seconds": round((max(ends) - min(starts)).total_seconds(), 2) if starts and ends else None,
-               "feasible_trials": len(choice.feasible), "no_feasible": None, "pareto": None}
+               "feasible_trials": len(choice.feasible), "no_feasible": None, "pareto": None,
+               "latency_retimed": bool(retimed)}
     scored: dict[str, float | None] = {}  # the best trial is also on the front: one evaluation each
 
     def test_accuracy(t) -> float | None:
@@ -136,7 +148,7 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     complete = states.get("COMPLETE", 0)
     if choice.best is None and settings.max_latency_ms is not None and complete:
         fastest = min((v for t in study.trials if t.state == TrialState.COMPLETE
-                       if (v := measure(t, "latency_ms", settings.objectives)) is not None), default=None)
+                       if (v := measure(t, "latency_ms", settings.objectives, retimed)) is not None), default=None)
         summary["no_feasible"] = (f"no complete trial meets max_latency_ms {settings.max_latency_ms:g}"
                                   + (f" (the fastest took {fastest:.3g} ms)" if fastest is not None else "")
                                   + "; no best.yaml written")
@@ -166,7 +178,8 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
             + (f"{test_acc:.4f}" if test_acc is not None else "-") + f" ({run})")
     if len(settings.objectives) > 1:
         summary["pareto"] = [{"number": t.number, "params": t.params,
-                              **{k: measure(t, k, settings.objectives) for k in ("val_acc", "latency_ms", "size_mb")},
+                              **{k: measure(t, k, settings.objectives, retimed) for k in ("val_acc", "latency_ms", "size_mb")},
+                              "latency_ms_trial": measure(t, "latency_ms", settings.objectives),
                               "label": t.user_attrs.get("label"), "run": t.user_attrs.get("run"),
                               "test_accuracy": test_accuracy(t)}
                              for t in choice.front]
@@ -176,6 +189,22 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
     from .report import write_search_report
     write_search_report(folder, study, settings, summary, rows)
     return summary
+
+
+def _retime(study, settings: SearchSettings) -> dict:
+    """{trial number: ms}: every complete trial's shipped model timed again, in turns (measure.retime),
+    when latency is an objective or a constraint and at least two such models are on this machine;
+    {} otherwise (the trials' own timings stand)."""
+    from optuna.trial import TrialState
+    if not settings.measures_latency:
+        return {}
+    models = {t.number: Path(t.user_attrs["model"]) for t in study.trials
+              if t.state == TrialState.COMPLETE and t.user_attrs.get("model") and Path(t.user_attrs["model"]).is_file()}
+    if len(models) < 2:
+        return {}
+    from .measure import retime
+    log(f"search: timing {len(models)} trials' models again, in turns, for the front")
+    return retime(models, settings.latency_batch)
 
 
 def _steps_note(trial) -> str:

@@ -107,8 +107,8 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
     deadline = time.time() + timeout_s if timeout_s is not None else None
     workers = workers or settings.workers
     if workers > 1 and settings.measures_latency:
-        log("[yellow]search: latency is timed while the other workers train, so it is noisy; "
-            "--workers 1 times each model on a quiet CPU[/]")
+        log("[yellow]search: latency is timed while the other workers train, so each trial's own timing "
+            "is noisy; the front is chosen on timings taken again, in turns, once the trials end[/]")
     if workers > 1 and not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
         # the first trial alone, with every core: it fills the feature cache that all the others read,
         # where N workers would each run the same backbone pass on 1/N of the cores
