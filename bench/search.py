@@ -173,7 +173,9 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
             "--cache-dir", str(work / "cache-search"), "--out", str(work), "--name", "pareto-ft", "--space", str(space),
             "--trials", str(a.pareto_ft_trials), "--objectives", "val_acc,latency_ms", "--sampler", a.pareto_ft_sampler]
     if (folder / "search.json").is_file() and "pareto_ft" not in a.redo:
-        # its search finished in an earlier start of this stage: its own span stands for the wall time
+        # its search finished in an earlier start of this stage: its own span stands for the wall time;
+        # resumed with nothing left to run, it chooses its front again with this tree's code
+        graft(["search", "--resume", str(folder)], work / "logs" / "pareto-ft-refinish.log")
         summary = json.loads((folder / "search.json").read_text())
         seconds = summary["span_seconds"]
     else:
