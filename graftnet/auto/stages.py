@@ -113,9 +113,10 @@ def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float
     """The exported run with channels removed (`graft prune`, structured, inside blocks only) until
     its estimated latency meets `bound_ms`, with one recovery epoch when `left` seconds hold it
     (`epoch_s`: the plan's fine-tuning epoch, reserved by the plan when a bound is given),
-    BatchNorm recalibration only otherwise; then both of
-    its models measured. Returns what the export stage returns, for the pruned run, with `amount`,
-    `recovery_epochs` and `unpruned` (the export's choice)."""
+    BatchNorm recalibration only otherwise; then both of its models measured. Returns {"pruned":
+    False, "why"} when the bound asks too much or no time is left, else the pruned run's "models"
+    (as measure's) with "run", "amount", "recovery_epochs", validation accuracy before and after
+    and "macs_ratio"."""
     import shutil
     from ..compress.prune import PruneSettings, prune_run
     from ..train.checkpoint import FILE as CHECKPOINT
