@@ -30,8 +30,8 @@ FIXED = {"search": 5.0, "finetune": 3.0, "export": 5.0, "deploy": 2.0}
 EXPORT_S_PER_M = 6.0
 # Fine-tuning moves to a smaller input, down to this share of the probe's size, when that lets it run
 # a whole epoch. CIFAR-10, EfficientNet-Lite0, validation accuracy (bench/search.py's pareto_ft): one
-# epoch at 128 px (0.8 of 160) 87.1%, above the searched frozen heads at 160 px (86.3-87.4%); at
-# 96 px (0.6) 84.4%, below them
+# epoch at 128 px (0.8 of 160), from the paper recipe's head, 87.1%: level with the best searched
+# frozen heads at 160 px (86.3-87.4%) before any head search at 128 px; at 96 px (0.6) 84.4%, below
 MIN_FINETUNE_SCALE = 0.75
 
 
