@@ -193,13 +193,18 @@ def finish(study, folder: Path, space: dict, base: RunConfig, command: str | Non
 
 def _retime(study, settings: SearchSettings) -> dict:
     """{trial number: ms}: every complete trial's shipped model timed again, in turns (measure.retime),
-    when latency is an objective or a constraint and at least two such models are on this machine;
-    {} otherwise (the trials' own timings stand)."""
+    when latency is an objective or a constraint and at least two such models are here; {} otherwise,
+    and when some are on other machines (a shared study): the trials' own timings then stand, since
+    two kinds of timing would not compare."""
     from optuna.trial import TrialState
     if not settings.measures_latency:
         return {}
     models = {t.number: Path(t.user_attrs["model"]) for t in study.trials
-              if t.state == TrialState.COMPLETE and t.user_attrs.get("model") and Path(t.user_attrs["model"]).is_file()}
+              if t.state == TrialState.COMPLETE and t.user_attrs.get("model")}
+    away = [n for n, m in models.items() if not m.is_file()]
+    if away:
+        log(f"search: {len(away)} trial(s)' models are not on this machine; the front uses each trial's own timing")
+        return {}
     if len(models) < 2:
         return {}
     from .measure import retime
