@@ -12,9 +12,10 @@ next start when its result is there, so a killed benchmark goes on where it stop
   budget10  the same with --budget 10m (target: at least 80%)
   slice300  300 images per class and split (`--set data.max_per_class=300`) with --budget 10m,
             against `graft train --max-per-class 300` with its defaults on the same slice
-  latency300  the slice with `--max-latency-ms 1.0` (--bound-ms), below what its int8 model took:
+  latency300  the slice with `--max-latency-ms 1.25` (--bound-ms), below what its int8 model took:
             the prune stage's decision and the shipped model's latency and accuracy (not in the
-            default stages)
+            default stages; at 1.0 ms the 1.78 ms int8 model would have needed 53% of its channels
+            removed, and auto refused, as it does above its MAX_PRUNE of 50%)
 Each real run's stages are compared with the plan: expected seconds / measured seconds per stage
 ("estimate_ratio"; 1.0 is a perfect estimate, above 1 an overestimate).
 
@@ -101,7 +102,7 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "auto"))
     p.add_argument("--stages", default="dryrun,budget30,budget10,slice300")
     p.add_argument("--redo", action="append", default=[], help="rerun this stage though its result is there")
-    p.add_argument("--bound-ms", type=float, default=1.0, help="latency300's --max-latency-ms")
+    p.add_argument("--bound-ms", type=float, default=1.25, help="latency300's --max-latency-ms")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto.json"))
     run_stages(p.parse_args(), STAGES, "bench/auto.py", ("plan", "stages"))
 

@@ -222,7 +222,7 @@ def test_ctrl_c_in_fine_tuning_ships_the_best_model_so_far(tmp_path):
 
 
 def test_fine_tuning_moves_to_a_smaller_input_only_when_an_epoch_fits_there():
-    from graftnet.auto.plan import make_plan, smaller_sizes
+    from graftnet.auto.plan import epochs_that_fit, make_plan, smaller_sizes
     assert smaller_sizes(160) == [144, 128] and smaller_sizes(224) == [208, 192, 176] and smaller_sizes(32) == []
     data = {"counts": {"train": 40_000, "val": 5_000, "test": 10_000}}
     # at 160 px: the backbone pass 180 s, a fine-tuning epoch 40,000 / 40 + 20 = 1020 s
@@ -236,6 +236,10 @@ def test_fine_tuning_moves_to_a_smaller_input_only_when_an_epoch_fits_there():
     assert moved["estimates"]["finetune_epoch"] < at160["estimates"]["finetune_epoch"]
     assert "instead of the probe's 160" in moved["size_reason"]
     assert moved["search_s"] + moved["finetune_s"] + moved["reserve_s"] == pytest.approx(1500.0, abs=1.0)
+    # a search that ends a little late (here by 2% of an epoch) still leaves fine-tuning its epoch
+    late = moved["finetune_s"] - 0.02 * moved["estimates"]["finetune_epoch"]
+    assert epochs_that_fit(moved, late) == moved["finetune_epochs"]
+    assert epochs_that_fit(moved, moved["finetune_s"] - 0.5 * moved["estimates"]["finetune_epoch"]) < moved["finetune_epochs"]
     # a latency bound reserves pruning's recovery epoch and export when they take at most a third of the room
     roomy = make_plan(data, probe, 6000.0)
     bound = make_plan(data, probe, 6000.0, prune=True)

@@ -223,7 +223,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
 
     def do_finetune():
         left = budget.left() - made["reserve_s"]
-        epochs = min(made["finetune_epochs"], int((left - plan_mod.FIXED["finetune"]) // made["estimates"]["finetune_epoch"]))
+        epochs = plan_mod.epochs_that_fit(made, left)
         if interrupted:
             return "skipped", "skipped: stopped by Ctrl-C", {"planned_epochs": made["finetune_epochs"]}
         if epochs < 1:
