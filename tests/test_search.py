@@ -231,3 +231,15 @@ def test_grid_sampler_runs_each_combination_once(image_folder, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--sampler grid needs categorical or bool" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_trials_that_must_end_by_the_deadline_keep_the_median_trial_in_hand():
+    import optuna
+    from graftnet.search.runner import _typical_s
+    study = optuna.create_study()
+    assert _typical_s(study, search.SearchSettings(end_by_deadline=True)) == 0.0   # nothing to judge by yet
+    for seconds in (200.0, 10.0, 14.0, 30.0):   # the first trial fills the feature cache: the median ignores it
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"seconds": seconds}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"seconds": 1.0}))
+    assert _typical_s(study, search.SearchSettings(end_by_deadline=True)) == 14.0
+    assert _typical_s(study, search.SearchSettings()) == 0.0   # `graft search --timeout`: no trial starts after it

@@ -213,8 +213,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         stop_at = time.monotonic() + max(1.0, search_end - time.monotonic() - plan_mod.FIXED["search"])
         r = stages.search(base, folder / "search", stop_at - time.monotonic(), data["counts"]["train"],
                           req.command, resume=record.stage("search").get("attempts", 0) > 1)
-        if time.monotonic() < stop_at and r["trials"] < stages.MAX_TRIALS:
-            interrupted = "search"   # the search ends before its time only when Ctrl-C asked it to
+        if r.pop("stopped"):
+            interrupted = "search"
         return "done", (f"best trial {r['best_trial']} of {r['trials']}: validation accuracy {r['val_acc']:.4f}"), r
     best = run("search", search_end - time.monotonic(), do_search)
     if best is None:

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import signal
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -84,9 +85,9 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
                settings: SearchSettings | None = None, workers: int | None = None, test: bool = True) -> dict:
     """Run (or continue, with `resume`) a search in `folder` until its study holds `trials`
     finished trials (default 20, or the study's total on resume) or `timeout_s` has passed;
-    returns what search.json holds. `workers` overrides the saved settings' local worker count.
-    `test=False`: the chosen trial is not scored on the test split (a caller that trains on from
-    it scores only its own final model, once)."""
+    returns what search.json holds and "stopped" (by Ctrl-C). `workers` overrides the saved
+    settings' local worker count. `test=False`: the chosen trial is not scored on the test split (a
+    caller that trains on from it scores only its own final model, once)."""
     folder = Path(folder)
     if resume:
         cfg, space, settings, storage = _reopen(folder)
@@ -109,16 +110,20 @@ def run_search(cfg: RunConfig | None, space: dict | None, folder: str | Path, tr
     if workers > 1 and settings.measures_latency:
         log("[yellow]search: latency is timed while the other workers train, so each trial's own timing "
             "is noisy; the front is chosen on timings taken again, in turns, once the trials end[/]")
+    stopped = False   # by Ctrl-C (a search may also end before its time when trials must end by it)
     if workers > 1 and not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
         # the first trial alone, with every core: it fills the feature cache that all the others read,
         # where N workers would each run the same backbone pass on 1/N of the cores
-        if _work(study, storage, folder, cfg, space, settings, deadline, limit=1) != "done":
-            workers = 0   # stopped or out of time: no workers, and no second loop either
+        first = _work(study, storage, folder, cfg, space, settings, deadline, limit=1)
+        if first != "done":
+            workers, stopped = 0, first == "stopped"   # no workers, and no second loop either
+    if workers > 1:
+        stopped = _run_workers(folder, workers, deadline)
     # after local workers, this process goes on alone: it runs the retries of any worker that died
-    if workers and not (workers > 1 and _run_workers(folder, workers, deadline)):
-        _work(study, storage, folder, cfg, space, settings, deadline)
+    if workers and not stopped:
+        stopped = _work(study, storage, folder, cfg, space, settings, deadline) == "stopped"
     from ..evaluation import evaluate_run
-    return finish(study, folder, space, cfg, command, evaluate_run, test=test)
+    return {**finish(study, folder, space, cfg, command, evaluate_run, test=test), "stopped": stopped}
 
 
 def _reopen(folder: Path):
@@ -181,7 +186,7 @@ def _work(study, storage, folder: Path, cfg, space, settings, deadline, speak: b
             if limit is not None and ran >= limit:
                 return "done"
             ran += 1
-            if deadline is not None and time.time() >= deadline:
+            if deadline is not None and time.time() + _typical_s(study, settings) >= deadline:
                 if speak:
                     log("search: time budget spent")
                 return "budget"
@@ -219,6 +224,15 @@ def _work(study, storage, folder: Path, cfg, space, settings, deadline, speak: b
                 continue
             _progress(study, trial.number, state, values[0] if values else None, error, deadline)
     return "stopped"
+
+
+def _typical_s(study, settings: SearchSettings) -> float:
+    """The median finished trial's seconds when trials must end by the deadline, else 0."""
+    if not settings.end_by_deadline:
+        return 0.0
+    seconds = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False)
+               if t.state.is_finished() and "seconds" in t.user_attrs]
+    return statistics.median(seconds) if seconds else 0.0
 
 
 def _worker(folder: str, index: int, workers: int, deadline: float | None) -> None:

@@ -30,6 +30,9 @@ class SearchSettings:
     workers: int = 1                      # local worker processes sharing the study
     storage: str | None = None            # None: SEARCH/study.journal; else an Optuna storage URL
     seed: int = 0
+    # the time limit is when trials must end, not start: no trial starts when the median trial so far
+    # would cross it (`graft auto`, whose next stages own the time after the search's share)
+    end_by_deadline: bool = False
 
     def __post_init__(self):
         bad = [o for o in self.objectives if o not in OBJECTIVES]
