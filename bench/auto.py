@@ -12,6 +12,7 @@ next start when its result is there, so a killed benchmark goes on where it stop
   budget10  the same with --budget 10m (target: at least 80%)
   slice300  300 images per class and split (`--set data.max_per_class=300`) with --budget 10m,
             against `graft train --max-per-class 300` with its defaults on the same slice
+  recipes300  the hand-made recipes on the same slice (--recipes; not in the default stages)
   latency300  the slice with `--max-latency-ms 1.25` (--bound-ms), below what its int8 model took:
             the prune stage's decision and the shipped model's latency and accuracy (not in the
             default stages; at 1.0 ms the 1.78 ms int8 model would have needed 53% of its channels
@@ -93,8 +94,29 @@ def stage_latency300(a, work: Path, results: dict) -> dict:
             "prune_decision": prune.get("decision")}
 
 
+def stage_recipes300(a, work: Path, results: dict) -> dict:
+    """The hand-made recipes on the slice300 stage's slice, from a cold cache each: the frozen paper
+    recipe (`recipes/paper-cifar10.yaml`) and the fine-tuning one (`recipes/finetune-cifar10.yaml`),
+    with their wall time; beside graft auto's 10 minutes on the same slice."""
+    out = {}
+    for name in a.recipes.split(","):
+        run = f"recipe300-{name}"
+        shutil.rmtree(work / "runs" / run, ignore_errors=True)
+        shutil.rmtree(work / f"cache-{run}", ignore_errors=True)
+        seconds = graft(["train", "--config", str(ROOT / "recipes" / f"{name}.yaml"), "--data", "cifar10",
+                         "--max-per-class", "300", "--cache-dir", str(work / f"cache-{run}"),
+                         "--out", str(work / "runs"), "--name", run], work / "logs" / f"{run}.log")
+        out[name] = {"command": f"graft train --config recipes/{name}.yaml --data cifar10 --max-per-class 300",
+                     "seconds": round(seconds, 1), "test_accuracy": test_accuracy(work / "runs" / run)}
+    auto300 = results["stages"].get("slice300", {}).get("test_accuracy")
+    if auto300 is not None:
+        for r in out.values():
+            r["auto_points_over"] = round(100 * (auto300 - r["test_accuracy"]), 2)
+    return out
+
+
 STAGES = {"dryrun": stage_dryrun, "budget30": stage_budget30, "budget10": stage_budget10, "slice300": stage_slice300,
-          "latency300": stage_latency300}
+          "latency300": stage_latency300, "recipes300": stage_recipes300}
 
 
 def main() -> None:
@@ -102,6 +124,7 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "auto"))
     p.add_argument("--stages", default="dryrun,budget30,budget10,slice300")
     p.add_argument("--redo", action="append", default=[], help="rerun this stage though its result is there")
+    p.add_argument("--recipes", default="paper-cifar10,finetune-cifar10", help="recipes300's recipes")
     p.add_argument("--bound-ms", type=float, default=1.25, help="latency300's --max-latency-ms")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "auto.json"))
     run_stages(p.parse_args(), STAGES, "bench/auto.py", ("plan", "stages"))
