@@ -86,12 +86,16 @@ def test_accuracy(run: Path) -> float:
     return json.loads((run / "test_metrics.json").read_text())["accuracy"]
 
 
+def train_demo(work: Path, log: Path) -> float:
+    """`make demo`'s run (the paper recipe) as WORK/runs/demo, with WORK/cache-demo; wall seconds."""
+    return graft(["train", "--config", str(RECIPE), "--data", "cifar10", "--cache-dir", str(work / "cache-demo"),
+                  "--out", str(work / "runs"), "--name", "demo"], log)
+
+
 def stage_demo(a, work: Path) -> dict:
-    cache = work / "cache-demo"
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(work / "cache-demo", ignore_errors=True)
     shutil.rmtree(work / "runs" / "demo", ignore_errors=True)
-    seconds = graft(["train", "--config", str(RECIPE), "--data", "cifar10", "--cache-dir", str(cache),
-                     "--out", str(work / "runs"), "--name", "demo"], work / "logs" / "demo.log")
+    seconds = train_demo(work, work / "logs" / "demo.log")
     return {"command": f"graft train --config {RECIPE.relative_to(ROOT)} --data cifar10 (fresh cache)",
             "seconds": round(seconds, 1), "test_accuracy": test_accuracy(work / "runs" / "demo")}
 
@@ -204,12 +208,9 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
 
 RETIME = """
 import json, statistics, sys
-from graftnet.export.runtime import measure_latency
+from graftnet.search.measure import timed_in_turns
 models, rounds = json.loads(sys.argv[1]), int(sys.argv[2])
-times = {name: [] for name in models}
-for _ in range(rounds):   # in turns: every model sees the same moments of the machine
-    for name, path in models.items():
-        times[name].append(measure_latency(path, batch_size=1, repeats=50)["median_ms"])
+times = timed_in_turns(models, batch_size=1, rounds=rounds, repeats=50)
 print(json.dumps({name: {"median_ms": statistics.median(t), "rounds_ms": t} for name, t in times.items()}))
 """
 
@@ -259,8 +260,7 @@ def recipe_int8(work: Path) -> dict:
     """`graft quantize` of the demo run: its int8 model's test accuracy and batch-1 latency."""
     run = work / "runs" / "demo"
     if not (run / "model.safetensors").is_file():   # a fresh WORK whose JSON holds the demo stage already
-        graft(["train", "--config", str(RECIPE), "--data", "cifar10", "--cache-dir", str(work / "cache-demo"),
-               "--out", str(work / "runs"), "--name", "demo"], work / "logs" / "demo-for-recipe-int8.log")
+        train_demo(work, work / "logs" / "demo-for-recipe-int8.log")
     graft(["quantize", str(run)], work / "logs" / "quantize-demo.log")
     code = ("import json,sys; from graftnet.export.runtime import measure_latency as m; "
             "print(json.dumps([m(sys.argv[1])['median_ms'], m(sys.argv[2])['median_ms']]))")

@@ -51,12 +51,12 @@ def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v) for k, v in out.items()}
 
 
-def retime(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
-    """{key: median ms} of every model timed again, all of them in turns: `rounds` rounds of
-    `repeats` runs each, a model's latency the median of its rounds' medians. A trial's own timing is
-    one moment of the machine, and the moments differ: on a 2-core CPU one network timed 0.49 ms in
-    one trial and 0.90 ms in another, which put a slower network on the front in its place. Timed in
-    turns, every model sees the same moments."""
+def timed_in_turns(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
+    """{key: [median ms of each round]}: every model timed again, all of them in turns, `rounds`
+    rounds of `repeats` runs each. A trial's own timing is one moment of the machine, and the
+    moments differ: on a 2-core CPU one network timed 0.49 ms in one trial and 0.90 ms in another,
+    which put a slower network on the front in its place. Timed in turns, every model sees the same
+    moments."""
     import statistics
     from ..export.runtime import session, timed_runs
     sessions = {k: session(path) for k, path in models.items()}   # opened once: loading is not timed
@@ -64,4 +64,11 @@ def retime(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repea
     for r in range(rounds):
         for k, sess in sessions.items():
             medians[k].append(statistics.median(timed_runs(sess, batch_size, repeats, warmup=3 if r == 0 else 1)))
-    return {k: round(statistics.median(v), 4) for k, v in medians.items()}
+    return medians
+
+
+def retime(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
+    """{key: median ms}: a model's latency the median of its rounds' medians (timed_in_turns)."""
+    import statistics
+    return {k: round(statistics.median(v), 4)
+            for k, v in timed_in_turns(models, batch_size, rounds, repeats).items()}
