@@ -276,3 +276,37 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
     recovered = prune_for_latency(exported, 0.8 * fastest, tmp_path / "z", left=100.0, epoch_s=10.0, seed=0,
                                   resume=False)
     assert recovered["recovery_epochs"] == 1 and recovered["models"]["int8"].get("latency_ms", 1) > 0
+
+
+def test_fine_tuning_trains_the_top_groups_and_the_probe_times_those(finished):
+    """The fine-tuning run trains the top 5/8 of the backbone's groups at the recipe's rates, with
+    RandAugment only on a long schedule; the probe times steps with exactly those groups trained."""
+    import torch
+    from graftnet.auto.probe import _train_rate
+    from graftnet.auto.stages import RANDAUGMENT_FROM, finetune_settings, top_groups
+    from graftnet.config import resolve
+    from graftnet.data.images import ImageSet
+    from graftnet.model import load_model
+    from graftnet.train.finetune import backbone_groups
+    assert [top_groups(n) for n in (1, 2, 5, 8, 12)] == [1, 1, 3, 5, 8]
+    assert finetune_settings(RANDAUGMENT_FROM - 1, 8)["finetune.augment"] == "flip"
+    short = finetune_settings(2, 8)
+    assert short["finetune.unfreeze"] == "top:5" and short["finetune.augment"] == "flip"
+    assert finetune_settings(RANDAUGMENT_FROM, 8)["finetune.augment"] == "randaugment"
+    folder, _ = finished
+    decisions = json.loads((folder / "decisions.json").read_text())
+    assert decisions["stages"]["finetune"]["status"] == "done"
+    run = Path(decisions["stages"]["finetune"]["numbers"]["run"])
+    model, _ = load_model(run)
+    groups = backbone_groups(model)
+    ft = resolve(run / "config.yaml").finetune
+    assert len(groups) > top_groups(len(groups)) and ft.unfreeze == f"top:{top_groups(len(groups))}"
+    assert (ft.lr, ft.lr_decay) == (5e-4, 0.8)
+    assert ft.augment == ("randaugment" if ft.epochs >= RANDAUGMENT_FROM else "flip")
+    images = ImageSet([torch.zeros(3, 24, 24, dtype=torch.uint8)] * 4, torch.tensor([0, 1, 2, 0]),
+                      ["a", "b", "c", "d"], ["x", "y", "z"])
+    assert _train_rate(model, images, 24, [0.5] * 3, [0.25] * 3, resolve(run / "config.yaml"), batch=4, steps=1) > 0
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    low = set(groups[0].params)
+    top = set(groups[-1].params)
+    assert not (low & trained) and top <= trained

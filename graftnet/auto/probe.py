@@ -4,7 +4,7 @@ validation part, and the measured images per second that the plan extrapolates t
 
 A few seconds per candidate: the sample is decoded once (at the largest candidate size; each
 candidate resizes as training does) and no feature is cached, so a dry run leaves nothing behind.
-The chosen candidate's training speed (forward and backward with the backbone unfrozen) is timed
+The chosen candidate's training speed (forward and backward with the top groups unfrozen, as auto fine-tunes) is timed
 too: fine-tuning epochs are planned from it.
 """
 from __future__ import annotations
@@ -62,39 +62,39 @@ def _linear_accuracy(train_x, train_y, val_x, val_y) -> float:
 
 
 def _train_rate(model, images: ImageSet, size: int, mean, std, cfg: RunConfig, batch: int = 64,
-                steps: int = 2) -> float:
-    """Images per second of forward and backward passes with the backbone unfrozen, as fine-tuning
-    runs them: its batch (`graft auto` fine-tunes at 64) in the micro-batches the training loop
-    splits it into on this device (features.chunk_size), channels-last when the config says so, and
-    BatchNorm as finetune.bn asks; one warm-up step, then `steps` timed. Timed on whole batches of 64,
-    an epoch at 160 px was estimated 1.75x too long here (34 images/s against 60 in chunks of 16),
-    which kept a 30-minute plan on CIFAR-10 from fine-tuning at all."""
+                steps: int = 4) -> float:
+    """Images per second of forward and backward passes with the backbone's top groups unfrozen, as
+    auto's fine-tuning runs them (stages.top_groups): its batch (`graft auto` fine-tunes at 64) in the
+    micro-batches the training loop splits it into on this device (features.chunk_size),
+    channels-last when the config says so, and BatchNorm as finetune.bn asks; one warm-up step, then
+    `steps` timed one by one, the median taken (the rate of two steps together varied by about 15%
+    between probes here, enough to move a 30-minute plan between 128 and 144 px). Timed on whole
+    batches of 64, an epoch at 160 px was estimated 1.75x too long here (34 images/s against 60 in
+    chunks of 16), which kept a 30-minute plan on CIFAR-10 from fine-tuning at all."""
+    import statistics
+    from ..train.finetune import FineTuneMode, all_groups, set_trainable
+    from .stages import top_groups
     channels_last = cfg.backbone.channels_last
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.train()
-    if cfg.finetune.bn != "train":   # eval and frozen both keep the running statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    groups = all_groups(model)
+    set_trainable(model, groups, top_groups(len(groups) - 1))   # the groups auto's fine-tuning trains
+    FineTuneMode(model, cfg.finetune.bn).train()
     dev = device_of(model)
     n = min(batch, len(images))
     x = to_batch(images.images[:n], size, mean, std, channels_last).to(dev)
     y = images.labels[:n].to(dev)
     chunk = chunk_size(dev.type, size, cfg.train.micro_batch)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    began = None
-    for i in range(steps + 1):
-        if i == 1:
-            _sync(dev)
-            began = time.perf_counter()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
         opt.zero_grad()
         for xs, ys in zip(chunks(x, chunk), chunks(y, chunk)):
             (torch.nn.functional.cross_entropy(model(xs), ys) * len(xs) / len(x)).backward()
         opt.step()
-    _sync(dev)   # a GPU runs the steps asynchronously: the clock waits for them
-    return len(x) * steps / max(time.perf_counter() - began, 1e-6)
+        _sync(dev)   # a GPU runs the steps asynchronously: the clock waits for them
+        times.append(time.perf_counter() - began)
+    return len(x) / max(statistics.median(times[1:]), 1e-6)   # times[0]: the warm-up step
 
 
 def _sync(device) -> None:
