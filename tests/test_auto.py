@@ -310,3 +310,63 @@ def test_fine_tuning_trains_the_top_groups_and_the_probe_times_those(finished):
     low = set(groups[0].params)
     top = set(groups[-1].params)
     assert not (low & trained) and top <= trained
+
+
+def test_an_ensemble_is_planned_only_when_fine_tuning_has_all_its_epochs():
+    from graftnet.auto.plan import MAX_MEMBERS, make_plan
+    data = {"counts": {"train": 3_000, "val": 500, "test": 1_000}}
+    probe = {"chosen": {"image_size": 128, "params_m": 3.4}, "images_per_s": 300.0, "train_images_per_s": 60.0,
+             "decode_images_per_s": 4000.0}
+    short = make_plan(data, probe, 900.0)          # an epoch about 52 s: fewer than 10 fit
+    assert short["finetune_epochs"] < 10 and short["members"] == 1 and short["ensemble_s"] == 0
+    assert "its fine-tuning epochs take the time" in short["ensemble_reason"]
+    roomy = make_plan(data, probe, 6000.0)
+    assert roomy["finetune_epochs"] == 10 and 1 < roomy["members"] <= MAX_MEMBERS
+    member = roomy["finetune_s"] + roomy["estimates"]["export"]
+    assert roomy["ensemble_s"] == pytest.approx((roomy["members"] - 1) * member, abs=0.1)
+    assert roomy["search_s"] + roomy["finetune_s"] + roomy["ensemble_s"] + roomy["reserve_s"] == pytest.approx(6000.0, abs=1.0)
+    assert roomy["search_s"] >= roomy["estimates"]["features"]
+    huge = make_plan(data, probe, 60_000.0)
+    assert huge["members"] == MAX_MEMBERS
+
+
+def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path):
+    """The ensemble stage's pieces on the finished run's head: a member fine-tuned from another seed,
+    both merged into one ONNX file (fp32 and int8) that ships only when it beats the best single
+    model by 0.5 points, and the deployment folder that holds it; a member the deadline stops early
+    is left out."""
+    from graftnet.auto import stages
+    from graftnet.auto.deploy import write_deployment
+    from graftnet.config import resolve
+    from graftnet.export.runtime import OnnxClassifier
+    folder, _ = finished
+    decisions = json.loads((folder / "decisions.json").read_text())
+    head = decisions["stages"]["search"]["numbers"]["run"]
+    first = stages.finetune(head, tmp_path, 1, time.monotonic() + 600, resume=False)["run"]
+    grown = stages.ensemble_members(first, tmp_path, 1, time.monotonic() + 600, resume=False)
+    assert len(grown["runs"]) == 1 and 0 <= grown["val_accs"][0] <= 1
+    second = resolve(Path(grown["runs"][0]) / "config.yaml")
+    assert second.train.seed == resolve(Path(first) / "config.yaml").train.seed + 1
+    assert second.train.init == head and second.finetune.unfreeze.startswith("top:")
+    models = stages.measure(first)
+    models.update(stages.measure_ensemble([first, *grown["runs"]], models, tmp_path / "ensemble"))
+    assert {"ensemble-fp32", "ensemble-int8"} <= set(models)
+    assert models["ensemble-int8"]["members"] == [first, *grown["runs"]]
+    # the ensemble ships only from 0.5 points above the best single model
+    scored = {k: {**m, "val_acc": 0.9} for k, m in models.items()}
+    scored["ensemble-int8"]["val_acc"] = 0.904
+    assert not choose(scored, None)["model"].startswith("ensemble")
+    scored["ensemble-int8"]["val_acc"] = 0.91
+    assert choose(scored, None)["model"] == "ensemble-int8"
+    out = tmp_path / "deploy"
+    out.mkdir()
+    result = write_deployment(out, decisions, {"run": first, "models": scored, "model": "ensemble-int8",
+                                               "meets": True, "tta": {"used": False}}, "graft auto ...")
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert result["model"] == pre["model"] == "model.ensemble.int8.onnx" and pre["ensemble_members"] == [first, *grown["runs"]]
+    assert (out / "model.onnx").is_file() and not (out / "model.ensemble.onnx").exists()
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 24, 24), dtype=np.uint8)
+    assert np.allclose(np.exp(OnnxClassifier(out / pre["model"]).logits(list(x))).sum(1), 1.0, atol=1e-4)
+    assert "ensemble" in (out / "MODEL_CARD.md").read_text()
+    late = stages.ensemble_members(first, tmp_path / "late", 1, time.monotonic() - 1, resume=False)
+    assert late["runs"] == [] and "left out" in late["why"]

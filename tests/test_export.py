@@ -255,3 +255,43 @@ def test_a_cut_beyond_the_backbone_is_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert code == 2 and len(errors) == 1 and "backbone.cut 9" in errors[0] and "Traceback" not in err
     assert not any((tmp_path / "runs").iterdir())   # nothing half-made is left
+
+
+def test_merged_onnx_ensemble_averages_its_members_probabilities(run, tmp_path):
+    """merge_onnx: one file whose logits are log(sum w_i softmax(member_i)), on an fp32 member, a
+    perturbed copy and the int8 model; members that do not share one input are refused by name."""
+    import onnx
+    from onnx import numpy_helper
+    from graftnet.export.merge import merge_onnx
+    fp32 = run / "export" / "model.onnx"
+    other = onnx.load(str(fp32))
+    biggest = max(other.graph.initializer, key=lambda t: len(t.raw_data))
+    rng = np.random.default_rng(0)
+    values = numpy_helper.to_array(biggest)
+    biggest.CopyFrom(numpy_helper.from_array(values * rng.uniform(0.5, 1.5, values.shape).astype(values.dtype),
+                                             biggest.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(other, str(perturbed))
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_run(run, "static", calibration=16, out=int8)
+    side = other.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    x = np.random.default_rng(1).standard_normal((5, 3, side, side)).astype(np.float32)
+    outs = [runtime.session(p).run(["logits"], {"input": x})[0] for p in (fp32, perturbed, int8)]
+    assert not np.allclose(outs[0], outs[1], atol=1e-3)
+    probs = [np.exp(o - o.max(1, keepdims=True)) / np.exp(o - o.max(1, keepdims=True)).sum(1, keepdims=True)
+             for o in outs]
+    for members, weights in (((fp32, perturbed), None), ((fp32, perturbed, int8), [0.5, 0.3, 0.2])):
+        merged = merge_onnx(members, tmp_path / f"ens{len(members)}.onnx", weights)
+        got = runtime.session(merged).run(["logits"], {"input": x})[0]
+        w = weights or [1 / len(members)] * len(members)
+        expected = np.log(sum(wi * p for wi, p in zip(w, probs)))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        assert np.allclose(np.exp(got).sum(1), 1.0, atol=1e-5)
+    wrong = onnx.load(str(fp32))
+    wrong.graph.input[0].type.tensor_type.shape.dim[2].dim_value = side + 8
+    onnx.save(wrong, str(tmp_path / "wrong.onnx"))
+    with pytest.raises(GraftError, match="wrong.onnx: input shape"):
+        merge_onnx([fp32, tmp_path / "wrong.onnx"], tmp_path / "bad.onnx")
+    with pytest.raises(GraftError, match="summing to 1"):
+        merge_onnx([fp32, perturbed], tmp_path / "bad.onnx", [0.5, 0.6])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -1,5 +1,6 @@
 """The deployment folder `graft auto` leaves: AUTO/model.onnx (fp32), AUTO/model.int8.onnx (when int8
-keeps the validation accuracy), preprocess.json (naming the file that ships), test_metrics.json,
+keeps the validation accuracy), AUTO/model.ensemble[.int8].onnx (when an ensemble ships),
+preprocess.json (naming the file that ships), test_metrics.json,
 MODEL_CARD.md (the run's card with what auto decided and the command that remakes it), report.html
 (a section per stage) and decisions.json; the run folders it came from stay under AUTO/search and
 AUTO/finetune.
@@ -24,7 +25,8 @@ from ..run import read_history
 from . import stages
 from .budget import shown
 
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx",
+         "ensemble-fp32": "model.ensemble.onnx", "ensemble-int8": "model.ensemble.int8.onnx"}
 
 
 def write_deployment(folder: Path, decisions: dict, exported: dict, command: str,
@@ -38,15 +40,19 @@ def write_deployment(folder: Path, decisions: dict, exported: dict, command: str
     int8 = models.get("int8", {})
     keep_int8 = "error" not in int8 and (shipped == "int8" or int8.get("val_acc", -1) >= models["fp32"]["val_acc"]
                                          - stages.MAX_INT8_DROP)
-    for name in ("fp32", "int8") if keep_int8 else ("fp32",):
-        atomic_write_bytes(folder / FILES[name], Path(models[name]["model"]).read_bytes())
-    if not keep_int8:
-        (folder / FILES["int8"]).unlink(missing_ok=True)   # an earlier attempt's file would pass for this one's
+    copied = {"fp32", shipped} | ({"int8"} if keep_int8 else set())
+    for name in FILES:
+        if name in copied:
+            atomic_write_bytes(folder / FILES[name], Path(models[name]["model"]).read_bytes())
+        else:
+            (folder / FILES[name]).unlink(missing_ok=True)   # an earlier attempt's file would pass for this one's
     pre = json.loads((run / "export" / "preprocess.json").read_text())
     tta = (exported.get("tta") or {}).get("used", False)
     # flip_average: every runtime reading preprocess.json (graft predict, OnnxClassifier) averages the mirror in
+    members = models[shipped].get("members")   # an ensemble: one file averaging its members' probabilities
     atomic_write_json(folder / "preprocess.json", {**pre, "model": FILES[shipped], "run": str(run),
-                                                   "flip_average": bool(pre.get("flip_average") or tta)})
+                                                   "flip_average": bool(pre.get("flip_average") or tta),
+                                                   **({"ensemble_members": members} if members else {})})
     metrics = _test_once(folder, FILES[shipped], f"{models[shipped]['model']}, flip_average {tta}", run)
     _card(folder, decisions, run, metrics, models, shipped, command, tta)
     acc = metrics["accuracy"] if metrics else None
@@ -92,6 +98,9 @@ def _card(folder: Path, decisions: dict, run: Path, metrics: dict | None, models
                        yaml.safe_load((run / "config.yaml").read_text()), metrics, read_history(run), env,
                        decisions["look"]["counts"], latency,
                        {"file": f"`{FILES[shipped]}` ({shipped}), with `preprocess.json` beside it",
+                        **({"ensemble": f"{len(models[shipped]['members'])} fine-tuned models (seeds differ), class "
+                            "probabilities averaged inside the one file; the card's training details are the "
+                            "first's"} if models[shipped].get("members") else {}),
                         "test-time augmentation": "each image and its mirror, logits averaged (flip_average)"
                         if tta else "none"}, path=str(run))
     atomic_write_text(folder / CARD_FILE, text + "\n".join(how))

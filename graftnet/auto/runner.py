@@ -27,7 +27,7 @@ from .probe import probe
 DECISIONS = "decisions.json"
 CONFIG = "auto.yaml"
 FORMAT = "graftnet-auto-1"
-STAGES = ("look", "probe", "search", "finetune", "export", "prune", "deploy")
+STAGES = ("look", "probe", "search", "finetune", "ensemble", "export", "prune", "deploy")
 PROBE_S = 5.0             # a candidate's probe on a small set: model build, sample features, fit
 # the budget must hold every candidate's probe, one head fit and the export
 MIN_FIXED_S = plan_mod.FIXED["search"] + plan_mod.FIXED["export"] + plan_mod.FIXED["deploy"]
@@ -205,7 +205,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         record.end(name, budget, status, decision, numbers, began)
         return numbers
 
-    search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"])
+    ensemble_s = made.get("ensemble_s", 0.0)   # a folder of an older version has no ensemble in its plan
+    search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"] - ensemble_s)
 
     def do_search():
         nonlocal interrupted
@@ -222,7 +223,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
                          f"(`graft auto --resume {folder}` goes on)")
 
     def do_finetune():
-        left = budget.left() - made["reserve_s"]
+        left = budget.left() - made["reserve_s"] - ensemble_s
         epochs = plan_mod.epochs_that_fit(made, left)
         if interrupted:
             return "skipped", "skipped: stopped by Ctrl-C", {"planned_epochs": made["finetune_epochs"]}
@@ -230,7 +231,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             reason = made["finetune_reason"] if not made["finetune_epochs"] else \
                 f"{shown(left)} left, one epoch takes about {shown(made['estimates']['finetune_epoch'])}"
             return "skipped", f"skipped: {reason}", {"planned_epochs": made["finetune_epochs"], "left_s": round(left, 1)}
-        r = stages.finetune(best["run"], folder, epochs, budget.deadline - made["reserve_s"],
+        r = stages.finetune(best["run"], folder, epochs, budget.deadline - made["reserve_s"] - ensemble_s,
                             resume=record.stage("finetune").get("attempts", 0) > 1)
         r["kept"] = r["val_acc"] > best["val_acc"]
         verdict = "kept" if r["kept"] else "not kept (the head alone is as good)"
@@ -239,15 +240,33 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
     tuned = run("finetune", made["finetune_s"] or None, do_finetune)
     source_run = tuned["run"] if tuned and tuned.get("kept") else best["run"]
 
+    def do_ensemble():
+        members = made.get("members", 1)
+        if members < 2:
+            return "skipped", f"skipped: {made.get('ensemble_reason') or 'one model'}", {}
+        if interrupted:
+            return "skipped", "skipped: stopped by Ctrl-C", {}
+        if not (tuned and tuned.get("kept")):
+            return "skipped", "skipped: no fine-tuned model to add members to", {}
+        r = stages.ensemble_members(tuned["run"], folder, members - 1, budget.deadline - made["reserve_s"],
+                                    resume=record.stage("ensemble").get("attempts", 0) > 1)
+        accs = ", ".join(f"{a:.4f}" for a in r["val_accs"])
+        return "done", (f"{len(r['runs'])} more model(s) fine-tuned from other seeds (validation accuracy {accs}; "
+                        f"the first {tuned['val_acc']:.4f})" if r["runs"] else r["why"]), r
+    grown = run("ensemble", ensemble_s or None, do_ensemble)
+    members = [source_run, *grown["runs"]] if grown and grown.get("runs") and source_run == tuned["run"] else [source_run]
+
     def do_export():
         models = stages.measure(source_run)
+        if len(members) > 1:
+            models.update(stages.measure_ensemble(members, models, folder / "ensemble"))
         choice = stages.choose(models, req.max_latency_ms)
         if not choice["meets"]:
             log(f"[yellow]auto: {choice['why']}[/]")
         choice["tta"] = stages.tta(models[choice["model"]], source_run, budget.left() - made["estimates"]["test"],
                                    made["estimates"]["tta"], req.max_latency_ms)
         why = choice["why"] + (f"; {choice['tta']['why']}" if choice["tta"].get("why") else "")
-        return "done", why, {"run": source_run, "models": models, **choice}
+        return "done", why, {"run": source_run, "members": members, "models": models, **choice}
 
     exported = run("export", made["estimates"]["export"], do_export)
 

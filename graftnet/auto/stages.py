@@ -4,8 +4,9 @@ earlier stages decided, returning the numbers its decision was made on (they go 
 search    the head and feature taps by `graft search` on cached features, within its time share;
 finetune  the search's best run with its backbone's top groups unfrozen, for the epochs the plan
           found time for; kept only when its validation accuracy beats the head's;
-export    fp32 and int8 ONNX models of the kept run, each with its validation accuracy and its
-          latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
+ensemble  when the plan found time for them: more models fine-tuned alike from other seeds;
+export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged into one file),
+          each with its validation accuracy and its latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
           points of the most accurate ships, with test-time flips when they pay and fit;
 prune     only when no model meets --max-latency-ms: the exported run with channels removed by
           `graft prune` as far as the bound asks (at most MAX_PRUNE), recovered for an epoch when
@@ -99,6 +100,67 @@ def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: 
             "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
 
 
+def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: float, resume: bool) -> dict:
+    """`extra` more models fine-tuned as the `first` was (its config, the same head to start from)
+    with seeds first + 1, + 2, ...: AUTO/finetune-2, ... A member that the `deadline` stops before
+    its last epoch is left out (an ensemble is only as good as its weakest members' share).
+    Returns {"runs", "val_accs", "why"}."""
+    first_cfg = resolve(Path(first) / "config.yaml")
+    runs, accs, why = [], [], None
+    for k in range(2, extra + 2):
+        run = folder / f"finetune-{k}"
+        stop = StopAtDeadline(deadline)
+        if resume and (run / "model.safetensors").is_file():
+            result_dir = run
+        elif resume and (run / "config.yaml").is_file():
+            result_dir = train(None, resume=run, callbacks=[stop], test=False).run_dir
+        else:
+            cfg = resolve(Path(first) / "config.yaml", {"name": run.name, "train.seed": first_cfg.train.seed + k - 1})
+            result_dir = train(cfg, callbacks=[stop], test=False).run_dir
+        if stop.stopped:
+            why = f"member {k} stopped at the deadline before its last epoch: left out"
+            note("ensemble", why)
+            break
+        cfg = resolve(result_dir / "config.yaml")
+        runs.append(str(result_dir))
+        accs.append(saved_val_acc(cfg, [r for r in _history(result_dir) if r.get("stage") == "fine-tuning"]
+                                  or _history(result_dir)))
+    return {"runs": runs, "val_accs": accs, "why": why or "no member finished in time"}
+
+
+def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
+    """The members' fp32 and int8 ONNX models merged into one file each (export.merge: averaged
+    probabilities), `first`: the first member's models as measure gave them. Returns
+    {"ensemble-fp32": {...}, "ensemble-int8": {...}} as measure's entries, with the members' runs;
+    int8 only when every member's quantization succeeded."""
+    from ..export.merge import merge_onnx
+    from ..export.runtime import measure_latency
+    every = [first, *(measure(r) for r in runs[1:])]
+    paths = {"fp32": [Path(m["fp32"]["model"]) for m in every]}
+    if all("error" not in m["int8"] for m in every):
+        paths["int8"] = [Path(m["int8"]["model"]) for m in every]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for kind, members in paths.items():
+        path = merge_onnx(members, folder / ("model.onnx" if kind == "fp32" else "model.int8.onnx"))
+        out[f"ensemble-{kind}"] = {"model": str(path), "int8": kind == "int8", "members": [str(r) for r in runs],
+                                   "val_acc": round(_val_accuracy(runs[0], path), 4),
+                                   "latency_ms": round(measure_latency(path, batch_size=1)["median_ms"], 4),
+                                   "size_mb": round(path.stat().st_size / 1e6, 4)}
+    return out
+
+
+def _val_accuracy(run: str | Path, model: str | Path, flip: bool = False) -> float:
+    """Validation accuracy of an exported model with the run's preprocessing (`flip`: each image's
+    logits averaged with its mirror's, as `preprocess.json`'s flip_average asks of every runtime)."""
+    from ..export.control import Validation
+    from ..export.quantize import fp32_model
+    spec, cfg, _, pre = fp32_model(run)
+    val = Validation.of_run(cfg, spec, pre, Path(run))
+    val.flip = flip
+    return val.accuracy(Path(model))
+
+
 def top_groups(n_groups: int) -> int:
     """How many of a backbone's `n_groups` groups, from the top, fine-tuning trains."""
     return max(1, round(FINETUNE_TOP_SHARE * n_groups))
@@ -189,12 +251,7 @@ def _history(run: Path) -> list[dict]:
 def flip_accuracy(run: str | Path, model: str | Path) -> float:
     """Validation accuracy of an exported model averaging each image's logits with its mirror's
     (test-time augmentation, as `preprocess.json`'s flip_average asks of every runtime)."""
-    from ..export.control import Validation
-    from ..export.quantize import fp32_model
-    spec, cfg, _, pre = fp32_model(run)
-    val = Validation.of_run(cfg, spec, pre, Path(run))
-    val.flip = True
-    return val.accuracy(Path(model))
+    return _val_accuracy(run, model, flip=True)
 
 
 def tta(model: dict, run: str | Path, left: float, cost: float, max_latency_ms: float | None) -> dict:
