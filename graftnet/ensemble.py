@@ -77,6 +77,25 @@ def ensemble_logits(ensemble: str | Path | list[str | Path], images: ImageSet,
     return predictor.logits(images, batch_size, "ensemble")
 
 
+def save_unscored(runs: list[str | Path], run_dir: str | Path) -> Path:
+    """An ensemble folder of `runs` with equal weights that no split has scored: what a teacher needs
+    (`graft auto` distils an ensemble it chose on validation and scores only the file it ships)."""
+    from .config import resolve, save_yaml
+    if len(runs) < 2:
+        raise GraftError("an ensemble needs at least two runs")
+    members = [load_predictor(r) for r in runs]
+    check_classes(members)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(resolve(Path(runs[0]) / "config.yaml"), run_dir / "config.yaml", ENSEMBLE_CONFIG_NOTE)
+    atomic_write_json(run_dir / ENSEMBLE_FILE, {
+        "method": "equal weights", "tta": False, "data": members[0].cfg.data.path, "classes": members[0].classes,
+        "members": [{"path": os.path.relpath(Path(r).resolve(), run_dir.resolve()), "absolute": str(Path(r).resolve()),
+                     "weight": 1 / len(runs), "backbone": m.spec.backbone, "image_size": m.image_size}
+                    for r, m in zip(runs, members)]})
+    return run_dir
+
+
 def _check_data_configs(members: list) -> None:
     """Members split the data differently: one member's training images may be another's test."""
     keys = ("val_fraction", "test_fraction", "split_seed", "max_per_class")

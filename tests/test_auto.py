@@ -327,7 +327,12 @@ def test_an_ensemble_is_planned_only_when_fine_tuning_has_all_its_epochs():
     assert roomy["search_s"] + roomy["finetune_s"] + roomy["ensemble_s"] + roomy["reserve_s"] == pytest.approx(6000.0, abs=1.0)
     assert roomy["search_s"] >= roomy["estimates"]["features"]
     huge = make_plan(data, probe, 60_000.0)
-    assert huge["members"] == MAX_MEMBERS
+    assert huge["members"] == MAX_MEMBERS and huge["distill_s"] == 0
+    # a latency bound also reserves one model's epochs taught by the members (their passes in each step)
+    bound = make_plan(data, probe, 60_000.0, prune=True)
+    teach = bound["finetune_s"] + bound["finetune_epochs"] * bound["members"] * bound["estimates"]["teacher_epoch"] * 1.15
+    assert bound["members"] > 1 and bound["distill_s"] == pytest.approx(teach + bound["estimates"]["export"], rel=0.01)
+    assert sum(bound[k] for k in ("search_s", "finetune_s", "ensemble_s", "distill_s", "reserve_s")) == pytest.approx(60_000.0, abs=1.0)
 
 
 def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path):
@@ -370,3 +375,15 @@ def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path)
     assert "ensemble" in (out / "MODEL_CARD.md").read_text()
     late = stages.ensemble_members(first, tmp_path / "late", 1, time.monotonic() - 1, resume=False)
     assert late["runs"] == [] and "left out" in late["why"]
+    # a latency bound that rules the winning ensemble out asks for one model taught by it
+    bounded = choose(scored, scored["int8"]["latency_ms"] * 1.05)
+    assert bounded["model"] == "int8" and "over --max-latency-ms" in stages.distillation_needed(scored, bounded, 1.0)
+    assert stages.distillation_needed(scored, choose(scored, None), None) is None
+    scored["ensemble-int8"]["val_acc"] = 0.9
+    assert stages.distillation_needed(scored, bounded, 1.0) is None   # the ensemble does not win
+    taught = stages.distill_ensemble([first, *grown["runs"]], tmp_path, 1, time.monotonic() + 600, resume=False)
+    student = resolve(Path(taught["run"]) / "config.yaml")
+    assert taught["epochs_run"] == 1 and 0 <= taught["val_acc"] <= 1 and student.train.init == first
+    assert json.loads((Path(taught["teacher"]) / "ensemble.json").read_text())["members"][1]["absolute"] == \
+        str(Path(grown["runs"][0]).resolve())
+    assert not list(Path(taught["run"]).glob("evaluations")) and not list(Path(taught["teacher"]).glob("evaluations"))

@@ -44,6 +44,8 @@ FINETUNE_MARGIN = 1.15
 # joins it in an ensemble of averaged probabilities. On CIFAR-10 ensembles of fine-tuned Lite0 and
 # Lite1 models gained 0.3-0.6 points over their best member (BENCHMARKS.md, ensembles); the export
 # ships one only when it beats the best single model by the 0.5 points doubling the latency must buy.
+# With a latency bound the ensemble may win and still be too slow: the plan then also reserves one
+# model's fine-tuning taught by the ensemble (distillation, the members scoring every batch).
 MAX_MEMBERS = 3
 
 
@@ -135,6 +137,7 @@ def estimates(data: dict, probe: dict, size: int | None = None) -> dict:
     tta = 2 * 1.5 * n["val"] / infer   # test-time flips: two validation passes, with an int8 margin
     return {"decode": every / decode,
             "features": (n["train"] + n["val"]) / infer,   # the test split's pass is the deploy stage's
+            "teacher_epoch": n["train"] / infer,           # one ensemble member scoring an epoch's images
             "finetune_epoch": n["train"] / train_rate + n["val"] / infer,
             # export checks 32 images, int8 calibrates on 256 and scores the validation split
             "export": FIXED["export"] + EXPORT_S_PER_M * probe["chosen"].get("params_m", 0.0)
@@ -187,7 +190,8 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
                             "needs it, gets what is left")
     plan = {"image_size": size, "size_reason": None, "estimates": {k: round(v, 2) for k, v in est.items()},
             "left_s": round(left, 1), "reserve_s": round(reserve, 1), "prune_s": round(prune_s, 1),
-            "prune_reason": prune_reason, "members": 1, "ensemble_s": 0.0, "ensemble_reason": None}
+            "prune_reason": prune_reason, "members": 1, "ensemble_s": 0.0, "ensemble_reason": None,
+            "distill_s": 0.0}
     if room <= 0:
         plan.update(search_s=max(left - reserve, 0.0), finetune_epochs=0, finetune_s=0.0,
                     finetune_reason=f"no time left after the backbone pass ({shown(first)}) and the export "
@@ -202,12 +206,18 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
         return plan
     finetune = FIXED["finetune"] + epochs * epoch * FINETUNE_MARGIN
     members, member = 1, finetune + est["export"]   # another member: its fine-tuning and its export
-    while epochs == max_finetune_epochs and members < MAX_MEMBERS and finetune + members * member <= 2 / 3 * room:
+
+    def distill(k: int) -> float:
+        """With a latency bound: one model taught by the k members (their passes in every step) and its export."""
+        return (FIXED["finetune"] + epochs * (epoch + k * est["teacher_epoch"]) * FINETUNE_MARGIN + est["export"]
+                if prune else 0.0)
+    while (epochs == max_finetune_epochs and members < MAX_MEMBERS
+           and finetune + members * member + distill(members + 1) <= 2 / 3 * room):
         members += 1
-    ensemble = (members - 1) * member
-    plan.update(search_s=left - reserve - finetune - ensemble, finetune_epochs=epochs, finetune_s=finetune,
-                finetune_reason=f"{epochs} epoch(s) of about {shown(epoch)} fit in the budget",
-                members=members, ensemble_s=ensemble,
+    ensemble, distill_s = (members - 1) * member, distill(members) if members > 1 else 0.0
+    plan.update(search_s=left - reserve - finetune - ensemble - distill_s, finetune_epochs=epochs,
+                finetune_s=finetune, finetune_reason=f"{epochs} epoch(s) of about {shown(epoch)} fit in the budget",
+                members=members, ensemble_s=ensemble, distill_s=distill_s,
                 ensemble_reason=f"{members - 1} more model(s) fine-tuned alike from other seeds fit beside the "
                                 f"first ({shown(member)} each)" if members > 1 else
                                 "one model: " + ("its fine-tuning epochs take the time" if epochs < max_finetune_epochs
@@ -215,10 +225,13 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
     return plan
 
 
-def epochs_that_fit(plan: dict, left: float) -> int:
+def epochs_that_fit(plan: dict, left: float, teachers: int = 0) -> int:
     """The fine-tuning epochs (at most the planned ones) that `left` seconds hold when the stage
-    starts, on the plain estimate: the plan's FINETUNE_MARGIN is what absorbs a late start."""
-    return min(plan["finetune_epochs"], int((left - FIXED["finetune"]) // plan["estimates"]["finetune_epoch"]))
+    starts, on the plain estimate: the plan's FINETUNE_MARGIN is what absorbs a late start.
+    `teachers`: ensemble members scoring every batch (distillation)."""
+    est = plan["estimates"]
+    epoch = est["finetune_epoch"] + teachers * est.get("teacher_epoch", 0.0)
+    return min(plan["finetune_epochs"], int((left - FIXED["finetune"]) // epoch))
 
 
 def slice_to_fit(data: dict, plan: dict, share: float = 0.5, least: int = 10) -> int | None:
@@ -251,6 +264,9 @@ def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float
     if plan.get("members", 1) > 1:
         rows.append(("ensemble", f"{plan['members'] - 1} more model(s) fine-tuned alike from other seeds; the "
                      "averaged ensemble ships if it beats the best one by 0.5 points", shown(plan["ensemble_s"])))
+    if plan.get("distill_s"):
+        rows.append(("distill", "only if the ensemble wins but misses --max-latency-ms: one model taught by it",
+                     shown(plan["distill_s"])))
     rows.append(("export", "ONNX fp32 and int8, validation accuracy and latency measured", shown(plan["estimates"]["export"])))
     if plan.get("prune_s") or plan.get("prune_reason"):
         rows.append(("prune", "only if no model meets --max-latency-ms: channels removed, one recovery epoch"

@@ -27,7 +27,7 @@ from .probe import probe
 DECISIONS = "decisions.json"
 CONFIG = "auto.yaml"
 FORMAT = "graftnet-auto-1"
-STAGES = ("look", "probe", "search", "finetune", "ensemble", "export", "prune", "deploy")
+STAGES = ("look", "probe", "search", "finetune", "ensemble", "export", "distill", "prune", "deploy")
 PROBE_S = 5.0             # a candidate's probe on a small set: model build, sample features, fit
 # the budget must hold every candidate's probe, one head fit and the export
 MIN_FIXED_S = plan_mod.FIXED["search"] + plan_mod.FIXED["export"] + plan_mod.FIXED["deploy"]
@@ -205,7 +205,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         record.end(name, budget, status, decision, numbers, began)
         return numbers
 
-    ensemble_s = made.get("ensemble_s", 0.0)   # a folder of an older version has no ensemble in its plan
+    # a folder of an older version has no ensemble in its plan
+    ensemble_s = made.get("ensemble_s", 0.0) + made.get("distill_s", 0.0)
     search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"] - ensemble_s)
 
     def do_search():
@@ -248,11 +249,14 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             return "skipped", "skipped: stopped by Ctrl-C", {}
         if not (tuned and tuned.get("kept")):
             return "skipped", "skipped: no fine-tuned model to add members to", {}
-        r = stages.ensemble_members(tuned["run"], folder, members - 1, budget.deadline - made["reserve_s"],
+        r = stages.ensemble_members(tuned["run"], folder, members - 1,
+                                    budget.deadline - made["reserve_s"] - made.get("distill_s", 0.0),
                                     resume=record.stage("ensemble").get("attempts", 0) > 1)
         accs = ", ".join(f"{a:.4f}" for a in r["val_accs"])
+        if not r["runs"]:
+            return "skipped", f"skipped: {r['why']}", r
         return "done", (f"{len(r['runs'])} more model(s) fine-tuned from other seeds (validation accuracy {accs}; "
-                        f"the first {tuned['val_acc']:.4f})" if r["runs"] else r["why"]), r
+                        f"the first {tuned['val_acc']:.4f})" + (f"; {r['why']}" if r["why"] else "")), r
     grown = run("ensemble", ensemble_s or None, do_ensemble)
     members = [source_run, *grown["runs"]] if grown and grown.get("runs") and source_run == tuned["run"] else [source_run]
 
@@ -266,9 +270,39 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         choice["tta"] = stages.tta(models[choice["model"]], source_run, budget.left() - made["estimates"]["test"],
                                    made["estimates"]["tta"], req.max_latency_ms)
         why = choice["why"] + (f"; {choice['tta']['why']}" if choice["tta"].get("why") else "")
+        choice["distill_why"] = stages.distillation_needed(models, choice, req.max_latency_ms)
+        if choice["distill_why"]:
+            why += f"; {choice['distill_why']}: one model learns from it next"
         return "done", why, {"run": source_run, "members": members, "models": models, **choice}
 
     exported = run("export", made["estimates"]["export"], do_export)
+
+    def do_distill():
+        if interrupted:
+            return "skipped", "skipped: stopped by Ctrl-C", {}
+        if not exported.get("distill_why"):
+            return "skipped", ("skipped: no ensemble" if len(exported.get("members", [])) < 2 else
+                               "skipped: no latency bound rules the ensemble out"), {}
+        epochs = plan_mod.epochs_that_fit(made, budget.left() - made["estimates"]["test"] - made["estimates"]["export"],
+                                          teachers=len(exported["members"]))
+        if epochs < 1:
+            return "skipped", "skipped: no time left for one epoch taught by the ensemble", {}
+        r = stages.distill_ensemble(exported["members"], folder, epochs,
+                                    budget.deadline - made["estimates"]["test"] - made["estimates"]["export"],
+                                    resume=record.stage("distill").get("attempts", 0) > 1)
+        r["models"] = stages.measure(r["run"], r["val_acc"])
+        singles = {k: m for k, m in exported["models"].items() if not k.startswith("ensemble")}
+        choice = stages.choose({**singles, **{f"distilled-{k}": m for k, m in r["models"].items()}}, req.max_latency_ms)
+        r["ships"] = choice["model"].startswith("distilled-")
+        if r["ships"]:
+            r.update(model=choice["model"].removeprefix("distilled-"), meets=choice["meets"],
+                     tta={"used": False, "why": "test-time flips not tried: the latency bound is what distillation is for"})
+        return "done", (f"{r['epochs_run']} epoch(s) taught by the {len(exported['members'])}-model ensemble: validation "
+                        f"accuracy {r['val_acc']:.4f}; {choice['why']}; "
+                        + ("the distilled model ships" if r["ships"] else "the single model it was to beat ships")), r
+    distilled = run("distill", made.get("distill_s") or None, do_distill)
+    if distilled and distilled.get("ships"):
+        exported = {**distilled, "members": [distilled["run"]]}
 
     def do_prune():
         if interrupted:

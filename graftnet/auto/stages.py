@@ -5,6 +5,8 @@ search    the head and feature taps by `graft search` on cached features, within
 finetune  the search's best run with its backbone's top groups unfrozen, for the epochs the plan
           found time for; kept only when its validation accuracy beats the head's;
 ensemble  when the plan found time for them: more models fine-tuned alike from other seeds;
+distill   only when the ensemble would ship but misses --max-latency-ms: the first member fine-tuned
+          on with the ensemble as teacher; it ships when it beats the single models under the bound;
 export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged into one file),
           each with its validation accuracy and its latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
           points of the most accurate ships, with test-time flips when they pay and fit;
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..backbones import get_spec
 from ..config import RunConfig, resolve
 from ..errors import GraftError
 from ..progress import log
@@ -125,7 +128,7 @@ def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: floa
         runs.append(str(result_dir))
         accs.append(saved_val_acc(cfg, [r for r in _history(result_dir) if r.get("stage") == "fine-tuning"]
                                   or _history(result_dir)))
-    return {"runs": runs, "val_accs": accs, "why": why or "no member finished in time"}
+    return {"runs": runs, "val_accs": accs, "why": why}
 
 
 def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
@@ -148,6 +151,50 @@ def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
                                    "latency_ms": round(measure_latency(path, batch_size=1)["median_ms"], 4),
                                    "size_mb": round(path.stat().st_size / 1e6, 4)}
     return out
+
+
+def distillation_needed(models: dict, choice: dict, max_latency_ms: float | None) -> str | None:
+    """Why one model should learn from the ensemble (it would ship but for --max-latency-ms, and a
+    single model meets the bound), or None."""
+    if max_latency_ms is None or not choice["meets"] or choice["model"].startswith("ensemble"):
+        return None
+    free = choose(models, None)
+    if not free["model"].startswith("ensemble"):
+        return None
+    return (f"the ensemble ({free['model']}, validation accuracy {models[free['model']]['val_acc']:.4f}) would ship but "
+            f"takes {models[free['model']]['latency_ms']:.3g} ms, over --max-latency-ms {max_latency_ms:g}")
+
+
+def distill_ensemble(members: list[str], folder: Path, epochs: int, deadline: float, resume: bool) -> dict:
+    """One model taught by the ensemble of `members`: the first member fine-tuned on for `epochs` as
+    the members were, its loss mixed with the ensemble's softened class probabilities on every batch
+    (Hinton et al.'s distillation, compress.teach with the teacher in the loop: T 4, alpha 0.7 as
+    `graft distill`'s defaults). AUTO/distilled, from AUTO/ensemble-teacher (an unscored ensemble
+    folder). Returns {"run", "val_acc", "epochs_run", "stopped_at_deadline", "teacher"}."""
+    from ..compress.distill import DistillSettings
+    from ..compress.teach import RunTeacher, TeacherInLoop
+    from ..ensemble import save_unscored
+    from ..predictor import ENSEMBLE_FILE
+    s = DistillSettings()
+    teacher_dir, run = folder / "ensemble-teacher", folder / "distilled"
+    if not (teacher_dir / ENSEMBLE_FILE).is_file():
+        save_unscored(members, teacher_dir)
+    stop = StopAtDeadline(deadline)
+    if not (resume and (run / "model.safetensors").is_file()):
+        teacher = RunTeacher(teacher_dir)
+        spec = get_spec(resolve(Path(members[0]) / "config.yaml").backbone.name)   # the student's normalisation
+        term = TeacherInLoop(teacher, spec.mean, spec.std, s.temperature, s.alpha)
+        if resume and (run / "config.yaml").is_file():
+            train(None, resume=run, callbacks=[term, stop], test=False)
+        else:
+            cfg = resolve(Path(members[0]) / "config.yaml", {
+                "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
+                "train.cache_features": False})
+            train(cfg, callbacks=[term, stop], test=False)
+    cfg = resolve(run / "config.yaml")
+    rows = [r for r in _history(run) if r.get("stage") == "fine-tuning"]
+    return {"run": str(run), "val_acc": saved_val_acc(cfg, rows or _history(run)),
+            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped, "teacher": str(teacher_dir)}
 
 
 def _val_accuracy(run: str | Path, model: str | Path, flip: bool = False) -> float:
