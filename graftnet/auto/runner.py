@@ -255,8 +255,9 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         accs = ", ".join(f"{a:.4f}" for a in r["val_accs"])
         if not r["runs"]:
             return "skipped", f"skipped: {r['why']}", r
+        why = r.pop("why")
         return "done", (f"{len(r['runs'])} more model(s) fine-tuned from other seeds (validation accuracy {accs}; "
-                        f"the first {tuned['val_acc']:.4f})" + (f"; {r['why']}" if r["why"] else "")), r
+                        f"the first {tuned['val_acc']:.4f})" + (f"; {why}" if why else "")), r
     grown = run("ensemble", ensemble_s or None, do_ensemble)
     members = [source_run, *grown["runs"]] if grown and grown.get("runs") and source_run == tuned["run"] else [source_run]
 
