@@ -259,7 +259,7 @@ def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float
     size = plan.get("image_size", chosen["image_size"])
     rows.append(("search", f"head and features on cached features (Optuna) at {size} px, best on validation"
                  + (f"; {plan['size_reason']}" if plan.get("size_reason") else ""), shown(plan["search_s"])))
-    rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the unfrozen backbone" if plan["finetune_epochs"]
+    rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the backbone's top groups unfrozen" if plan["finetune_epochs"]
                  else f"skipped: {plan['finetune_reason']}", shown(plan["finetune_s"]) if plan["finetune_epochs"] else "-"))
     if plan.get("members", 1) > 1:
         rows.append(("ensemble", f"{plan['members'] - 1} more model(s) fine-tuned alike from other seeds; the "
