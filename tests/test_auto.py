@@ -138,6 +138,14 @@ def test_resume_after_a_kill_in_the_export_measures_again(finished):
     assert after["stages"]["deploy"]["attempts"] == 3 and (folder / "model.onnx").is_file()
 
 
+def test_fine_tuning_is_kept_within_one_standard_error_of_the_searched_head():
+    from graftnet.auto.stages import finetune_kept
+    assert finetune_kept(0.83, 0.83, 100)[0] and finetune_kept(0.80, 0.83, 100)[0]   # 3.8 points of noise
+    assert not finetune_kept(0.78, 0.83, 100)[0]
+    keep, margin = finetune_kept(0.866, 0.87, 5000)
+    assert keep and margin == pytest.approx(0.00476, abs=1e-4) and not finetune_kept(0.86, 0.87, 5000)[0]
+
+
 def test_the_choice_of_the_shipped_model():
     models = {"fp32": {"val_acc": 0.90, "latency_ms": 4.0, "size_mb": 4.0},
               "int8": {"val_acc": 0.898, "latency_ms": 2.0, "size_mb": 1.0}}

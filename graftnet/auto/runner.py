@@ -234,8 +234,9 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             return "skipped", f"skipped: {reason}", {"planned_epochs": made["finetune_epochs"], "left_s": round(left, 1)}
         r = stages.finetune(best["run"], folder, epochs, budget.deadline - made["reserve_s"] - ensemble_s,
                             resume=record.stage("finetune").get("attempts", 0) > 1)
-        r["kept"] = r["val_acc"] > best["val_acc"]
-        verdict = "kept" if r["kept"] else "not kept (the head alone is as good)"
+        r["kept"], margin = stages.finetune_kept(r["val_acc"], best["val_acc"], data["counts"]["val"])
+        verdict = (f"kept (from {100 * margin:.2f} points below: the head's score is the best of the search's "
+                   "trials on the same images)" if r["kept"] else "not kept (the head alone is better)")
         return "done", (f"{r['epochs_run']} epoch(s): validation accuracy {r['val_acc']:.4f} against the head's "
                         f"{best['val_acc']:.4f}; {verdict}"), r
     tuned = run("finetune", made["finetune_s"] or None, do_finetune)
