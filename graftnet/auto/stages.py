@@ -6,11 +6,12 @@ finetune  the search's best run with its backbone's top groups unfrozen, for the
           found time for; kept unless its validation accuracy is more than one standard
           error below the head's (the best of the search's trials, so optimistic);
 ensemble  when the plan found time for them: more models fine-tuned alike from other seeds;
+export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged into one file),
+          each with its validation accuracy and its latency measured in ONNX Runtime; of those
+          within --max-latency-ms, the fastest within 0.5 points of the most accurate ships, with
+          test-time flips when they pay and fit;
 distill   only when the ensemble would ship but misses --max-latency-ms: the first member fine-tuned
           on with the ensemble as teacher; it ships when it beats the single models under the bound;
-export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged into one file),
-          each with its validation accuracy and its latency measured in ONNX Runtime; of those within --max-latency-ms, the fastest within 0.5
-          points of the most accurate ships, with test-time flips when they pay and fit;
 prune     only when no model meets --max-latency-ms: the exported run with channels removed by
           `graft prune` as far as the bound asks (at most MAX_PRUNE), recovered for an epoch when
           the budget holds one; it ships when it meets the bound or is at least faster;
@@ -107,7 +108,7 @@ def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: 
 def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: float, resume: bool) -> dict:
     """`extra` more models fine-tuned as the `first` was (its config, the same head to start from)
     with seeds first + 1, + 2, ...: AUTO/finetune-2, ... A member that the `deadline` stops before
-    its last epoch is left out (an ensemble is only as good as its weakest members' share).
+    its last epoch is left out (an under-trained member would pull the average down).
     Returns {"runs", "val_accs", "why"}."""
     first_cfg = resolve(Path(first) / "config.yaml")
     runs, accs, why = [], [], None
@@ -190,7 +191,7 @@ def distill_ensemble(members: list[str], folder: Path, epochs: int, deadline: fl
         else:
             cfg = resolve(Path(members[0]) / "config.yaml", {
                 "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
-                "train.cache_features": False})
+                "train.cache_features": False, "finetune.augment": finetune_settings(epochs, 1)["finetune.augment"]})
             train(cfg, callbacks=[term, stop], test=False)
     cfg = resolve(run / "config.yaml")
     rows = [r for r in _history(run) if r.get("stage") == "fine-tuning"]
