@@ -365,6 +365,8 @@ def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path)
     models.update(stages.measure_ensemble([first, *grown["runs"]], models, tmp_path / "ensemble"))
     assert {"ensemble-fp32", "ensemble-int8"} <= set(models)
     assert models["ensemble-int8"]["members"] == [first, *grown["runs"]]
+    assert OnnxClassifier(models["ensemble-int8"]["model"]).logits(
+        list(np.zeros((1, 3, 24, 24), np.uint8))).shape == (1, 3)   # preprocess.json lies beside it
     # the ensemble ships only from 0.5 points above the best single model
     scored = {k: {**m, "val_acc": 0.9} for k, m in models.items()}
     scored["ensemble-int8"]["val_acc"] = 0.904

@@ -29,6 +29,7 @@ import torch
 from ..backbones import get_spec
 from ..config import RunConfig, resolve
 from ..errors import GraftError
+from ..io import atomic_write_json
 from ..progress import log
 from ..search import DEFAULT_SPACE, SearchSettings, run_search
 from ..search.measure import measure_run
@@ -145,6 +146,9 @@ def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
     if all("error" not in m["int8"] for m in every):
         paths["int8"] = [Path(m["int8"]["model"]) for m in every]
     folder.mkdir(parents=True, exist_ok=True)
+    # every runtime reads preprocess.json beside the model it opens: the first member's, naming them all
+    pre = json.loads((Path(runs[0]) / "export" / "preprocess.json").read_text())
+    atomic_write_json(folder / "preprocess.json", {**pre, "ensemble_members": [str(r) for r in runs]})
     out = {}
     for kind, members in paths.items():
         path = merge_onnx(members, folder / ("model.onnx" if kind == "fp32" else "model.int8.onnx"))
