@@ -90,9 +90,7 @@ def save_unscored(runs: list[str | Path], run_dir: str | Path) -> Path:
     save_yaml(resolve(Path(runs[0]) / "config.yaml"), run_dir / "config.yaml", ENSEMBLE_CONFIG_NOTE)
     atomic_write_json(run_dir / ENSEMBLE_FILE, {
         "method": "equal weights", "tta": False, "data": members[0].cfg.data.path, "classes": members[0].classes,
-        "members": [{"path": os.path.relpath(Path(r).resolve(), run_dir.resolve()), "absolute": str(Path(r).resolve()),
-                     "weight": 1 / len(runs), "backbone": m.spec.backbone, "image_size": m.image_size}
-                    for r, m in zip(runs, members)]})
+        "members": [_member_entry(run_dir, m, 1 / len(runs)) for m in members]})
     return run_dir
 
 
@@ -170,11 +168,16 @@ def _save(run_dir: Path, cfg, ensemble, members, weights, accs, weighted: bool, 
         "method": "weights minimise validation NLL" if weighted else "equal weights", "tta": tta,
         "data": cfg.data.path, "classes": ensemble.classes,
         **({"multilabel": True, "thresholds": ensemble.spec.thresholds} if ensemble.multilabel else {}),
-        "members": [{"path": os.path.relpath(Path(m.run_dir).resolve(), run_dir.resolve()),
-                     "absolute": str(Path(m.run_dir).resolve()), "weight": float(w),
-                     "backbone": m.spec.backbone, "image_size": m.image_size,
-                     "test_map" if ensemble.multilabel else "test_accuracy": a}
+        "members": [{**_member_entry(run_dir, m, w), "test_map" if ensemble.multilabel else "test_accuracy": a}
                     for m, w, a in zip(members, weights, accs)]})
+
+
+def _member_entry(run_dir: Path, member, weight: float) -> dict:
+    """A member as ensemble.json lists it: its folder relative to the ensemble's (load_ensemble tries
+    that first) and absolute, its weight, backbone and input size."""
+    return {"path": os.path.relpath(Path(member.run_dir).resolve(), run_dir.resolve()),
+            "absolute": str(Path(member.run_dir).resolve()), "weight": float(weight),
+            "backbone": member.spec.backbone, "image_size": member.image_size}
 
 
 def _print_table(members, weights, accs, ensemble_acc, tta: bool = False, score: str = "test accuracy") -> None:

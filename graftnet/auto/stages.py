@@ -195,7 +195,7 @@ def distill_ensemble(members: list[str], folder: Path, epochs: int, deadline: fl
         else:
             cfg = resolve(Path(members[0]) / "config.yaml", {
                 "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
-                "train.cache_features": False, "finetune.augment": finetune_settings(epochs, 1)["finetune.augment"]})
+                "train.cache_features": False, "finetune.augment": augment_for(epochs)})
             train(cfg, callbacks=[term, stop], test=False)
     cfg = resolve(run / "config.yaml")
     rows = [r for r in _history(run) if r.get("stage") == "fine-tuning"]
@@ -233,7 +233,12 @@ def finetune_settings(epochs: int, n_groups: int) -> dict:
     """The config overrides of auto's fine-tuning run of `epochs` on a backbone of `n_groups` groups
     (the probe times its steps with the same groups trained)."""
     return {**FINETUNE_SETTINGS, "finetune.unfreeze": f"top:{top_groups(n_groups)}",
-            "finetune.augment": "randaugment" if epochs >= RANDAUGMENT_FROM else "flip"}
+            "finetune.augment": augment_for(epochs)}
+
+
+def augment_for(epochs: int) -> str:
+    """Fine-tuning's augmentation for a schedule of `epochs` (RANDAUGMENT_FROM)."""
+    return "randaugment" if epochs >= RANDAUGMENT_FROM else "flip"
 
 
 def _group_count(run: str | Path) -> int:
