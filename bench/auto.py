@@ -16,6 +16,9 @@ next start when its result is there, so a killed benchmark goes on where it stop
   ensemble100  100 images per class and split, Lite0 at 160 px, --budget 15m: the plan makes an ensemble;
             each exported model (single and ensemble) with its validation and, for the benchmark
             only, test accuracy (not in the default stages)
+  resolution100  100 images per class and split, Lite0 at 160 px, --budget 8m: the plan takes a
+            resolution step; the fine-tuned model before and after it scored on the test split for the
+            benchmark only (not in the default stages)
   latency300  the slice with `--max-latency-ms 1.25` (--bound-ms), below what its int8 model took:
             the prune stage's decision and the shipped model's latency and accuracy (not in the
             default stages; at 1.0 ms the 1.78 ms int8 model would have needed 53% of its channels
@@ -139,8 +142,30 @@ def stage_ensemble100(a, work: Path, results: dict) -> dict:
             "models": models}
 
 
+def stage_resolution100(a, work: Path, results: dict) -> dict:
+    """100 images per class and split with --budget 8m: all 10 fine-tuning epochs fit, a second member
+    does not, and the plan takes a resolution step (160 -> 192 px). After the run, for this benchmark
+    only, the fine-tuned model before the step exported and scored on the test split beside the
+    step's, so the step's decision can be checked against the split auto never looks at."""
+    out = auto(work, "resolution100", "8m", "--set", "data.max_per_class=100", "--backbones", "efficientnet_lite0:160")
+    decisions = json.loads((work / "runs" / "resolution100" / "decisions.json").read_text())
+    sys.path.insert(0, str(ROOT))
+    from graftnet.auto.stages import measure, test_score
+    scored = {}
+    for stage in ("finetune", "resolution"):
+        numbers = decisions["stages"][stage].get("numbers") or {}
+        if numbers.get("run"):
+            models = measure(numbers["run"], numbers["val_acc"])
+            scored[stage] = {"run": numbers["run"].replace(str(work), "WORK"), "kept": numbers.get("kept"),
+                             **{k: {"val_acc": m.get("val_acc"), "latency_ms": m.get("latency_ms"),
+                                    "test_accuracy_bench_only": test_score(m["model"], numbers["run"])["accuracy"]}
+                                for k, m in models.items() if "error" not in m}}
+    return {**out, "resolution": decisions["stages"]["resolution"], "scored": scored}
+
+
 STAGES = {"dryrun": stage_dryrun, "budget30": stage_budget30, "budget10": stage_budget10, "slice300": stage_slice300,
-          "latency300": stage_latency300, "recipes300": stage_recipes300, "ensemble100": stage_ensemble100}
+          "latency300": stage_latency300, "recipes300": stage_recipes300, "ensemble100": stage_ensemble100,
+          "resolution100": stage_resolution100}
 
 
 def main() -> None:

@@ -397,3 +397,78 @@ def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path)
     assert json.loads((Path(taught["teacher"]) / "ensemble.json").read_text())["members"][1]["absolute"] == \
         str(Path(grown["runs"][0]).resolve())
     assert not list(Path(taught["run"]).glob("evaluations")) and not list(Path(taught["teacher"]).glob("evaluations"))
+
+
+def test_a_resolution_step_is_planned_only_for_one_model_with_all_its_epochs():
+    """The step to a larger input takes the time a second member cannot use, stops at the weights'
+    native input, never runs under a latency bound, and the plan's shares still sum to the budget."""
+    from graftnet.auto.plan import RESOLUTION_EPOCHS, estimates, larger_size, make_plan
+    assert larger_size(160, 224) == 192 and larger_size(128, 224) == 160 and larger_size(192, 224) == 224
+    assert larger_size(224, 224) is None and larger_size(160, None) is None
+    data = {"counts": {"train": 3_000, "val": 500, "test": 1_000}}
+    probe = {"chosen": {"image_size": 128, "params_m": 3.4, "native_size": 224}, "images_per_s": 300.0,
+             "train_images_per_s": 60.0, "decode_images_per_s": 4000.0}
+
+    def total(p):
+        return sum(p[k] for k in ("search_s", "finetune_s", "resolution_s", "ensemble_s", "distill_s", "reserve_s"))
+    short = make_plan(data, probe, 900.0)     # fewer than 10 epochs fit: they take the time
+    assert short["finetune_epochs"] < 10 and short["resolution_size"] is None and short["resolution_s"] == 0
+    budgets = [make_plan(data, probe, float(b)) for b in range(1500, 6001, 150)]
+    stepped = [p for p in budgets if p["resolution_size"]]
+    assert stepped, "some budget between 25 and 100 minutes has all 10 epochs, no second member and a step"
+    for p in stepped:
+        assert p["resolution_size"] == 160 and p["members"] == 1 and p["finetune_epochs"] == 10
+        at = estimates(data, probe, 160)
+        assert p["resolution_s"] > RESOLUTION_EPOCHS * at["finetune_epoch"]
+        assert total(p) == pytest.approx(p["left_s"], abs=1.0) and p["search_s"] >= p["estimates"]["features"]
+    # with a member: no step, and the plan says nothing about one
+    assert all(p["resolution_size"] is None for p in budgets if p["members"] > 1)
+    roomy = make_plan(data, probe, 60_000.0)
+    assert roomy["members"] > 1 and roomy["resolution_size"] is None
+    native = make_plan(data, {**probe, "chosen": {**probe["chosen"], "native_size": 128}}, stepped[0]["left_s"])
+    assert native["resolution_size"] is None and "native input" in native["resolution_reason"]
+    bound = [make_plan(data, probe, p["left_s"], prune=True) for p in stepped]
+    assert all(b["resolution_size"] is None for b in bound)
+    assert any("--max-latency-ms" in (b["resolution_reason"] or "") for b in bound)
+
+
+def test_the_resolution_step_goes_on_from_the_fine_tuned_model_at_a_larger_input(finished, tmp_path):
+    from graftnet.auto import stages
+    from graftnet.config import resolve
+    from graftnet.model import load_model
+    folder, _ = finished
+    tuned = json.loads((folder / "decisions.json").read_text())["stages"]["finetune"]["numbers"]["run"]
+    r = stages.resolution_step(tuned, tmp_path, 48, 1, time.monotonic() + 600, resume=False)
+    cfg, src = resolve(Path(r["run"]) / "config.yaml"), resolve(Path(tuned) / "config.yaml")
+    assert Path(r["run"]) == tmp_path / "resolution-48" and r["epochs_run"] == 1 and 0 <= r["val_acc"] <= 1
+    assert cfg.backbone.image_size == 48 and src.backbone.image_size == 32 and cfg.train.init == tuned
+    assert cfg.finetune.unfreeze == src.finetune.unfreeze and cfg.train.epochs == 0
+    assert stages.measure(r["run"])["fp32"]["latency_ms"] > 0   # exports at its own input size
+    assert load_model(r["run"])[1].image_size == 48
+    again = stages.resolution_step(tuned, tmp_path, 48, 1, time.monotonic() + 600, resume=True)
+    assert again["run"] == r["run"] and again["val_acc"] == r["val_acc"]   # a finished step is kept on resume
+    late = stages.resolution_step(tuned, tmp_path / "late", 48, 3, time.monotonic() - 1, resume=False)
+    assert late["stopped_at_deadline"] and late["epochs_run"] == 1
+
+
+def test_a_whole_run_with_a_resolution_step_ships_the_larger_model(tmp_path, monkeypatch):
+    """The runner's wiring: a plan with a step (forced here: the tiny set's plan has no room for one)
+    runs it after fine-tuning and, when kept, exports and ships the larger model."""
+    from graftnet.auto import plan as plan_mod
+    from graftnet.auto import stages
+    make = plan_mod.make_plan
+
+    def with_step(*a, **k):
+        p = make(*a, **k)
+        p.update(resolution_size=40, resolution_s=10.0, resolution_reason="forced", search_s=p["search_s"] - 10.0)
+        return p
+    monkeypatch.setattr(plan_mod, "make_plan", with_step)
+    monkeypatch.setattr(stages, "MIN_STEP_GAIN", -1.0)    # kept whatever it scores
+    data = make_folder(tmp_path / "data", n=14)
+    assert main(flags(data, tmp_path, "--budget", f"{BUDGET_S}s", "--name", "r")) == 0
+    decisions = json.loads((tmp_path / "runs" / "r" / "decisions.json").read_text())
+    step = decisions["stages"]["resolution"]
+    assert step["status"] == "done" and step["numbers"]["kept"] and step["numbers"]["image_size"] == 40
+    assert decisions["stages"]["export"]["numbers"]["run"] == step["numbers"]["run"]
+    pre = json.loads((tmp_path / "runs" / "r" / "preprocess.json").read_text())
+    assert pre["image_size"] == 40 and "resolution: " in (tmp_path / "runs" / "r" / "MODEL_CARD.md").read_text()

@@ -47,6 +47,16 @@ FINETUNE_MARGIN = 1.15
 # With a latency bound the ensemble may win and still be too slow: the plan then also reserves one
 # model's fine-tuning taught by the ensemble (distillation, the members scoring every batch).
 MAX_MEMBERS = 3
+# A resolution step (fastai's progressive resizing): when fine-tuning has all its epochs and no second
+# member fits, the fine-tuned model goes on at about RESOLUTION_SCALE times the input (16-pixel steps,
+# at most the weights' native input) for RESOLUTION_EPOCHS at the same rates; it is kept only when
+# validation gains what the larger input's latency must buy (stages.MIN_STEP_GAIN). CIFAR-10
+# (BENCHMARKS.md, input size): Lite0 128 -> 160 -> 192 px gained about a third of a point a stage,
+# Lite1 160 -> 192 px 0.99 points; a restart at a new size costs validation accuracy first, repaid by
+# the third epoch (so three, not one: one flip epoch at 192 px added nothing on validation); Lite0
+# from 192 px to its native 224 lost 0.14. Without a latency bound only: the larger input is slower.
+RESOLUTION_EPOCHS = 3
+RESOLUTION_SCALE = 1.2
 
 
 def look(cfg: RunConfig) -> dict:
@@ -152,6 +162,13 @@ def smaller_sizes(size: int) -> list[int]:
     return [s for s in range(size - 16, 0, -16) if s >= MIN_FINETUNE_SCALE * size]
 
 
+def larger_size(size: int, native: int | None) -> int | None:
+    """The resolution step's input after `size`: RESOLUTION_SCALE of it in 16-pixel steps, at most
+    the weights' `native` input; None when that is no larger."""
+    big = min(16 * round(RESOLUTION_SCALE * size / 16), native or size)
+    return big if big > size else None
+
+
 def make_plan(data: dict, probe: dict, left: float, max_finetune_epochs: int = 10, prune: bool = False) -> dict:
     """Each stage's share of the `left` seconds: the search gets the backbone pass and at least a third
     of what follows it; fine-tuning gets whole epochs of the rest, or is skipped with its reason.
@@ -191,7 +208,7 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
     plan = {"image_size": size, "size_reason": None, "estimates": {k: round(v, 2) for k, v in est.items()},
             "left_s": round(left, 1), "reserve_s": round(reserve, 1), "prune_s": round(prune_s, 1),
             "prune_reason": prune_reason, "members": 1, "ensemble_s": 0.0, "ensemble_reason": None,
-            "distill_s": 0.0}
+            "distill_s": 0.0, "resolution_size": None, "resolution_s": 0.0, "resolution_reason": None}
     if room <= 0:
         plan.update(search_s=max(left - reserve, 0.0), finetune_epochs=0, finetune_s=0.0,
                     finetune_reason=f"no time left after the backbone pass ({shown(first)}) and the export "
@@ -215,7 +232,12 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
            and finetune + members * member + distill(members + 1) <= 2 / 3 * room):
         members += 1
     ensemble, distill_s = (members - 1) * member, distill(members) if members > 1 else 0.0
-    plan.update(search_s=left - reserve - finetune - ensemble - distill_s, finetune_epochs=epochs,
+    step, step_s, extra, plan["resolution_reason"] = _resolution(data, probe, est, size, 2 / 3 * room - finetune,
+                                                                  members, epochs == max_finetune_epochs, prune)
+    # the larger model's export and test pass take longer: reserved with the export's
+    reserve += extra
+    plan.update(reserve_s=round(reserve, 1), resolution_size=step, resolution_s=step_s)
+    plan.update(search_s=left - reserve - finetune - ensemble - distill_s - step_s, finetune_epochs=epochs,
                 finetune_s=finetune, finetune_reason=f"{epochs} epoch(s) of about {shown(epoch)} fit in the budget",
                 members=members, ensemble_s=ensemble, distill_s=distill_s,
                 ensemble_reason=f"{members - 1} more model(s) fine-tuned alike from other seeds fit beside the "
@@ -223,6 +245,27 @@ def _plan_at(data: dict, probe: dict, left: float, size: int, max_finetune_epoch
                                 "one model: " + ("its fine-tuning epochs take the time" if epochs < max_finetune_epochs
                                                  else "another member does not fit"))
     return plan
+
+
+def _resolution(data: dict, probe: dict, est: dict, size: int, room: float, members: int, all_epochs: bool,
+                bound: bool) -> tuple[int | None, float, float, str | None]:
+    """(the step's input size or None, its fine-tuning seconds, the extra export and test seconds,
+    why not / what): a resolution step fits in `room` after fine-tuning's own share."""
+    if not all_epochs or members > 1:
+        return None, 0.0, 0.0, None     # the epochs, or the ensemble, take the time: nothing to explain
+    big = larger_size(size, probe["chosen"].get("native_size"))
+    if big is None:
+        return None, 0.0, 0.0, f"no resolution step: {size} px is the backbone's native input or above"
+    if bound:
+        return None, 0.0, 0.0, "no resolution step: a larger input is slower, and --max-latency-ms bounds the latency"
+    at = estimates(data, probe, big)
+    train_s = FIXED["finetune"] + RESOLUTION_EPOCHS * at["finetune_epoch"] * FINETUNE_MARGIN
+    extra = (at["export"] - est["export"]) + (at["test"] - est["test"])
+    if train_s + extra > room:
+        return None, 0.0, 0.0, (f"no resolution step: {RESOLUTION_EPOCHS} epochs at {big} px and the larger export "
+                                f"(about {shown(train_s + extra)}) do not fit")
+    return big, train_s, extra, (f"{RESOLUTION_EPOCHS} more epochs at {big} px from the fine-tuned model "
+                                 f"({shown(train_s)}); kept when validation gains 0.5 points")
 
 
 def epochs_that_fit(plan: dict, left: float, teachers: int = 0) -> int:
@@ -261,6 +304,8 @@ def plan_rows(data: dict, probe: dict | None, plan: dict | None, budget_s: float
                  + (f"; {plan['size_reason']}" if plan.get("size_reason") else ""), shown(plan["search_s"])))
     rows.append(("finetune", f"{plan['finetune_epochs']} epoch(s) of the backbone's top groups unfrozen" if plan["finetune_epochs"]
                  else f"skipped: {plan['finetune_reason']}", shown(plan["finetune_s"]) if plan["finetune_epochs"] else "-"))
+    if plan.get("resolution_size"):
+        rows.append(("resolution", plan["resolution_reason"], shown(plan["resolution_s"])))
     if plan.get("members", 1) > 1:
         rows.append(("ensemble", f"{plan['members'] - 1} more model(s) fine-tuned alike from other seeds; the "
                      "averaged ensemble ships if it beats the best one by 0.5 points", shown(plan["ensemble_s"])))

@@ -137,7 +137,7 @@ def probe(cfg: RunConfig, source, splits: dict, candidates: list[tuple[str, int 
         acc = _linear_accuracy(feats["train"].float().numpy(), decoded["train"].labels.numpy(),
                                feats["val"].float().numpy(), decoded["val"].labels.numpy())
         row = {"backbone": name, "image_size": size, "sample_acc": round(acc, 4), "images_per_s": round(rate, 2),
-               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3), "native_size": get_spec(name).input_size,
                "features_s": round(every / rate, 1), "build_s": round(build_s, 2), "model": model, "spec": spec}
         rows.append(row)
         log(f"probe: {name} at {size}px: sample accuracy {acc:.3f} ({len(decoded['val'])} validation images), "

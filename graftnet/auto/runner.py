@@ -27,7 +27,7 @@ from .probe import probe
 DECISIONS = "decisions.json"
 CONFIG = "auto.yaml"
 FORMAT = "graftnet-auto-1"
-STAGES = ("look", "probe", "search", "finetune", "ensemble", "export", "distill", "prune", "deploy")
+STAGES = ("look", "probe", "search", "finetune", "resolution", "ensemble", "export", "distill", "prune", "deploy")
 PROBE_S = 5.0             # a candidate's probe on a small set: model build, sample features, fit
 # the budget must hold every candidate's probe, one head fit and the export
 MIN_FIXED_S = plan_mod.FIXED["search"] + plan_mod.FIXED["export"] + plan_mod.FIXED["deploy"]
@@ -205,8 +205,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         record.end(name, budget, status, decision, numbers, began)
         return numbers
 
-    # a folder of an older version has no ensemble in its plan
-    ensemble_s = made.get("ensemble_s", 0.0) + made.get("distill_s", 0.0)
+    # what fine-tuning leaves to the stages after it (a folder of an older version has none of them)
+    ensemble_s = made.get("resolution_s", 0.0) + made.get("ensemble_s", 0.0) + made.get("distill_s", 0.0)
     search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"] - ensemble_s)
 
     def do_search():
@@ -241,6 +241,32 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
                         f"{best['val_acc']:.4f}; {verdict}"), r
     tuned = run("finetune", made["finetune_s"] or None, do_finetune)
     source_run = tuned["run"] if tuned and tuned.get("kept") else best["run"]
+
+    def do_resolution():
+        size = made.get("resolution_size")
+        if not size:
+            return "skipped", f"skipped: {made.get('resolution_reason') or 'not planned'}", {}
+        if interrupted:
+            return "skipped", "skipped: stopped by Ctrl-C", {}
+        if not (tuned and tuned.get("kept")):
+            return "skipped", "skipped: no fine-tuned model to go on from", {}
+        # the larger model's export is in the reserve; the stages after this one have no share
+        deadline = budget.deadline - made["reserve_s"] - made.get("ensemble_s", 0.0) - made.get("distill_s", 0.0)
+        epoch = plan_mod.estimates(data, found, size)["finetune_epoch"]
+        epochs = min(plan_mod.RESOLUTION_EPOCHS, int((deadline - time.monotonic() - plan_mod.FIXED["finetune"]) // epoch))
+        if epochs < 1:
+            return "skipped", f"skipped: one epoch at {size} px takes about {shown(epoch)}; the time is spent", {}
+        r = stages.resolution_step(tuned["run"], folder, size, epochs, deadline,
+                                   resume=record.stage("resolution").get("attempts", 0) > 1)
+        if "skipped" in r:
+            return "skipped", f"skipped: {r['skipped']}", r
+        r["kept"] = r["val_acc"] >= tuned["val_acc"] + stages.MIN_STEP_GAIN
+        return "done", (f"{r['epochs_run']} epoch(s) at {size} px: validation accuracy {r['val_acc']:.4f} against "
+                        f"{tuned['val_acc']:.4f} at {base.backbone.image_size} px; "
+                        + ("kept" if r["kept"] else f"not kept (the larger input must gain {stages.MIN_STEP_GAIN:.1%})")), r
+    stepped = run("resolution", made.get("resolution_s") or None, do_resolution)
+    if stepped and stepped.get("kept"):
+        source_run = stepped["run"]
 
     def do_ensemble():
         members = made.get("members", 1)

@@ -5,6 +5,8 @@ search    the head and feature taps by `graft search` on cached features, within
 finetune  the search's best run with its backbone's top groups unfrozen, for the epochs the plan
           found time for; kept unless its validation accuracy is more than one standard
           error below the head's (the best of the search's trials, so optimistic);
+resolution when the plan found time for it and no ensemble: the fine-tuned model on at a larger
+          input for a few epochs; kept when validation gains MIN_STEP_GAIN;
 ensemble  when the plan found time for them: more models fine-tuned alike from other seeds;
 export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged into one file),
           each with its validation accuracy and its latency measured in ONNX Runtime; of those
@@ -41,6 +43,7 @@ from .plan import IMBALANCED
 MAX_TRIALS = 200          # the search stops on its time share long before this on real data
 MAX_INT8_DROP = 0.005     # validation accuracy int8 may lose against fp32 and still ship (0.5 points)
 MIN_TTA_GAIN = 0.005      # test-time flips double the latency: worth it from 0.5 points of validation accuracy
+MIN_STEP_GAIN = 0.005     # a resolution step's larger input is slower (1.44x the pixels at 1.2x the side): 0.5 points
 LATENCY_TIE = 1.10        # latencies this close count as equal when choosing what ships
 FINETUNE_BATCH = 64       # images per step when fine-tuning: fits a CPU's memory at 224 px
 # Fine-tuning as the best measured run does it (recipes/finetune-cifar10.yaml; BENCHMARKS.md, which
@@ -103,6 +106,30 @@ def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: 
     cfg = resolve(result.run_dir / "config.yaml")
     rows = [r for r in result.history if r.get("stage") == "fine-tuning"]
     return {"run": str(result.run_dir), "val_acc": saved_val_acc(cfg, rows or result.history),
+            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
+
+
+def resolution_step(tuned: str, folder: Path, size: int, epochs: int, deadline: float, resume: bool) -> dict:
+    """The fine-tuned run going on at `size` px for `epochs` (AUTO/resolution-SIZE), the same groups
+    and rates as its own fine-tuning (`graft finetune --init RUN --image-size SIZE --epochs 0` by
+    hand); ends early at the epoch that would cross `deadline`. A head that flattens the feature map
+    cannot take another input size: {"skipped": why}."""
+    src = resolve(Path(tuned) / "config.yaml")
+    if src.head.pool == "flatten":
+        return {"skipped": "the head flattens the backbone's feature map, whose size is the input's"}
+    run = folder / f"resolution-{size}"
+    stop = StopAtDeadline(deadline)
+    if resume and (run / "model.safetensors").is_file():
+        run_dir = run
+    elif resume and (run / "config.yaml").is_file():
+        run_dir = train(None, resume=run, callbacks=[stop], test=False).run_dir
+    else:
+        cfg = resolve(Path(tuned) / "config.yaml", {
+            "out": str(folder), "name": run.name, "train.init": str(tuned), "backbone.image_size": size, "train.epochs": 0,
+            "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(tuned))})
+        run_dir = train(cfg, callbacks=[stop], test=False).run_dir
+    rows = [r for r in _history(run_dir) if r.get("stage") == "fine-tuning"]
+    return {"run": str(run_dir), "image_size": size, "val_acc": saved_val_acc(resolve(run_dir / "config.yaml"), rows),
             "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
 
 
