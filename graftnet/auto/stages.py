@@ -94,19 +94,11 @@ def search(base: RunConfig, folder: Path, seconds: float, n_train: int, command:
 def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: bool) -> dict:
     """The best trial's model with its backbone unfrozen for `epochs` (stage 2 alone, from the
     trial's weights); ends early at the epoch that would cross `deadline`."""
-    run = folder / "finetune"
-    stop = StopAtDeadline(deadline)
-    if resume and (run / "config.yaml").is_file() and not (run / "model.safetensors").is_file():
-        result = train(None, resume=run, callbacks=[stop], test=False)   # on from its last checkpoint
-    else:
-        cfg = resolve(Path(best_run) / "config.yaml", {
-            "out": str(folder), "name": "finetune", "train.init": str(best_run), "train.epochs": 0,
-            "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(best_run))})
-        result = train(cfg, callbacks=[stop], test=False)
-    cfg = resolve(result.run_dir / "config.yaml")
-    rows = [r for r in result.history if r.get("stage") == "fine-tuning"]
-    return {"run": str(result.run_dir), "val_acc": saved_val_acc(cfg, rows or result.history),
-            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
+    run, stop = _trained(folder / "finetune", best_run, {
+        "out": str(folder), "name": "finetune", "train.init": str(best_run), "train.epochs": 0,
+        "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(best_run))}, deadline, resume)
+    return {"run": str(run), "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
+            "stopped_at_deadline": stop.stopped}
 
 
 def resolution_step(tuned: str, folder: Path, size: int, epochs: int, deadline: float, resume: bool) -> dict:
@@ -114,23 +106,13 @@ def resolution_step(tuned: str, folder: Path, size: int, epochs: int, deadline: 
     and rates as its own fine-tuning (`graft finetune --init RUN --image-size SIZE --epochs 0` by
     hand); ends early at the epoch that would cross `deadline`. A head that flattens the feature map
     cannot take another input size: {"skipped": why}."""
-    src = resolve(Path(tuned) / "config.yaml")
-    if src.head.pool == "flatten":
+    if resolve(Path(tuned) / "config.yaml").head.pool == "flatten":
         return {"skipped": "the head flattens the backbone's feature map, whose size is the input's"}
-    run = folder / f"resolution-{size}"
-    stop = StopAtDeadline(deadline)
-    if resume and (run / "model.safetensors").is_file():
-        run_dir = run
-    elif resume and (run / "config.yaml").is_file():
-        run_dir = train(None, resume=run, callbacks=[stop], test=False).run_dir
-    else:
-        cfg = resolve(Path(tuned) / "config.yaml", {
-            "out": str(folder), "name": run.name, "train.init": str(tuned), "backbone.image_size": size, "train.epochs": 0,
-            "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(tuned))})
-        run_dir = train(cfg, callbacks=[stop], test=False).run_dir
-    rows = [r for r in _history(run_dir) if r.get("stage") == "fine-tuning"]
-    return {"run": str(run_dir), "image_size": size, "val_acc": saved_val_acc(resolve(run_dir / "config.yaml"), rows),
-            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped}
+    run, stop = _trained(folder / f"resolution-{size}", tuned, {
+        "out": str(folder), "name": f"resolution-{size}", "train.init": str(tuned), "backbone.image_size": size,
+        "train.epochs": 0, "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(tuned))}, deadline, resume)
+    return {"run": str(run), "image_size": size, "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
+            "stopped_at_deadline": stop.stopped}
 
 
 def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: float, resume: bool) -> dict:
@@ -138,27 +120,39 @@ def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: floa
     with seeds first + 1, + 2, ...: AUTO/finetune-2, ... A member that the `deadline` stops before
     its last epoch is left out (an under-trained member would pull the average down).
     Returns {"runs", "val_accs", "why"}."""
-    first_cfg = resolve(Path(first) / "config.yaml")
+    seed = resolve(Path(first) / "config.yaml").train.seed
     runs, accs, why = [], [], None
     for k in range(2, extra + 2):
-        run = folder / f"finetune-{k}"
-        stop = StopAtDeadline(deadline)
-        if resume and (run / "model.safetensors").is_file():
-            result_dir = run
-        elif resume and (run / "config.yaml").is_file():
-            result_dir = train(None, resume=run, callbacks=[stop], test=False).run_dir
-        else:
-            cfg = resolve(Path(first) / "config.yaml", {"name": run.name, "train.seed": first_cfg.train.seed + k - 1})
-            result_dir = train(cfg, callbacks=[stop], test=False).run_dir
+        run, stop = _trained(folder / f"finetune-{k}", first, {"name": f"finetune-{k}", "train.seed": seed + k - 1},
+                             deadline, resume)
         if stop.stopped:
             why = f"member {k} stopped at the deadline before its last epoch: left out"
             note("ensemble", why)
             break
-        cfg = resolve(result_dir / "config.yaml")
-        runs.append(str(result_dir))
-        accs.append(saved_val_acc(cfg, [r for r in _history(result_dir) if r.get("stage") == "fine-tuning"]
-                                  or _history(result_dir)))
+        runs.append(str(run))
+        accs.append(tuned_val_acc(run))
     return {"runs": runs, "val_accs": accs, "why": why}
+
+
+def _trained(run: Path, source: str | Path, overrides: dict, deadline: float, resume: bool) -> tuple[Path, StopAtDeadline]:
+    """(`run`'s folder, its deadline callback): `run` trained from `source`'s config with `overrides`,
+    ending at the epoch that would cross `deadline`; on resume a finished `run` is kept and an
+    unfinished one goes on from its last checkpoint."""
+    stop = StopAtDeadline(deadline)
+    if resume and (run / "model.safetensors").is_file():
+        return run, stop
+    if resume and (run / "config.yaml").is_file():
+        return train(None, resume=run, callbacks=[stop], test=False).run_dir, stop
+    return train(resolve(Path(source) / "config.yaml", overrides), callbacks=[stop], test=False).run_dir, stop
+
+
+def _tuning_rows(run: Path) -> list[dict]:
+    return [r for r in _history(run) if r.get("stage") == "fine-tuning"]
+
+
+def tuned_val_acc(run: str | Path) -> float:
+    """A fine-tuning run's validation accuracy at its saved epoch (its stage-1 rows when it has no stage 2)."""
+    return saved_val_acc(resolve(Path(run) / "config.yaml"), _tuning_rows(Path(run)) or _history(Path(run)))
 
 
 def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
@@ -224,10 +218,8 @@ def distill_ensemble(members: list[str], folder: Path, epochs: int, deadline: fl
                 "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
                 "train.cache_features": False, "finetune.augment": augment_for(epochs)})
             train(cfg, callbacks=[term, stop], test=False)
-    cfg = resolve(run / "config.yaml")
-    rows = [r for r in _history(run) if r.get("stage") == "fine-tuning"]
-    return {"run": str(run), "val_acc": saved_val_acc(cfg, rows or _history(run)),
-            "epochs_run": len(rows), "stopped_at_deadline": stop.stopped, "teacher": str(teacher_dir)}
+    return {"run": str(run), "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
+            "stopped_at_deadline": stop.stopped, "teacher": str(teacher_dir)}
 
 
 def _val_accuracy(run: str | Path, model: str | Path, flip: bool = False) -> float:
