@@ -206,8 +206,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         return numbers
 
     # what fine-tuning leaves to the stages after it (a folder of an older version has none of them)
-    ensemble_s = made.get("resolution_s", 0.0) + made.get("ensemble_s", 0.0) + made.get("distill_s", 0.0)
-    search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"] - ensemble_s)
+    after_s = made.get("resolution_s", 0.0) + made.get("ensemble_s", 0.0) + made.get("distill_s", 0.0)
+    search_end = time.monotonic() + max(0.0, budget.left() - made["reserve_s"] - made["finetune_s"] - after_s)
 
     def do_search():
         nonlocal interrupted
@@ -224,7 +224,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
                          f"(`graft auto --resume {folder}` goes on)")
 
     def do_finetune():
-        left = budget.left() - made["reserve_s"] - ensemble_s
+        left = budget.left() - made["reserve_s"] - after_s
         epochs = plan_mod.epochs_that_fit(made, left)
         if interrupted:
             return "skipped", "skipped: stopped by Ctrl-C", {"planned_epochs": made["finetune_epochs"]}
@@ -232,7 +232,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             reason = made["finetune_reason"] if not made["finetune_epochs"] else \
                 f"{shown(left)} left, one epoch takes about {shown(made['estimates']['finetune_epoch'])}"
             return "skipped", f"skipped: {reason}", {"planned_epochs": made["finetune_epochs"], "left_s": round(left, 1)}
-        r = stages.finetune(best["run"], folder, epochs, budget.deadline - made["reserve_s"] - ensemble_s,
+        r = stages.finetune(best["run"], folder, epochs, budget.deadline - made["reserve_s"] - after_s,
                             resume=record.stage("finetune").get("attempts", 0) > 1)
         r["kept"], margin = stages.finetune_kept(r["val_acc"], best["val_acc"], data["counts"]["val"])
         verdict = (f"kept (from {100 * margin:.2f} points below: the head's score is the best of the search's "
@@ -285,7 +285,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         why = r.pop("why")
         return "done", (f"{len(r['runs'])} more model(s) fine-tuned from other seeds (validation accuracy {accs}; "
                         f"the first {tuned['val_acc']:.4f})" + (f"; {why}" if why else "")), r
-    grown = run("ensemble", ensemble_s or None, do_ensemble)
+    grown = run("ensemble", made.get("ensemble_s") or None, do_ensemble)
     members = [source_run, *grown["runs"]] if grown and grown.get("runs") and source_run == tuned["run"] else [source_run]
 
     def do_export():
