@@ -383,8 +383,12 @@ def test_an_ensemble_of_fine_tuned_members_ships_as_one_file(finished, tmp_path)
     x = np.random.default_rng(0).integers(0, 255, (2, 3, 24, 24), dtype=np.uint8)
     assert np.allclose(np.exp(OnnxClassifier(out / pre["model"]).logits(list(x))).sum(1), 1.0, atol=1e-4)
     assert "ensemble" in (out / "MODEL_CARD.md").read_text()
-    late = stages.ensemble_members(first, tmp_path / "late", 1, time.monotonic() - 1, resume=False)
+    # a member the deadline stops before its last epoch is left out; one that ends past it is kept whole
+    two = stages.finetune(head, tmp_path / "two", 2, time.monotonic() + 600, resume=False)["run"]
+    late = stages.ensemble_members(two, tmp_path / "late", 1, time.monotonic() - 1, resume=False)
     assert late["runs"] == [] and "left out" in late["why"]
+    ended = stages.ensemble_members(first, tmp_path / "ended", 1, time.monotonic() - 1, resume=False)
+    assert len(ended["runs"]) == 1 and ended["why"] is None
     # a latency bound that rules the winning ensemble out asks for one model taught by it
     bounded = choose(scored, scored["int8"]["latency_ms"] * 1.05)
     assert bounded["model"] == "int8" and "over --max-latency-ms" in stages.distillation_needed(scored, bounded, 1.0)
@@ -449,6 +453,9 @@ def test_the_resolution_step_goes_on_from_the_fine_tuned_model_at_a_larger_input
     assert again["run"] == r["run"] and again["val_acc"] == r["val_acc"]   # a finished step is kept on resume
     late = stages.resolution_step(tuned, tmp_path / "late", 48, 3, time.monotonic() - 1, resume=False)
     assert late["stopped_at_deadline"] and late["epochs_run"] == 1
+    # past the deadline after its only epoch: nothing was cut short (an ensemble member would be kept)
+    last = stages.resolution_step(tuned, tmp_path / "last", 48, 1, time.monotonic() - 1, resume=False)
+    assert not last["stopped_at_deadline"] and last["epochs_run"] == 1
 
 
 def test_a_whole_run_with_a_resolution_step_ships_the_larger_model(tmp_path, monkeypatch):

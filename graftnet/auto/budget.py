@@ -56,5 +56,6 @@ class StopAtDeadline(Callback):
     def after_epoch(self, state, row: dict) -> None:
         now = time.monotonic()
         self.longest, self.began = max(self.longest, now - self.began), now
-        if now + self.longest > self.deadline:
+        # after the fit's last epoch nothing is cut short: `stopped` would leave a whole ensemble member out
+        if state.epoch < state.epochs and now + self.longest > self.deadline:
             state.stop = self.stopped = True
