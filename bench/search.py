@@ -290,8 +290,9 @@ def recipe_int8(work: Path) -> dict:
 
 def stage_samplers(a, work: Path, results: dict) -> dict:
     rows = {}
-    for sampler in ("tpe", "random"):
-        for seed in range(3):
+    # seed by seed, both samplers each: a benchmark stopped part way still holds pairs
+    for seed in range(3):
+        for sampler in ("tpe", "random"):
             name = f"sampler-{sampler}-{seed}"
             shutil.rmtree(work / name, ignore_errors=True)
             seconds = graft(search_args(a, work, name, work / "cache-search", "--trials", str(a.sampler_trials),
