@@ -417,6 +417,7 @@ def test_a_resolution_step_is_planned_only_for_one_model_with_all_its_epochs():
         return sum(p[k] for k in ("search_s", "finetune_s", "resolution_s", "ensemble_s", "distill_s", "reserve_s"))
     short = make_plan(data, probe, 900.0)     # fewer than 10 epochs fit: they take the time
     assert short["finetune_epochs"] < 10 and short["resolution_size"] is None and short["resolution_s"] == 0
+    assert "own epochs take the time" in short["resolution_reason"]
     budgets = [make_plan(data, probe, float(b)) for b in range(1500, 6001, 150)]
     stepped = [p for p in budgets if p["resolution_size"]]
     assert stepped, "some budget between 25 and 100 minutes has all 10 epochs, no second member and a step"
@@ -428,7 +429,7 @@ def test_a_resolution_step_is_planned_only_for_one_model_with_all_its_epochs():
     # with a member: no step, and the plan says nothing about one
     assert all(p["resolution_size"] is None for p in budgets if p["members"] > 1)
     roomy = make_plan(data, probe, 60_000.0)
-    assert roomy["members"] > 1 and roomy["resolution_size"] is None
+    assert roomy["members"] > 1 and roomy["resolution_size"] is None and "members" in roomy["resolution_reason"]
     native = make_plan(data, {**probe, "chosen": {**probe["chosen"], "native_size": 128}}, stepped[0]["left_s"])
     assert native["resolution_size"] is None and "native input" in native["resolution_reason"]
     bound = [make_plan(data, probe, p["left_s"], prune=True) for p in stepped]

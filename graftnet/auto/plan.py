@@ -252,7 +252,8 @@ def _resolution(data: dict, probe: dict, est: dict, size: int, room: float, memb
     """(the step's input size or None, its fine-tuning seconds, the extra export and test seconds,
     why not / what): a resolution step fits in `room` after fine-tuning's own share."""
     if not all_epochs or members > 1:
-        return None, 0.0, 0.0, None     # the epochs, or the ensemble, take the time: nothing to explain
+        return None, 0.0, 0.0, ("no resolution step: " + ("fine-tuning's own epochs take the time" if not all_epochs
+                                                          else "the ensemble's members take the time"))
     big = larger_size(size, probe["chosen"].get("native_size"))
     if big is None:
         return None, 0.0, 0.0, f"no resolution step: {size} px is the backbone's native input or above"

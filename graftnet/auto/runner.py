@@ -245,7 +245,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
     def do_resolution():
         size = made.get("resolution_size")
         if not size:
-            return "skipped", f"skipped: {made.get('resolution_reason') or 'not planned'}", {}
+            return "skipped", f"skipped: {made.get('resolution_reason') or 'no resolution step without fine-tuning'}", {}
         if interrupted:
             return "skipped", "skipped: stopped by Ctrl-C", {}
         if not (tuned and tuned.get("kept")):
@@ -261,9 +261,9 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         if "skipped" in r:
             return "skipped", f"skipped: {r['skipped']}", r
         r["kept"] = r["val_acc"] >= tuned["val_acc"] + stages.MIN_STEP_GAIN
+        verdict = "kept" if r["kept"] else f"not kept (the larger input must gain {100 * stages.MIN_STEP_GAIN:.1f} points)"
         return "done", (f"{r['epochs_run']} epoch(s) at {size} px: validation accuracy {r['val_acc']:.4f} against "
-                        f"{tuned['val_acc']:.4f} at {base.backbone.image_size} px; "
-                        + ("kept" if r["kept"] else f"not kept (the larger input must gain {stages.MIN_STEP_GAIN:.1%})")), r
+                        f"{tuned['val_acc']:.4f} at {base.backbone.image_size} px; {verdict}"), r
     stepped = run("resolution", made.get("resolution_s") or None, do_resolution)
     if stepped and stepped.get("kept"):
         source_run = stepped["run"]
