@@ -196,15 +196,20 @@ def stage_pareto_ft(a, work: Path, results: dict) -> dict:
         p["test_points_vs_recipe_int8"] = round(100 * (p["test_accuracy"] - base["test_accuracy"]), 2)
     ok = [p for p in front if p["speedup_vs_recipe_int8"] >= 1.5 and p["test_points_vs_recipe_int8"] >= -1]
     # one front over both searches, by validation accuracy and latency (as each search chose)
-    both = [("frozen", p) for p in frozen] + [("fine-tuned", p) for p in front]
-    joint = [f"{kind} {p['number']}" for kind, p in both
-             if not any(q["val_acc"] >= p["val_acc"] and q["latency_ms"] <= p["latency_ms"] and
-                        (q["val_acc"] > p["val_acc"] or q["latency_ms"] < p["latency_ms"]) for _, q in both)]
+    joint = nondominated({f"{kind} {p['number']}": (p["val_acc"], p["latency_ms"])
+                          for kind, ps in (("frozen", frozen), ("fine-tuned", front)) for p in ps})
     return {"command": "graft " + " ".join(args).replace(str(work), "WORK"), "space": pareto_ft_space(a),
             "seconds": round(seconds, 1), "front": front, "recipe_int8": base, "front_size": len(front),
             "joint_front": joint, "faster_within_a_point": [p["number"] for p in ok],
             "trial_seconds": [t.get("seconds") for t in json.loads((folder / "trials.json").read_text())],
             "targets": {"speedup_at_least": 1.5, "test_points_at_least": -1}}
+
+
+def nondominated(points: dict) -> list[str]:
+    """The names of `points` ({name: (accuracy, latency)}) that no other is at least as accurate and
+    as fast as, and better in one."""
+    return [n for n, (a, t) in points.items()
+            if not any(b >= a and u <= t and (b > a or u < t) for m, (b, u) in points.items() if m != n)]
 
 
 RETIME = """
@@ -263,10 +268,8 @@ def stage_latency(a, work: Path, results: dict) -> dict:
           and 100 * (r["test_accuracy"] - recipe_acc) >= -1]
     # the front again on these timings: by validation accuracy against batch-1 and batch-64 latency
     val = {f"{stage} {p['number']}": p["val_acc"] for stage in ("pareto", "pareto_ft")
-           for p in st.get(stage, {}).get("front", [])}
-    fronts = {key: [n for n in val if n in rows and not any(
-        m in rows and val[m] >= val[n] and rows[m][key] <= rows[n][key] and (val[m] > val[n] or rows[m][key] < rows[n][key])
-        for m in val if m != n)] for key in ("median_ms", "b64_median_ms")}
+           for p in st.get(stage, {}).get("front", []) if f"{stage} {p['number']}" in rows}
+    fronts = {key: nondominated({n: (a, rows[n][key]) for n, a in val.items()}) for key in ("median_ms", "b64_median_ms")}
     return {"rounds": a.latency_rounds, "repeats_per_round": 50, "b64_repeats_per_round": 5, "models": rows,
             "front_batch1": fronts["median_ms"], "front_batch64": fronts["b64_median_ms"],
             "recipe_int8_test_accuracy": recipe_acc, "faster_within_a_point": ok,

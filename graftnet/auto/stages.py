@@ -97,22 +97,21 @@ def finetune(best_run: str, folder: Path, epochs: int, deadline: float, resume: 
     run, stop = _trained(folder / "finetune", best_run, {
         "out": str(folder), "name": "finetune", "train.init": str(best_run), "train.epochs": 0,
         "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(best_run))}, deadline, resume)
-    return {"run": str(run), "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
-            "stopped_at_deadline": stop.stopped}
+    return _outcome(run, stop)
 
 
 def resolution_step(tuned: str, folder: Path, size: int, epochs: int, deadline: float, resume: bool) -> dict:
     """The fine-tuned run going on at `size` px for `epochs` (AUTO/resolution-SIZE), the same groups
     and rates as its own fine-tuning (`graft finetune --init RUN --image-size SIZE --epochs 0` by
-    hand); ends early at the epoch that would cross `deadline`. A head that flattens the feature map
-    cannot take another input size: {"skipped": why}."""
+    hand; its config carries those), with the augmentation for `epochs`; ends early at the epoch that
+    would cross `deadline`. A head that flattens the feature map cannot take another input size:
+    {"skipped": why}."""
     if resolve(Path(tuned) / "config.yaml").head.pool == "flatten":
         return {"skipped": "the head flattens the backbone's feature map, whose size is the input's"}
     run, stop = _trained(folder / f"resolution-{size}", tuned, {
         "out": str(folder), "name": f"resolution-{size}", "train.init": str(tuned), "backbone.image_size": size,
-        "train.epochs": 0, "finetune.epochs": epochs, **finetune_settings(epochs, _group_count(tuned))}, deadline, resume)
-    return {"run": str(run), "image_size": size, "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
-            "stopped_at_deadline": stop.stopped}
+        "train.epochs": 0, "finetune.epochs": epochs, "finetune.augment": augment_for(epochs)}, deadline, resume)
+    return {**_outcome(run, stop), "image_size": size}
 
 
 def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: float, resume: bool) -> dict:
@@ -130,29 +129,32 @@ def ensemble_members(first: str | Path, folder: Path, extra: int, deadline: floa
             note("ensemble", why)
             break
         runs.append(str(run))
-        accs.append(tuned_val_acc(run))
+        accs.append(_outcome(run, stop)["val_acc"])
     return {"runs": runs, "val_accs": accs, "why": why}
 
 
-def _trained(run: Path, source: str | Path, overrides: dict, deadline: float, resume: bool) -> tuple[Path, StopAtDeadline]:
+def _trained(run: Path, source: str | Path, overrides: dict, deadline: float, resume: bool,
+             callbacks=lambda: []) -> tuple[Path, StopAtDeadline]:
     """(`run`'s folder, its deadline callback): `run` trained from `source`'s config with `overrides`,
     ending at the epoch that would cross `deadline`; on resume a finished `run` is kept and an
-    unfinished one goes on from its last checkpoint."""
+    unfinished one goes on from its last checkpoint. `callbacks()`: more of them, made only when
+    something is trained (a teacher is loaded only then)."""
     stop = StopAtDeadline(deadline)
     if resume and (run / "model.safetensors").is_file():
         return run, stop
     if resume and (run / "config.yaml").is_file():
-        return train(None, resume=run, callbacks=[stop], test=False).run_dir, stop
-    return train(resolve(Path(source) / "config.yaml", overrides), callbacks=[stop], test=False).run_dir, stop
+        return train(None, resume=run, callbacks=[*callbacks(), stop], test=False).run_dir, stop
+    cfg = resolve(Path(source) / "config.yaml", overrides)
+    return train(cfg, callbacks=[*callbacks(), stop], test=False).run_dir, stop
 
 
-def _tuning_rows(run: Path) -> list[dict]:
-    return [r for r in _history(run) if r.get("stage") == "fine-tuning"]
-
-
-def tuned_val_acc(run: str | Path) -> float:
-    """A fine-tuning run's validation accuracy at its saved epoch (its stage-1 rows when it has no stage 2)."""
-    return saved_val_acc(resolve(Path(run) / "config.yaml"), _tuning_rows(Path(run)) or _history(Path(run)))
+def _outcome(run: Path, stop: StopAtDeadline) -> dict:
+    """A fine-tuning run's {"run", "val_acc" (at its saved epoch; its stage-1 rows when it has no
+    stage 2), "epochs_run", "stopped_at_deadline"}, from one read of its history."""
+    rows = _history(run)
+    tuning = [r for r in rows if r.get("stage") == "fine-tuning"]
+    return {"run": str(run), "val_acc": saved_val_acc(resolve(run / "config.yaml"), tuning or rows),
+            "epochs_run": len(tuning), "stopped_at_deadline": stop.stopped}
 
 
 def measure_ensemble(runs: list[str], first: dict, folder: Path) -> dict:
@@ -206,20 +208,12 @@ def distill_ensemble(members: list[str], folder: Path, epochs: int, deadline: fl
     teacher_dir, run = folder / "ensemble-teacher", folder / "distilled"
     if not (teacher_dir / ENSEMBLE_FILE).is_file():
         save_unscored(members, teacher_dir)
-    stop = StopAtDeadline(deadline)
-    if not (resume and (run / "model.safetensors").is_file()):
-        teacher = RunTeacher(teacher_dir)
-        spec = get_spec(resolve(Path(members[0]) / "config.yaml").backbone.name)   # the student's normalisation
-        term = TeacherInLoop(teacher, spec.mean, spec.std, s.temperature, s.alpha)
-        if resume and (run / "config.yaml").is_file():
-            train(None, resume=run, callbacks=[term, stop], test=False)
-        else:
-            cfg = resolve(Path(members[0]) / "config.yaml", {
-                "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
-                "train.cache_features": False, "finetune.augment": augment_for(epochs)})
-            train(cfg, callbacks=[term, stop], test=False)
-    return {"run": str(run), "val_acc": tuned_val_acc(run), "epochs_run": len(_tuning_rows(run)),
-            "stopped_at_deadline": stop.stopped, "teacher": str(teacher_dir)}
+    spec = get_spec(resolve(Path(members[0]) / "config.yaml").backbone.name)   # the student's normalisation
+    run, stop = _trained(run, members[0], {
+        "name": run.name, "train.init": str(members[0]), "train.epochs": 0, "finetune.epochs": epochs,
+        "train.cache_features": False, "finetune.augment": augment_for(epochs)}, deadline, resume,
+        lambda: [TeacherInLoop(RunTeacher(teacher_dir), spec.mean, spec.std, s.temperature, s.alpha)])
+    return {**_outcome(run, stop), "teacher": str(teacher_dir)}
 
 
 def _val_accuracy(run: str | Path, model: str | Path, flip: bool = False) -> float:
