@@ -27,6 +27,10 @@ killed stage goes on after its last finished task (`--resume`):
            current defaults: each run's within-task matrix (a task's test images scored among its own
            classes only) and its forgetting beside the Avalanche forgetting, which scores them among
            every class seen so far
+  strength class-incremental ridge and joint training of a linear head, seed 0, on features of growing
+           strength (Lite0 128 px final features only, Lite0 128 px multi-depth, Lite0 224 px
+           multi-depth, Lite2 260 px multi-depth): how Avalanche's forgetting of each follows the
+           features, not the method
   extend   `graft train` on 5 classes (airplane..deer), then `graft extend` with the other 5 by ridge
            and NCM (the run's head kept for the old classes, the default; extend.json also scores
            the prototype head alone) and by replay (the run's head, 500 stored rows): the old classes'
@@ -128,6 +132,28 @@ def stage_taskft(work: Path, seeds: list[int], lambdas: list[float]) -> dict:
     return out
 
 
+STRENGTHS = {   # name: config overrides, weakest features first
+    "lite0-128-last": {"backbone.features": "last"},
+    "lite0-128": {},
+    "lite0-224": {"backbone.image_size": 224},
+    "lite2-260": {"backbone.name": "efficientnet_lite2", "backbone.image_size": 260},
+}
+
+
+def stage_strength(work: Path, names: list[str], results: dict, out: Path) -> dict:
+    """Each feature set's ridge and joint linear run; the stage's JSON grows after each (a killed
+    stage goes on with the next feature set)."""
+    done = results.setdefault("strength_partial", {})
+    for name in names:
+        if name not in done:
+            t0 = time.perf_counter()
+            done[name] = continual(work, f"strength-{name}", ["ridge", "joint"], [0],
+                                   overrides={"head.hidden": [], **STRENGTHS[name]})
+            done[name]["stage_s"] = time.perf_counter() - t0
+            atomic_write_json(out, results)
+    return {"feature_sets": {n: done[n] for n in names}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "continual")
@@ -136,6 +162,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ewc-lambdas", default="100,10000,1000000", help="taskft: EWC strengths, one folder each")
     p.add_argument("--ft-seeds", default="0,1", help="taskft: seeds (each run trains the backbone's top)")
+    p.add_argument("--strengths", default=",".join(STRENGTHS), help="strength: the feature sets, weakest first")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
     p.add_argument("--cache-dir", type=Path, help="feature cache (default WORK/cache); features cached by "
                    "another work folder or by graft itself (~/.cache/graftnet) are read, not recomputed")
@@ -159,6 +186,7 @@ def main() -> None:
         "taskft": lambda: stage_taskft(a.work, [int(v) for v in a.ft_seeds.split(",")],
                                        [float(v) for v in a.ewc_lambdas.split(",")]),
         "prototypes": lambda: continual(a.work, "prototypes", ["ncm", "ridge"], seeds),
+        "strength": lambda: stage_strength(a.work, [n for n in a.strengths.split(",") if n], results, a.out),
         "within": lambda: continual(a.work, "within", ["ridge", "ncm", "joint"], seeds),
         "combos": lambda: {"class": continual(a.work, "combos", ["online_ewc", "ewc+replay", "lwf+replay"], seeds),
                            "task": continual(a.work, "combos-task", ["online_ewc"], seeds, "task")},
@@ -172,11 +200,13 @@ def main() -> None:
             import shutil
             for old in [a.work / name, *a.work.glob(f"{name}-*")]:
                 shutil.rmtree(old, ignore_errors=True)
+            results.pop(f"{name}_partial", None)
         print(f"{name}: running", flush=True)
         out = stages[name]()
         out.update({"date": dt.datetime.now().isoformat(timespec="seconds"), "loadavg": loadavg(),
                     "git": git_state(ROOT)})   # stages of one file may come from different commits
         results.setdefault("stages", {})[name] = out
+        results.pop(f"{name}_partial", None)
         atomic_write_json(a.out, results)
         print(f"{name}: {json.dumps(out)[:400]}", flush=True)
 
