@@ -321,6 +321,9 @@ def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
     # among the old classes the extended model answers as the run did, on any image
     assert out["keep_old_head"] and out["old_acc_after_among_old"] == out["old_acc_before"]
     assert set(out["prototype_alone"]) == {"old_acc_after", "new_acc_after", "old_acc_after_among_old", "acc_after"}
+    # the matrix's first step is the run itself: its heatmap starts where the report's "before" does
+    record = json.loads((ext / "continual.json").read_text())
+    assert record["matrix"][0][0] == out["old_acc_before"] and record["matrix"][1][0] == out["old_acc_after"]
     (before, _), (after, _) = load_model(run), load_model(ext)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

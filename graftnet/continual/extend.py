@@ -128,9 +128,18 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
 def _keeper(table, old_mlp, old_classes: int, old_head_cfg: dict, kept: dict):
     """learn_run's `finish` for --keep-old-head: the prototype head becomes a GatedHead around the
     run's MLP, calibrated on validation rows, and the last matrix rows score it; `kept` receives the
-    prototype head, its own last test row and the scales."""
+    prototype head, its own last test row and the scales. The first step's model is the run itself,
+    so the old task's cell of the first rows is the run's MLP's score (the report's "before"), not
+    the prototype head's fit on the old classes."""
     def finish(head, head_cfg, out):
         kept.update(proto=head, proto_after=list(out["matrix"][-1]))
+        for split, key in (("test", "matrix"), ("val", "val_matrix")):
+            rows = table.rows(split, [0])
+            with torch.no_grad():
+                first = (old_mlp.eval()(table.x[split][rows]).argmax(1) == table.y[split][rows]).float().mean().item()
+            out[key][0][0] = first
+            if split == "test" and out.get("within_matrix"):   # among the old classes = among all seen then
+                out["within_matrix"][0][0] = first
         gated = gated_head(old_mlp, head, old_classes, table.x["val"], table.y["val"])
         kept["scales"] = gated.scales.tolist()
         everything = torch.ones(len(table.classes), dtype=torch.bool)
