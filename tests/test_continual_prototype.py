@@ -193,3 +193,30 @@ def test_ridge_asks_for_a_fit_after_update():
     r.update(x, y)
     with pytest.raises(RuntimeError, match="fit"):
         r.logits(x)
+
+
+def test_a_busy_machine_fits_on_one_thread_with_the_same_result(monkeypatch):
+    """With the load average beyond this process's own threads, the eigendecomposition runs on one
+    thread (oversubscribed LAPACK threads wait on each other: 7x slower measured) and the fit is the
+    same; the thread count is restored after."""
+    import graftnet.continual.prototype as proto
+    x, y = clusters(30, seed=0)
+    quiet = RidgeClassifier(D, projection=64, seed=0)
+    quiet.update(x, y)
+    quiet.fit()
+    threads, seen = torch.get_num_threads(), []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(proto.torch.linalg, "eigh", lambda g: (seen.append(torch.get_num_threads()), eigh(g))[1])
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(proto.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        busy = RidgeClassifier(D, projection=64, seed=0)
+        busy.update(x, y)
+        busy.fit()
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(proto.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        busy.fit()
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(threads)
+    assert busy.lam == quiet.lam and torch.allclose(busy.W, quiet.W)
