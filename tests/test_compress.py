@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from graftnet import config
 from graftnet.compress.distill import DistillSettings, RunTeacher, distill, kd_loss, teacher_logits
-from graftnet.compress.prune import (PruneSettings, Run, calibrate, channel_pruner, magnitude_prune, prunable,
+from graftnet.compress.prune import (PruneSettings, Run, auto_round_to, calibrate, channel_pruner, magnitude_prune, prunable,
                                      prune_run, recalibrate_bn, sparsity, tied_layers)
 from graftnet.errors import ConfigError, GraftError
 from graftnet.evaluation import evaluate_run
@@ -173,6 +173,21 @@ def test_inner_channels_keep_the_residual_stream(channels, stream, inner):
     assert (net.stem.out_channels, net.project.out_channels, net.mlp[0].in_features) == (stream,) * 3
     assert (net.expand.out_channels, net.dw.out_channels, net.project.in_channels) == (inner,) * 3
     assert net.mlp[0].out_features == 3 and net(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_structured_pruning_keeps_channel_counts_the_kernels_run():
+    """Without --round-to, channel counts stay multiples of 8 here (the narrowest pruned layer is 16
+    wide): ONNX Runtime's kernels run 8 or 16 channels at once, and an unrounded prune of Lite0 made
+    it slower. --round-to 1 keeps any count."""
+    for round_to, kept_ok in ((None, lambda c: c % 8 == 0), (1, lambda c: c % 8 != 0)):
+        torch.manual_seed(0)
+        net = _Residual()
+        channel_pruner(net, 8, PruneSettings(amount=0.3, importance="magnitude", channels="inner",
+                                             round_to=round_to)).step()
+        assert net.expand.out_channels < 32 and kept_ok(net.expand.out_channels)
+    assert auto_round_to([torch.nn.Conv2d(3, 64, 1), torch.nn.Linear(4, 32)]) == 16
+    assert auto_round_to([torch.nn.Conv2d(3, 64, 1), torch.nn.Conv2d(3, 16, 1)]) == 8
+    assert auto_round_to([torch.nn.Conv2d(3, 8, 1)]) == 1
 
 
 def test_prune_missing_run(tmp_path):

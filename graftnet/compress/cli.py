@@ -18,7 +18,8 @@ def add_commands(sub) -> dict:
     p.add_argument("--finetune-epochs", type=number(int, 0), default=1, help="recovery epochs after each step")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-4, help="learning rate of the recovery fine-tune")
     p.add_argument("--batch-size", type=number(int, 1), help="default: the run's")
-    p.add_argument("--round-to", type=number(int, 1), help="structured: channel counts multiple of N")
+    p.add_argument("--round-to", type=number(int, 1), help="structured: channel counts multiple of N (1: any; "
+                   "default 16, 8 or 1 by the narrowest pruned layer: ONNX Runtime's kernels run 8 or 16 channels at once)")
     p.add_argument("--channels", choices=["all", "inner"], default="all",
                    help="structured: inner prunes only channels inside blocks (expansion, depthwise, "
                         "bottleneck middles) and keeps the widths that residual adds tie together")
