@@ -286,6 +286,29 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
     assert recovered["recovery_epochs"] == 1 and recovered["models"]["int8"].get("latency_ms", 1) > 0
 
 
+def test_a_smaller_input_for_a_latency_bound(finished, tmp_path, monkeypatch):
+    """Before pruning, the run fine-tuned on for an epoch at the largest smaller input the bound is
+    estimated to allow (latency taken to scale with the pixels, 1.2x under the bound, 16-px steps,
+    down to half the side); refused with its reason when no size qualifies or no time is left."""
+    from graftnet.auto import stages
+    from graftnet.config import resolve
+    assert stages.smaller_size(160, 1.85, 1.25) == 112 and stages.smaller_size(160, 1.0, 1.0) == 144
+    assert stages.smaller_size(160, 10.0, 1.0) is None and stages.smaller_size(160, 1.0, 2.0) is None
+    folder, _ = finished
+    exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]
+    fastest = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+    tiny = stages.smaller_input(exported, 0.8 * fastest, tmp_path, left=1e9, epoch_s=1.0, resume=False)
+    assert not tiny["resized"] and "no smaller input down to 64 px" in tiny["why"]   # 32 px already
+    size = resolve(Path(exported["run"]) / "config.yaml").backbone.image_size
+    monkeypatch.setattr(stages, "smaller_size", lambda s, latency, bound: s - 8)
+    late = stages.smaller_input(exported, 0.8 * fastest, tmp_path, left=0.5, epoch_s=1.0, resume=False)
+    assert not late["resized"] and "does not fit" in late["why"] and not list(tmp_path.iterdir())
+    r = stages.smaller_input(exported, 0.8 * fastest, tmp_path, left=600.0, epoch_s=1.0, resume=False)
+    assert r["resized"] and r["image_size"] == size - 8 and r["epochs_run"] == 1
+    assert resolve(Path(r["run"]) / "config.yaml").backbone.image_size == size - 8
+    assert r["models"]["fp32"]["val_acc"] == r["val_acc"] and r["models"]["fp32"]["latency_ms"] > 0
+
+
 def test_fine_tuning_trains_the_top_groups_and_the_probe_times_those(finished):
     """The fine-tuning run trains the top 5/8 of the backbone's groups at the recipe's rates, with
     RandAugment only on a long schedule; the probe times steps with exactly those groups trained."""

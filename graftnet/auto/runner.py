@@ -338,19 +338,35 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         if req.max_latency_ms is None or exported["meets"]:
             return "skipped", ("skipped: no --max-latency-ms" if req.max_latency_ms is None else
                                f"skipped: {exported['model']} meets --max-latency-ms"), {}
-        left = budget.left() - made["estimates"]["test"] - made["estimates"]["export"]
-        r = stages.prune_for_latency(exported, req.max_latency_ms, folder, left, made["estimates"]["finetune_epoch"],
-                                     req.cfg.train.seed, resume=record.stage("prune").get("attempts", 0) > 1)
-        if not r["pruned"]:
-            return "skipped", r["why"], r
-        choice = stages.choose(r["models"], req.max_latency_ms)
+        def left():
+            return budget.left() - made["estimates"]["test"] - made["estimates"]["export"]
+        resume, epoch_s = record.stage("prune").get("attempts", 0) > 1, made["estimates"]["finetune_epoch"]
+        no_tta = {"used": False, "why": "test-time flips not tried: the latency bound is what this stage is for"}
         fastest_before = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+        # fewer pixels first: they keep every channel (stages.MIN_LATENCY_SCALE's evidence)
+        small = stages.smaller_input(exported, req.max_latency_ms, folder, left(), epoch_s, resume)
+        if small["resized"]:
+            first = stages.choose(small["models"], req.max_latency_ms)
+            small.update(first, ships=first["meets"], tta=no_tta)
+            said = f"input {small['image_size']} px, {small['epochs_run']} epoch(s): {first['why']}"
+            if first["meets"]:
+                return "done", f"{said}; it meets the bound and ships", small
+            log(f"auto: prune: {said}; over the bound, so pruning is tried")
+        else:
+            said = small["why"]
+        r = stages.prune_for_latency(exported, req.max_latency_ms, folder, left(), epoch_s, req.cfg.train.seed, resume)
+        if not r["pruned"]:
+            if small["resized"] and small["models"][small["model"]]["latency_ms"] < fastest_before:
+                small["ships"] = True
+                return "done", f"{said}; it ships, being faster; {r['why']}", small
+            return "skipped", f"{said}; {r['why']}", {**r, "smaller": small}
+        choice = stages.choose(r["models"], req.max_latency_ms)
         r.update(choice, ships=choice["meets"] or r["models"][choice["model"]]["latency_ms"] < fastest_before,
-                 tta={"used": False, "why": "test-time flips not tried: the latency bound is what pruning is for"})
+                 tta=no_tta, smaller=small)
         verdict = ("it meets the bound and ships" if choice["meets"] else "it does not meet the bound either; "
                    + ("it ships, being faster" if r["ships"] else "the unpruned model ships"))
-        return "done", (f"{r['amount']:.0%} of the channels inside blocks removed, {r['recovery_epochs']} recovery "
-                        f"epoch(s), MACs x{r['macs_ratio']:.2f}: {choice['why']}; {verdict}"), r
+        return "done", (f"{said}; {r['amount']:.0%} of the channels inside blocks removed, {r['recovery_epochs']} "
+                        f"recovery epoch(s), MACs x{r['macs_ratio']:.2f}: {choice['why']}; {verdict}"), r
     pruned = run("prune", made.get("prune_s") or None, do_prune)
     shipping = pruned if pruned and pruned.get("ships") else exported
 

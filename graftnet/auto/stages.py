@@ -14,8 +14,10 @@ export    fp32 and int8 ONNX models of the kept run (and of the ensemble, merged
           test-time flips when they pay and fit;
 distill   only when the ensemble would ship but misses --max-latency-ms: the first member fine-tuned
           on with the ensemble as teacher; it ships when it beats the single models under the bound;
-prune     only when no model meets --max-latency-ms: the exported run with channels removed by
-          `graft prune` as far as the bound asks (at most MAX_PRUNE), recovered for an epoch when
+prune     only when no model meets --max-latency-ms: first the exported run fine-tuned on for an
+          epoch at the largest smaller input the bound is estimated to allow (smaller_input; down to
+          MIN_LATENCY_SCALE of its side), else, or when that misses the bound, with channels removed
+          by `graft prune` as far as the bound asks (at most MAX_PRUNE), recovered for an epoch when
           the budget holds one; it ships when it meets the bound or is at least faster;
 test      the shipped file scored on the test split, once.
 """
@@ -62,6 +64,12 @@ RANDAUGMENT_FROM = 6
 # two steps, left Lite0 11.5 points below its base on CIFAR-10 (BENCHMARKS.md, pruning): no further
 MAX_PRUNE = 0.5
 PRUNE_MARGIN = 1.2
+# A smaller input before pruning: the latency bound is met first by fewer pixels, which keep every
+# channel. Measured: for a 1.25 ms bound on the 300-per-class slice (bench/auto.py latency300), 44% of
+# Lite0's inner channels removed with a recovery epoch fell from 86.7% to 65.7% validation; on the
+# Pareto front of searched networks (BENCHMARKS.md, accuracy against latency) 96 px and 112 px inputs
+# were 2.27x and 1.64x faster than the 128 px recipe at higher accuracy. Down to this share of the side:
+MIN_LATENCY_SCALE = 0.5
 
 
 def search_space(n_train: int) -> dict:
@@ -283,6 +291,36 @@ def prune_amount(latency_ms: float, bound_ms: float) -> float:
     proportion to the channels kept (Lite0: MACs 0.64x at 30%, 0.45x at 50%; BENCHMARKS.md,
     pruning); aimed PRUNE_MARGIN below the bound, since a run's fixed costs do not shrink."""
     return max(0.05, 1 - bound_ms / (PRUNE_MARGIN * latency_ms))
+
+
+def smaller_size(size: int, latency_ms: float, bound_ms: float) -> int | None:
+    """The largest input in 16-px steps below `size` whose latency, taken to scale with the pixels,
+    falls PRUNE_MARGIN under `bound_ms`; None when that is below MIN_LATENCY_SCALE of the side (or 64 px)."""
+    new = int(size * (bound_ms / (PRUNE_MARGIN * latency_ms)) ** 0.5) // 16 * 16
+    return new if max(64, MIN_LATENCY_SCALE * size) <= new < size else None
+
+
+def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
+                  resume: bool) -> dict:
+    """The exported run fine-tuned on for one epoch at smaller_size (AUTO/resolution-SIZE, as the
+    resolution step makes it) when `left` seconds hold that epoch (`epoch_s` at the run's own size,
+    scaled by the pixels), then both of its models measured. {"resized": False, "why"} when no size
+    fits the rule, the head cannot take another size, or there is no time; else {"resized": True,
+    "run", "image_size", "val_acc", "epochs_run", "models"}."""
+    cfg = resolve(Path(exported["run"]) / "config.yaml")
+    size = cfg.backbone.image_size
+    fastest = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+    new = smaller_size(size, fastest, bound_ms)
+    if new is None:
+        return {"resized": False, "why": f"no smaller input down to {max(64, int(MIN_LATENCY_SCALE * size))} px is "
+                                         f"estimated to take {fastest:.3g} ms under {bound_ms:g} ms"}
+    need = 1.1 * epoch_s * (new / size) ** 2
+    if left < need:
+        return {"resized": False, "why": f"an epoch at {new} px (about {shown(need)}) does not fit the {shown(left)} left"}
+    r = resolution_step(exported["run"], folder, new, 1, time.monotonic() + left, resume)
+    if "skipped" in r:
+        return {"resized": False, "why": r["skipped"]}
+    return {"resized": True, **r, "models": measure(r["run"], r["val_acc"])}
 
 
 def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
