@@ -288,11 +288,13 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
 
 def test_a_smaller_input_for_a_latency_bound(finished, tmp_path, monkeypatch):
     """Before pruning, the run fine-tuned on for an epoch at the largest smaller input the bound is
-    estimated to allow (latency taken to scale with the pixels, 1.2x under the bound, 16-px steps,
-    down to half the side); refused with its reason when no size qualifies or no time is left."""
+    estimated to allow (latency taken to scale with the side to the 1.1, 1.2x under the bound,
+    16-px steps, down to half the side); refused with its reason when no size qualifies or no time
+    is left."""
     from graftnet.auto import stages
     from graftnet.config import resolve
-    assert stages.smaller_size(160, 1.85, 1.25) == 112 and stages.smaller_size(160, 1.0, 1.0) == 144
+    assert stages.smaller_size(160, 1.97, 1.25) == 80 and stages.smaller_size(160, 1.0, 1.0) == 128
+    assert stages.smaller_size(160, 1.5, 1.25) == 112   # 1.5 * (112/160)^1.1 = 1.02 ms <= 1.25 / 1.2
     assert stages.smaller_size(160, 10.0, 1.0) is None and stages.smaller_size(160, 1.0, 2.0) is None
     folder, _ = finished
     exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]
