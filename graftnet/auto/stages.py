@@ -319,7 +319,7 @@ def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, ep
     new = smaller_size(size, fastest, bound_ms)
     if new is None:
         return {"resized": False, "why": f"no smaller input down to {max(64, int(MIN_LATENCY_SCALE * size))} px is "
-                                         f"estimated to take {fastest:.3g} ms under {bound_ms:g} ms"}
+                                         f"estimated to bring {fastest:.3g} ms under {bound_ms:g} ms"}
     need = 1.1 * epoch_s * (new / size) ** 2   # training steps do scale with the pixels
     if left < need:
         return {"resized": False, "why": f"an epoch at {new} px (about {shown(need)}) does not fit the {shown(left)} left"}
