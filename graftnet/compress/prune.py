@@ -257,11 +257,11 @@ def auto_round_to(layers: list[nn.Module]) -> int:
     """The channel multiple structured pruning keeps when none is given: 16 when every pruned layer
     is at least 32 wide, 8 from 16, else 1 (any count). ONNX Runtime's CPU convolutions run blocked
     kernels of 8 or 16 channels, and a layer of another width falls back to slower ones. Measured
-    (BENCHMARKS.md, pruning: channel counts) on Lite0 at 160 px with 39% of the channels inside
-    blocks removed (MACs 0.56x), against the unpruned model in turns: unrounded, fp32 1.8x slower at
-    batch 64 and int8 no faster; multiples of 8, int8 1.66x faster at batch 1 and 1.52x at 64; of
-    16, 1.76x and 1.64x. A layer narrower than twice the multiple would lose most of its channels
-    to the rounding (torch-pruning rounds what is kept down), hence the steps."""
+    (BENCHMARKS.md, pruning: channel counts; bench/prune_round.py) on Lite0 at 160 px with 39% of
+    the channels inside blocks removed (MACs 0.56x), timed in turns with the unpruned model (batch
+    1 / 64): unrounded, fp32 0.76x / 0.58x its speed and int8 0.97x / 0.86x; multiples of 8, int8
+    1.42x / 1.31x; of 16, 1.55x / 1.49x. A layer narrower than twice the multiple would lose most
+    of its channels to the rounding (torch-pruning rounds what is kept down), hence the steps."""
     narrowest = min((m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in layers), default=0)
     return 16 if narrowest >= 32 else 8 if narrowest >= 16 else 1
 
