@@ -342,7 +342,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             return budget.left() - made["estimates"]["test"] - made["estimates"]["export"]
         resume, epoch_s = record.stage("prune").get("attempts", 0) > 1, made["estimates"]["finetune_epoch"]
         no_tta = {"used": False, "why": "test-time flips not tried: the latency bound is what this stage is for"}
-        fastest_before = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+        fastest_before = stages.fastest_ms(exported["models"])
         # fewer pixels first: they keep every channel (stages.MIN_LATENCY_SCALE's evidence)
         small = stages.smaller_input(exported, req.max_latency_ms, folder, left(), epoch_s, resume)
         if small["resized"]:

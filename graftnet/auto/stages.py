@@ -298,12 +298,21 @@ def prune_amount(latency_ms: float, bound_ms: float) -> float:
     return max(0.05, 1 - bound_ms / (PRUNE_MARGIN * latency_ms))
 
 
+def fastest_ms(models: dict) -> float:
+    """The lowest batch-1 latency among `models` (as measure's) that were measured."""
+    return min(m["latency_ms"] for m in models.values() if "error" not in m)
+
+
+def _smallest_size(size: int) -> int:
+    return max(64, int(MIN_LATENCY_SCALE * size))
+
+
 def smaller_size(size: int, latency_ms: float, bound_ms: float) -> int | None:
     """The largest input in 16-px steps below `size` whose latency, taken to scale with the side to
     the LATENCY_SIDE_EXPONENT, falls PRUNE_MARGIN under `bound_ms`; None when that is below
     MIN_LATENCY_SCALE of the side (or 64 px)."""
     new = int(size * (bound_ms / (PRUNE_MARGIN * latency_ms)) ** (1 / LATENCY_SIDE_EXPONENT)) // 16 * 16
-    return new if max(64, MIN_LATENCY_SCALE * size) <= new < size else None
+    return new if _smallest_size(size) <= new < size else None
 
 
 def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
@@ -315,10 +324,10 @@ def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, ep
     "run", "image_size", "val_acc", "epochs_run", "models"}."""
     cfg = resolve(Path(exported["run"]) / "config.yaml")
     size = cfg.backbone.image_size
-    fastest = min(m["latency_ms"] for m in exported["models"].values() if "error" not in m)
+    fastest = fastest_ms(exported["models"])
     new = smaller_size(size, fastest, bound_ms)
     if new is None:
-        return {"resized": False, "why": f"no smaller input down to {max(64, int(MIN_LATENCY_SCALE * size))} px is "
+        return {"resized": False, "why": f"no smaller input down to {_smallest_size(size)} px is "
                                          f"estimated to bring {fastest:.3g} ms under {bound_ms:g} ms"}
     need = 1.1 * epoch_s * (new / size) ** 2   # training steps do scale with the pixels
     if left < need:
@@ -341,8 +350,7 @@ def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float
     import shutil
     from ..compress.prune import PruneSettings, prune_run
     from ..train.checkpoint import FILE as CHECKPOINT
-    models = exported["models"]
-    fastest = min(m["latency_ms"] for m in models.values() if "error" not in m)
+    fastest = fastest_ms(exported["models"])
     amount = round(prune_amount(fastest, bound_ms), 3)
     if amount > MAX_PRUNE:
         return {"pruned": False, "amount": amount,

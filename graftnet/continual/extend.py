@@ -84,17 +84,16 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     features, model, fspec = load_features(cfg, seq, "class", built=(old_model, spec),
                                            opened={cfg.data.path: old_source, data: new_source})
     table = task_table(seq, features, "class")
-    # the finished head's accuracy on the old classes' test rows, over its own outputs
-    old_rows = table.rows("test", [0])
-    with torch.no_grad():
-        before = old_model.mlp.eval()(table.x["test"][old_rows]).argmax(1)
-    before_acc = (before == table.y["test"][old_rows]).float().mean().item()
+    # the finished head's accuracy on the old classes' rows, over its own outputs (test: the report's
+    # "before"; both splits: the first step of the matrices when the head is kept)
+    before = {split: _old_accuracy(old_model.mlp, table, split) for split in ("test", "val")}
+    before_acc, old_rows = before["test"], table.rows("test", [0])
     learner_hook = None
     if parts[0].gradient and not parts[0].cumulative:
         learner_hook = old_model.mlp   # start from the run's head
     t0 = time.perf_counter()
     kept: dict = {}
-    finish = _keeper(table, old_model.mlp, len(spec.classes), spec.head, kept) if keep else None
+    finish = _keeper(table, old_model.mlp, len(spec.classes), spec.head, kept, before) if keep else None
     record, head = learn_run(table, method, seed, settings, cfg, (model, fspec), folder, seq, preset=learner_hook,
                              finish=finish)
     after = record["matrix"][-1]
@@ -125,21 +124,24 @@ def extend_run(run: str | Path, data: str, method: str = "ridge", out: str | Non
     return folder
 
 
-def _keeper(table, old_mlp, old_classes: int, old_head_cfg: dict, kept: dict):
+@torch.no_grad()
+def _old_accuracy(old_mlp, table, split: str) -> float:
+    """The finished run's head on the old task's rows of `split`, over its own outputs."""
+    rows = table.rows(split, [0])
+    return (old_mlp.eval()(table.x[split][rows]).argmax(1) == table.y[split][rows]).float().mean().item()
+
+
+def _keeper(table, old_mlp, old_classes: int, old_head_cfg: dict, kept: dict, before: dict):
     """learn_run's `finish` for --keep-old-head: the prototype head becomes a GatedHead around the
     run's MLP, calibrated on validation rows, and the last matrix rows score it; `kept` receives the
     prototype head, its own last test row and the scales. The first step's model is the run itself,
-    so the old task's cell of the first rows is the run's MLP's score (the report's "before"), not
-    the prototype head's fit on the old classes."""
+    so the old task's cell of the first rows is the run's MLP's score (`before`, per split: the
+    report's "before"), not the prototype head's fit on the old classes."""
     def finish(head, head_cfg, out):
         kept.update(proto=head, proto_after=list(out["matrix"][-1]))
-        for split, key in (("test", "matrix"), ("val", "val_matrix")):
-            rows = table.rows(split, [0])
-            with torch.no_grad():
-                first = (old_mlp.eval()(table.x[split][rows]).argmax(1) == table.y[split][rows]).float().mean().item()
-            out[key][0][0] = first
-            if split == "test" and out.get("within_matrix"):   # among the old classes = among all seen then
-                out["within_matrix"][0][0] = first
+        out["matrix"][0][0], out["val_matrix"][0][0] = before["test"], before["val"]
+        if out.get("within_matrix"):   # among the old classes = among all seen then
+            out["within_matrix"][0][0] = before["test"]
         gated = gated_head(old_mlp, head, old_classes, table.x["val"], table.y["val"])
         kept["scales"] = gated.scales.tolist()
         everything = torch.ones(len(table.classes), dtype=torch.bool)
