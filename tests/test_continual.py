@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from graftnet.cli import main
 from graftnet.config import resolve
 from graftnet.continual.data import TaskTable
-from graftnet.continual.extend import _keeper
+from graftnet.continual.extend import _keeper, _old_accuracy
 from graftnet.continual.learner import Learner, prototype_head, score
 from graftnet.continual.methods import EWC, diagonal_fisher
 from graftnet.continual.metrics import summarize
@@ -169,8 +169,9 @@ def test_prototype_heads_are_ordinary_mlps_with_the_same_predictions(tmp_path):
         assert head_cfg["hidden"] == ([32] if method == "ridge" else [])
 
 
-def _gated(tmp_path, table):
-    """A trained MLP over the table's first 3 classes, then a ridge over all 6 merged with it."""
+def _gated(tmp_path, table, before=None):
+    """A trained MLP over the table's first 3 classes, then a ridge over all 6 merged with it;
+    `before` stands in for the run's old-task accuracy per split (default: the MLP's own)."""
     torch.manual_seed(0)
     old = make_mlp(table.dim, 3, cfg().head)
     optimizer, rows = torch.optim.Adam(old.parameters(), 0.01), table.y["train"] < 3
@@ -180,14 +181,16 @@ def _gated(tmp_path, table):
         optimizer.step()
     learner, out = learn(tmp_path, "ridge", table=table, projection=32)
     proto, proto_cfg = learner.final_head()
-    kept = {}
-    gated, head_cfg, changes = _keeper(table, old.eval(), 3, {"hidden": [32]}, kept)(proto, proto_cfg, out)
+    kept, before = {}, before or {split: _old_accuracy(old, table, split) for split in ("test", "val")}
+    gated, head_cfg, changes = _keeper(table, old.eval(), 3, {"hidden": [32]}, kept, before)(proto, proto_cfg, out)
     return old, proto, gated, changes, out, kept
 
 
 def test_kept_head_ranks_the_old_classes_as_the_run_and_learns_the_new_ones(tmp_path):
     table = synthetic_table(n_tasks=2, per_task=3, spread=1.5)
-    old, proto, gated, changes, out, kept = _gated(tmp_path, table)
+    # on these clusters the run and the prototype head both score 1.0 on the old task, so the run's
+    # scores are stood in for by values neither head gives
+    old, proto, gated, changes, out, kept = _gated(tmp_path, table, before={"test": 0.25, "val": 0.5})
     assert changes == {"gate": {"old_classes": 3, "hidden": [32]}}
     x, y = table.x["test"], table.y["test"]
     with torch.no_grad():
@@ -197,6 +200,8 @@ def test_kept_head_ranks_the_old_classes_as_the_run_and_learns_the_new_ones(tmp_
         assert torch.allclose(logits.logsumexp(1), torch.zeros(len(x)), atol=1e-5)
         acc = (logits.argmax(1) == y).float().mean()
         assert acc > 0.7 and acc >= (proto(x).argmax(1) == y).float().mean() - 0.05
+    # the first step is the run itself: its old-task cells are the run's scores, per split
+    assert (out["matrix"][0][0], out["val_matrix"][0][0]) == (0.25, 0.5)
     # the record's last row scores the saved (gated) head; the prototype head's own row is kept apart
     assert out["matrix"][-1] == score(table, logits, y, table.task["test"], "class", torch.ones(6, dtype=torch.bool))
     assert out["prototype_last"] == kept["proto_after"] == \
