@@ -100,6 +100,7 @@ def test_an_impossible_latency_bound_is_said_and_the_fastest_ships(finished):
     models = export["numbers"]["models"]
     fastest = min(m["latency_ms"] for m in models.values() if "latency_ms" in m)
     assert models[export["numbers"]["model"]]["latency_ms"] <= 1.1 * fastest
+    assert all("latency_ms_once" in m for m in models.values() if "error" not in m)   # timed in turns
     assert decisions["result"]["meets_latency"] is False
     assert "no model meets" in (folder / "report.html").read_text()
     # pruning was weighed and refused: a millionth of a millisecond would take nearly every channel
@@ -284,6 +285,30 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
     recovered = prune_for_latency(exported, 0.8 * fastest, tmp_path / "z", left=100.0, epoch_s=10.0, seed=0,
                                   resume=False)
     assert recovered["recovery_epochs"] == 1 and recovered["models"]["int8"].get("latency_ms", 1) > 0
+
+
+def test_latencies_a_bound_is_decided_on_are_timed_in_turns(finished, tmp_path, monkeypatch):
+    """Every measured model of every group is timed again in one call of retime (rounds in turns);
+    the first timing is kept beside it; a failed model is left as it was; a model doing four times
+    the work is slower in the same turns."""
+    from graftnet.auto import stages
+    from graftnet.export.merge import merge_onnx
+    from graftnet.search import measure as measure_mod
+    folder, _ = finished
+    exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]["models"]
+    fp32 = {k: v for k, v in exported["fp32"].items() if k != "latency_ms_once"}   # as measure gives it
+    four = merge_onnx([fp32["model"]] * 4, tmp_path / "four.onnx")
+    calls = []
+    real = measure_mod.retime
+    monkeypatch.setattr(measure_mod, "retime", lambda models, **kw: calls.append(set(models)) or real(models, **kw))
+    one, other = stages.timed_together({"fp32": {**fp32, "latency_ms": 99.0}, "int8": {"error": "no"}},
+                                       {"four": {**fp32, "model": str(four), "latency_ms": 0.001}})
+    assert calls == [{(0, "fp32"), (1, "four")}]
+    assert one["int8"] == {"error": "no"} and one["fp32"]["latency_ms_once"] == 99.0
+    assert other["four"]["latency_ms_once"] == 0.001
+    assert 0 < one["fp32"]["latency_ms"] < other["four"]["latency_ms"] < 99.0
+    again, = stages.timed_together(one)   # the first timing stays the first
+    assert again["fp32"]["latency_ms_once"] == 99.0
 
 
 def test_a_smaller_input_for_a_latency_bound(finished, tmp_path, monkeypatch):
