@@ -21,6 +21,11 @@ from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, to
 
 CALIBRATION = ControlSettings.calibration   # training images, as `graft quantize`'s default
 RETIME_ROUNDS = 5                           # rounds of the front's retiming (retime)
+# Before each model's runs in turns: after its last run, the previous model's ONNX Runtime session
+# keeps its worker threads spinning for work for a while, and on 2 cores they take a core from the
+# next model. Measured (bench/turns.py): an int8 Lite0 timed in turns right after its fp32 twin
+# took 1.31x its time alone (the median of 6 interleaved repeats); with this pause, 1.01x.
+TURN_PAUSE_S = 0.05
 
 
 def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
@@ -51,18 +56,22 @@ def measure_run(run: Path, int8: bool, batch_size: int = 1) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v) for k, v in out.items()}
 
 
-def timed_in_turns(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
+def timed_in_turns(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20,
+                   pause: float = TURN_PAUSE_S) -> dict:
     """{key: [median ms of each round]}: every model timed again, all of them in turns, `rounds`
     rounds of `repeats` runs each. A trial's own timing is one moment of the machine, and the
     moments differ: on a 2-core CPU one network timed 0.49 ms in one trial and 0.90 ms in another,
     which put a slower network on the front in its place. Timed in turns, every model sees the same
-    moments."""
+    moments; `pause` seconds before each model's runs let the previous session's threads rest."""
     import statistics
+    import time
     from ..export.runtime import session, timed_runs
     sessions = {k: session(path) for k, path in models.items()}   # opened once: loading is not timed
     medians: dict = {k: [] for k in models}
     for r in range(rounds):
         for k, sess in sessions.items():
+            if len(sessions) > 1:
+                time.sleep(pause)
             medians[k].append(statistics.median(timed_runs(sess, batch_size, repeats, warmup=3 if r == 0 else 1)))
     return medians
 

@@ -1,0 +1,66 @@
+"""Does timing models in turns bias a model's latency? One model timed alone, and in turns with
+another right before it, with and without `search.measure.TURN_PAUSE_S` between them.
+
+    python bench/turns.py --run RUN [--repeats 6] [--out bench/results/turns.json]
+
+RUN is a finished run (e.g. `bench/auto.py --stages latency300`'s fine-tuned model: Lite0 at 160 px);
+its fp32 and int8 ONNX models are exported as `graft auto` exports them. Each condition is one call
+of `search.measure.timed_in_turns` (5 rounds of 20 runs at batch 1, the median of the rounds'
+medians); the three conditions are interleaved `--repeats` times, so the machine's slow and fast
+moments fall on all of them, and each is summarised by the median over repeats. The ratio is a
+condition's time over the model's time alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("GRAFTNET_QUIET", "1")
+from equivalence import atomic_write_json, git_state, loadavg, machine  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "turns.json")
+    a = p.parse_args()
+    from graftnet.auto.stages import measure
+    from graftnet.search.measure import TURN_PAUSE_S, timed_in_turns
+    t0, start_load = time.perf_counter(), loadavg()
+    models = {k: m["model"] for k, m in measure(a.run).items() if "error" not in m}
+    rows = {}
+    for timed, other in (("int8", "fp32"), ("fp32", "int8")):
+        if timed not in models or other not in models:
+            continue
+        # the other model first in each round: the timed one always follows it
+        pair = {other: models[other], timed: models[timed]}
+        conditions = {"alone": lambda: timed_in_turns({timed: models[timed]})[timed],
+                      "after_other_no_pause": lambda: timed_in_turns(pair, pause=0.0)[timed],
+                      "after_other_paused": lambda: timed_in_turns(pair, pause=TURN_PAUSE_S)[timed]}
+        times: dict = {c: [] for c in conditions}
+        for _ in range(a.repeats):
+            for c, fn in conditions.items():
+                times[c].append(round(statistics.median(fn()), 4))
+        alone = statistics.median(times["alone"])
+        rows[timed] = {c: {"median_ms": round(statistics.median(v), 4), "ratio_to_alone":
+                           round(statistics.median(v) / alone, 3), "repeats_ms": v} for c, v in times.items()}
+        print(f"{timed} after {other}: " + "   ".join(f"{c} {r['median_ms']:.3f} ms ({r['ratio_to_alone']:.2f}x)"
+                                                   for c, r in rows[timed].items()), flush=True)
+    atomic_write_json(a.out, {"command": "python bench/turns.py " + " ".join(sys.argv[1:]),
+                              "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                              "git": git_state(ROOT), "loadavg_start": start_load, "loadavg_end": loadavg(),
+                              "run": str(a.run), "pause_s": TURN_PAUSE_S, "rows": rows,
+                              "wall_s": round(time.perf_counter() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()
