@@ -23,8 +23,8 @@ CALIBRATION = ControlSettings.calibration   # training images, as `graft quantiz
 RETIME_ROUNDS = 5                           # rounds of the front's retiming (retime)
 # Before each model's runs in turns: after its last run, the previous model's ONNX Runtime session
 # keeps its worker threads spinning for work for a while, and on 2 cores they take a core from the
-# next model. Measured (bench/turns.py): an int8 Lite0 timed in turns right after its fp32 twin
-# took 1.31x its time alone (the median of 6 interleaved repeats); with this pause, 1.01x.
+# next model. Measured (bench/turns.py, Lite0 at 160 px): timed in turns right after the other,
+# int8 took 1.26x its time alone and fp32 1.18x; with this pause, 1.02x and 1.00x.
 TURN_PAUSE_S = 0.05
 
 
