@@ -13,7 +13,7 @@ import pytest
 from graftnet.auto import parse_budget
 from graftnet.auto.stages import choose, tta
 from graftnet.cli import main
-from graftnet.errors import ConfigError
+from graftnet.errors import ConfigError, GraftError
 from graftnet.train.callbacks import register_callback
 from graftnet.train.loop import Callback
 
@@ -288,7 +288,7 @@ def test_pruning_for_a_latency_bound(finished, tmp_path):
 
 
 def test_latencies_a_bound_is_decided_on_are_timed_in_turns(finished, tmp_path, monkeypatch):
-    """Every measured model of every group is timed again in one call of retime (rounds in turns);
+    """Every measured model of every group is timed again in one call of retime_apart (rounds in turns);
     the first timing is kept beside it; a failed model is left as it was; a model doing four times
     the work is slower in the same turns."""
     from graftnet.auto import stages
@@ -299,16 +299,18 @@ def test_latencies_a_bound_is_decided_on_are_timed_in_turns(finished, tmp_path, 
     fp32 = {k: v for k, v in exported["fp32"].items() if k != "latency_ms_once"}   # as measure gives it
     four = merge_onnx([fp32["model"]] * 4, tmp_path / "four.onnx")
     calls = []
-    real = measure_mod.retime
-    monkeypatch.setattr(measure_mod, "retime", lambda models, **kw: calls.append(set(models)) or real(models, **kw))
+    real = measure_mod.retime_apart
+    monkeypatch.setattr(measure_mod, "retime_apart", lambda models, **kw: calls.append(set(models)) or real(models, **kw))
     one, other = stages.timed_together({"fp32": {**fp32, "latency_ms": 99.0}, "int8": {"error": "no"}},
                                        {"four": {**fp32, "model": str(four), "latency_ms": 0.001}})
-    assert calls == [{(0, "fp32"), (1, "four")}]
+    assert calls == [{"0/fp32", "1/four"}]   # one call, one child process: every model in the same turns
     assert one["int8"] == {"error": "no"} and one["fp32"]["latency_ms_once"] == 99.0
     assert other["four"]["latency_ms_once"] == 0.001
     assert 0 < one["fp32"]["latency_ms"] < other["four"]["latency_ms"] < 99.0
     again, = stages.timed_together(one)   # the first timing stays the first
     assert again["fp32"]["latency_ms_once"] == 99.0
+    with pytest.raises(GraftError, match="separate process failed: .*none.onnx: no such ONNX model"):
+        real({"x": tmp_path / "none.onnx"})
 
 
 def test_a_smaller_input_for_a_latency_bound(finished, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from graftnet.cli import main
@@ -24,8 +25,10 @@ from graftnet.continual.methods import EWC, diagonal_fisher
 from graftnet.continual.metrics import summarize
 from graftnet.continual.tasks import ContinualSettings, Task, TaskSequence, check_tasks, split_tasks
 from graftnet.errors import ConfigError
+from graftnet.evaluation import predict
 from graftnet.heads import make_mlp
 from graftnet.model import load_model
+from graftnet.serve import create_app
 
 from .conftest import TINY, make_folder
 
@@ -336,6 +339,14 @@ def test_extend_adds_classes_after_the_old_ones(tmp_path, capsys):
         assert torch.allclose(after(x).logsumexp(1), torch.zeros(16), atol=1e-5)   # log-probabilities
     assert (ext / "report.html").is_file()
     assert main(["predict", str(ext), str(full / "test" / "a")]) == 0
+    # `graft serve` answers for the extended run as `predict` does, naming old and new classes alike
+    image = next((full / "test" / "a").iterdir())
+    expected = predict(ext, image, top=5)[0]
+    with TestClient(create_app(ext)) as client:
+        assert client.get("/info").json()["classes"] == ["b", "c", "d", "a", "e"]
+        body = client.post("/predict?top=5", files={"file": (image.name, image.read_bytes(), "image/png")}).json()
+    assert body["class"] == expected["class"] and body["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+    assert sorted(t["class"] for t in body["top"]) == ["a", "b", "c", "d", "e"]
     assert main(["export", str(ext)]) == 0   # the gated head exports and ONNX Runtime agrees with torch
     capsys.readouterr()
     assert main(["extend", str(ext), "--data", str(full), "--name", "ext3"]) == 2

@@ -305,13 +305,14 @@ def timed_together(*groups: dict) -> list[dict]:
     timed in every round), the first timing kept as latency_ms_once. A bound is decided, and one
     model called faster than another, on these: one median of 20 runs is one moment of a shared
     machine, and the same int8 export timed 1.71-1.97 ms in three runs of bench/auto.py latency300
-    and 2.33 and 3.13 ms in two others, whose routes to the bound were then refused."""
-    from ..search.measure import retime
-    paths = {(i, k): m["model"] for i, group in enumerate(groups) for k, m in group.items()
+    and 2.33 and 3.13 ms in two others, whose routes to the bound were then refused. Timed in a
+    fresh process (retime_apart): this one, after search and fine-tuning, times slower."""
+    from ..search.measure import retime_apart
+    paths = {f"{i}/{k}": m["model"] for i, group in enumerate(groups) for k, m in group.items()
              if "error" not in m and "model" in m}
-    ms = retime(paths) if paths else {}
-    return [{k: {**m, "latency_ms": ms[i, k], "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
-             if (i, k) in ms else m for k, m in group.items()} for i, group in enumerate(groups)]
+    ms = retime_apart(paths) if paths else {}
+    return [{k: {**m, "latency_ms": ms[f"{i}/{k}"], "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
+             if f"{i}/{k}" in ms else m for k, m in group.items()} for i, group in enumerate(groups)]
 
 
 def fastest_ms(models: dict) -> float:

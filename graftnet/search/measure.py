@@ -76,6 +76,32 @@ def timed_in_turns(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUND
     return medians
 
 
+_RETIME_CHILD = ("import json, sys\nfrom graftnet.search.measure import retime\na = json.loads(sys.argv[1])\n"
+                 "print(json.dumps(retime(a['models'], a['batch'], a['rounds'], a['repeats'])))")
+
+
+def retime_apart(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
+    """retime ({str key: path}) in a fresh Python process. A long-lived process times slower than
+    it should: inside `graft auto`, after its search and fine-tuning, an int8 export timed 2.54 ms
+    in turns (1.55 ms once, minutes before), and the same two files 1.68-1.76 ms in turns in a new
+    process; a fresh process measuring and timing them alike gave 1.83 ms. The child costs about
+    2 s of start-up."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from ..errors import GraftError
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    arg = json.dumps({"models": {k: str(v) for k, v in models.items()}, "batch": batch_size,
+                      "rounds": rounds, "repeats": repeats})
+    done = subprocess.run([sys.executable, "-c", _RETIME_CHILD, arg], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GraftError(f"timing {len(models)} model(s) in a separate process failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def retime(models: dict, batch_size: int = 1, rounds: int = RETIME_ROUNDS, repeats: int = 20) -> dict:
     """{key: median ms}: a model's latency the median of its rounds' medians (timed_in_turns)."""
     import statistics
