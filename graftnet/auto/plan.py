@@ -23,7 +23,8 @@ SIZE_SAMPLE = 64          # images whose headers give the size range
 HASH_LIMIT = 20_000       # files hashed per split for the duplicate check (a sample beyond that)
 IMBALANCED = 3.0          # largest / smallest class above this: say so, and balance the loss
 # seconds that do not scale with the data: opening runs, ONNX export and quantization, writing files
-FIXED = {"search": 5.0, "finetune": 3.0, "export": 5.0, "deploy": 2.0}
+# (export: 5 s of it time the models in turns, in a child process, rounds up to a second apart)
+FIXED = {"search": 5.0, "finetune": 3.0, "export": 10.0, "deploy": 2.0}
 # the ONNX export (torch.export) and int8 quantization grow with the network: seconds per million
 # parameters on a 2-core CPU (EfficientNet-Lite0, 3.4 M, at 160 px: its export stage took 39 s with
 # 400 validation images, where a fixed 12 s had been planned)

@@ -76,6 +76,17 @@ MIN_LATENCY_SCALE = 0.5
 # to 1.33 ms (0.676x for 0.49x the pixels; batch 64: 0.52x), side^1.10; on the Pareto front 128 ->
 # 96 px was 1.5x, side^1.41. The smaller exponent, so that the estimate errs towards the faster size:
 LATENCY_SIDE_EXPONENT = 1.1
+# A latency judged against a bound: the fastest of 5 rounds this far apart, the machine's quiet speed.
+# This 2-core machine has slow spells of 0.3-7.8 s with nothing else on its cores (bench/turns.py:
+# one model sampled every 0.29 s for 2 minutes, 22% of samples over 1.2x the median). Replayed on
+# those samples, the median of 5 rounds 0.3 s apart read over 1.2x the typical time in 18.5% of
+# windows, the fastest of 5 rounds 1.2 s apart in 3.9% (its 90th percentile 1.06x), reading 0.92x.
+ROUND_GAP_S = 1.0
+
+
+def round_gap(budget_s: float) -> float:
+    """ROUND_GAP_S, less for budgets under 10 minutes: the gaps of one timing stay under 1% of it."""
+    return min(ROUND_GAP_S, budget_s / 600)
 
 
 def search_space(n_train: int) -> dict:
@@ -299,20 +310,22 @@ def prune_amount(latency_ms: float, bound_ms: float) -> float:
     return max(0.05, 1 - bound_ms / (PRUNE_MARGIN * latency_ms))
 
 
-def timed_together(*groups: dict) -> list[dict]:
+def timed_together(*groups: dict, gap: float = ROUND_GAP_S) -> list[dict]:
     """The groups of models (as measure's) with every measured model's latency taken again, all of
-    them in turns (search.measure.retime: the median of RETIME_ROUNDS rounds' medians, each model
-    timed in every round), the first timing kept as latency_ms_once. A bound is decided, and one
-    model called faster than another, on these: one median of 20 runs is one moment of a shared
-    machine, and the same int8 export timed 1.71-1.97 ms in three runs of bench/auto.py latency300
-    and 2.33 and 3.13 ms in two others, whose routes to the bound were then refused. Timed in a
-    fresh process (retime_apart): this one, after search and fine-tuning, times slower."""
+    them in turns in a fresh process (search.measure.retime_apart: RETIME_ROUNDS rounds `gap` s
+    apart, each model's median of 20 runs in every round): latency_ms the fastest round, beside
+    latency_ms_median and the first timing, latency_ms_once. A bound is decided, and one model
+    called faster than another, on these: one median of 20 runs is one moment of a shared machine,
+    and the same int8 export timed 1.55 to 3.13 ms in the runs of bench/auto.py latency300."""
+    import statistics
     from ..search.measure import retime_apart
     paths = {f"{i}/{k}": m["model"] for i, group in enumerate(groups) for k, m in group.items()
              if "error" not in m and "model" in m}
-    ms = retime_apart(paths) if paths else {}
-    return [{k: {**m, "latency_ms": ms[f"{i}/{k}"], "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
-             if f"{i}/{k}" in ms else m for k, m in group.items()} for i, group in enumerate(groups)]
+    rounds = retime_apart(paths, gap=gap) if paths else {}
+    return [{k: {**m, "latency_ms": round(min(rounds[f"{i}/{k}"]), 4),
+                 "latency_ms_median": round(statistics.median(rounds[f"{i}/{k}"]), 4),
+                 "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
+             if f"{i}/{k}" in rounds else m for k, m in group.items()} for i, group in enumerate(groups)]
 
 
 def fastest_ms(models: dict) -> float:
@@ -333,7 +346,7 @@ def smaller_size(size: int, latency_ms: float, bound_ms: float) -> int | None:
 
 
 def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
-                  resume: bool) -> dict:
+                  resume: bool, gap: float = ROUND_GAP_S) -> dict:
     """The exported run fine-tuned on for one epoch at smaller_size (AUTO/resolution-SIZE, as the
     resolution step makes it) when `left` seconds hold that epoch (`epoch_s` at the run's own size,
     scaled by the pixels), then both of its models measured. {"resized": False, "why"} when no size
@@ -353,12 +366,12 @@ def smaller_input(exported: dict, bound_ms: float, folder: Path, left: float, ep
     r = resolution_step(exported["run"], folder, new, 1, time.monotonic() + left, resume)
     if "skipped" in r:
         return {"resized": False, "why": r["skipped"]}
-    before, models = timed_together(exported["models"], measure(r["run"], r["val_acc"]))
+    before, models = timed_together(exported["models"], measure(r["run"], r["val_acc"]), gap=gap)
     return {"resized": True, **r, "models": models, "baseline_ms": fastest_ms(before)}
 
 
 def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float, epoch_s: float,
-                      seed: int, resume: bool) -> dict:
+                      seed: int, resume: bool, gap: float = ROUND_GAP_S) -> dict:
     """The exported run with channels removed (`graft prune`, structured, inside blocks only) until
     its estimated latency meets `bound_ms`, with one recovery epoch when `left` seconds hold it
     (`epoch_s`: the plan's fine-tuning epoch, reserved by the plan when a bound is given),
@@ -389,7 +402,7 @@ def prune_for_latency(exported: dict, bound_ms: float, folder: Path, left: float
         settings = PruneSettings(amount=amount, finetune_epochs=epochs, channels="inner", seed=seed)
         run = prune_run(exported["run"], settings, out=str(folder), name="pruned", test=False)
     record = json.loads((run / "prune.json").read_text())
-    before, pruned = timed_together(exported["models"], measure(run, record["after"]["val_acc"]))
+    before, pruned = timed_together(exported["models"], measure(run, record["after"]["val_acc"]), gap=gap)
     return {"pruned": True, "run": str(run), "models": pruned, "baseline_ms": fastest_ms(before),
             "amount": amount, "recovery_epochs": epochs,
             "val_acc_before": record["before"]["val_acc"], "val_acc_after": record["after"]["val_acc"],

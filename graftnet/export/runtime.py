@@ -186,3 +186,58 @@ def measure_latency(model_path: str | Path, batch_size: int = 1, repeats: int = 
     median = statistics.median(times)
     return {"median_ms": median, "min_ms": min(times), "max_ms": max(times),
             "per_image_ms": median / batch_size, "batch_size": batch_size, "repeats": repeats}
+
+
+TURN_ROUNDS = 5   # rounds of a timing in turns
+# Before each model's runs in turns: after its last run, the previous model's ONNX Runtime session
+# keeps its worker threads spinning for work for a while, and on 2 cores they take a core from the
+# next model. Measured (bench/turns.py, Lite0 at 160 px): timed in turns right after the other,
+# int8 took 1.26x its time alone and fp32 1.18x; with this pause, 1.02x and 1.00x.
+TURN_PAUSE_S = 0.05
+
+
+def timed_in_turns(models: dict, batch_size: int = 1, rounds: int = TURN_ROUNDS, repeats: int = 20,
+                   pause: float = TURN_PAUSE_S, gap: float = 0.0) -> dict:
+    """{key: [median ms of each round]}: every model timed again, all of them in turns, `rounds`
+    rounds of `repeats` runs each. A trial's own timing is one moment of the machine, and the
+    moments differ: on a 2-core CPU one network timed 0.49 ms in one trial and 0.90 ms in another,
+    which put a slower network on the front in its place. Timed in turns, every model sees the same
+    moments; `pause` seconds before each model's runs let the previous session's threads rest, and
+    `gap` seconds between rounds spread them over more of the machine's moments."""
+    sessions = {k: session(path) for k, path in models.items()}   # opened once: loading is not timed
+    medians: dict = {k: [] for k in models}
+    for r in range(rounds):
+        if r and gap:
+            time.sleep(gap)
+        for k, sess in sessions.items():
+            if len(sessions) > 1:
+                time.sleep(pause)
+            medians[k].append(statistics.median(timed_runs(sess, batch_size, repeats, warmup=3 if r == 0 else 1)))
+    return medians
+
+
+# the child imports this module alone (ONNX Runtime and numpy: 0.2 s, where graftnet.search's imports take 4)
+_RETIME_CHILD = ("import json, sys\nfrom graftnet.export.runtime import timed_in_turns\na = json.loads(sys.argv[1])\n"
+                 "print(json.dumps(timed_in_turns(a['models'], a['batch'], a['rounds'], a['repeats'], gap=a['gap'])))")
+
+
+def retime_apart(models: dict, batch_size: int = 1, rounds: int = TURN_ROUNDS, repeats: int = 20,
+                 gap: float = 0.0) -> dict:
+    """timed_in_turns ({str key: path} -> {key: [ms of each round]}) in a fresh Python process, so
+    that nothing a long-lived process holds shares the cores: inside `graft auto`, after its search
+    and fine-tuning, an int8 export timed 2.54 ms in turns seconds after 1.55 ms once (the machine
+    itself was the likelier cause: the next run in a child process saw the same, BENCHMARKS.md, but
+    a timing should depend on the model and the machine only). The child costs about 2 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    arg = json.dumps({"models": {k: str(v) for k, v in models.items()}, "batch": batch_size,
+                      "rounds": rounds, "repeats": repeats, "gap": gap})
+    done = subprocess.run([sys.executable, "-c", _RETIME_CHILD, arg], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GraftError(f"timing {len(models)} model(s) in a separate process failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
