@@ -1,11 +1,11 @@
 """Does timing models in turns bias a model's latency? One model timed alone, and in turns with
-another right before it, with and without `search.measure.TURN_PAUSE_S` between them.
+another right before it, with and without `export.runtime.TURN_PAUSE_S` between them.
 
     python bench/turns.py --run RUN [--repeats 6] [--out bench/results/turns.json]
 
 RUN is a finished run (e.g. `bench/auto.py --stages latency300`'s fine-tuned model: Lite0 at 160 px);
 its fp32 and int8 ONNX models are exported as `graft auto` exports them. Each condition is one call
-of `search.measure.timed_in_turns` (5 rounds of 20 runs at batch 1, the median of the rounds'
+of `export.runtime.timed_in_turns` (5 rounds of 20 runs at batch 1, the median of the rounds'
 medians); the three conditions are interleaved `--repeats` times, so the machine's slow and fast
 moments fall on all of them, and each is summarised by the median over repeats. The ratio is a
 condition's time over the model's time alone. Then (--drift-s) the int8 model alone, sampled
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "turns.json")
     a = p.parse_args()
     from graftnet.auto.stages import measure
-    from graftnet.search.measure import TURN_PAUSE_S, timed_in_turns
+    from graftnet.export.runtime import TURN_PAUSE_S, timed_in_turns
     t0, start_load = time.perf_counter(), loadavg()
     models = {k: m["model"] for k, m in measure(a.run).items() if "error" not in m}
     rows = {}

@@ -293,14 +293,14 @@ def test_latencies_a_bound_is_decided_on_are_timed_in_turns(finished, tmp_path, 
     the work is slower in the same turns."""
     from graftnet.auto import stages
     from graftnet.export.merge import merge_onnx
-    from graftnet.search import measure as measure_mod
+    from graftnet.export import runtime as runtime_mod
     folder, _ = finished
     exported = json.loads((folder / "decisions.json").read_text())["stages"]["export"]["numbers"]["models"]
     fp32 = {k: v for k, v in exported["fp32"].items() if k != "latency_ms_once"}   # as measure gives it
     four = merge_onnx([fp32["model"]] * 4, tmp_path / "four.onnx")
     calls = []
-    real = measure_mod.retime_apart
-    monkeypatch.setattr(measure_mod, "retime_apart", lambda models, **kw: calls.append(set(models)) or real(models, **kw))
+    real = runtime_mod.retime_apart
+    monkeypatch.setattr(runtime_mod, "retime_apart", lambda models, **kw: calls.append(set(models)) or real(models, **kw))
     one, other = stages.timed_together({"fp32": {**fp32, "latency_ms": 99.0}, "int8": {"error": "no"}},
                                        {"four": {**fp32, "model": str(four), "latency_ms": 0.001}})
     assert calls == [{"0/fp32", "1/four"}]   # one call, one child process: every model in the same turns

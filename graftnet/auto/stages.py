@@ -312,13 +312,13 @@ def prune_amount(latency_ms: float, bound_ms: float) -> float:
 
 def timed_together(*groups: dict, gap: float = ROUND_GAP_S) -> list[dict]:
     """The groups of models (as measure's) with every measured model's latency taken again, all of
-    them in turns in a fresh process (search.measure.retime_apart: RETIME_ROUNDS rounds `gap` s
+    them in turns in a fresh process (export.runtime.retime_apart: TURN_ROUNDS rounds `gap` s
     apart, each model's median of 20 runs in every round): latency_ms the fastest round, beside
     latency_ms_median and the first timing, latency_ms_once. A bound is decided, and one model
     called faster than another, on these: one median of 20 runs is one moment of a shared machine,
     and the same int8 export timed 1.55 to 3.13 ms in the runs of bench/auto.py latency300."""
     import statistics
-    from ..search.measure import retime_apart
+    from ..export.runtime import retime_apart
     paths = {f"{i}/{k}": m["model"] for i, group in enumerate(groups) for k, m in group.items()
              if "error" not in m and "model" in m}
     rounds = retime_apart(paths, gap=gap) if paths else {}

@@ -17,8 +17,7 @@ import numpy as np
 from ..export.exporter import export_run, load_run
 from ..export.control import ControlSettings
 from ..export.quantize import calibration_images, held_out_images, quantize_onnx, weight_reduce_range
-from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, to_input
-from ..export.runtime import TURN_PAUSE_S, retime_apart, timed_in_turns  # noqa: F401  (search's names for them)
+from ..export.runtime import evaluate_onnx, measure_latency, read_preprocess, timed_in_turns, to_input
 
 CALIBRATION = ControlSettings.calibration   # training images, as `graft quantize`'s default
 RETIME_ROUNDS = 5                           # rounds of the front's retiming (retime)
