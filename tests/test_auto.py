@@ -79,6 +79,7 @@ def test_the_deployment_folder(finished):
     card = (folder / "MODEL_CARD.md").read_text()
     assert card.startswith("---\n") and "## Evaluation" in card and "95% Wilson interval" in card
     assert "graft auto --data" in card and "--budget 45s" in card
+    assert "batch 1, the fastest of 5 rounds' medians, timed in turns" in card   # what its latency is
     decisions = json.loads((folder / "decisions.json").read_text())
     stages = decisions["stages"]
     assert [s for s in stages if stages[s]["status"] not in ("done", "skipped")] == []
