@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # this tree's graftnet (stage_latency times in its export.runtime)
 sys.path.insert(0, str(ROOT / "bench"))
 from equivalence import atomic_write_json, git_state, loadavg, machine  # noqa: E402
 
@@ -212,15 +213,6 @@ def nondominated(points: dict) -> list[str]:
             if not any(b >= a and u <= t and (b > a or u < t) for m, (b, u) in points.items() if m != n)]
 
 
-RETIME = """
-import json, statistics, sys
-from graftnet.search.measure import timed_in_turns
-models, rounds, batch = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-times = timed_in_turns(models, batch_size=batch, rounds=rounds, repeats=50 if batch == 1 else 5)
-print(json.dumps({name: {"median_ms": statistics.median(t), "rounds_ms": t} for name, t in times.items()}))
-"""
-
-
 def stage_latency(a, work: Path, results: dict) -> dict:
     """The front members of pareto and pareto_ft and the recipe's int8 and fp32 exports timed again
     in one process, in turns, --latency-rounds rounds of 50 batch-1 runs each: one timing per trial,
@@ -238,10 +230,10 @@ def stage_latency(a, work: Path, results: dict) -> dict:
                                                    run / "export" / "model.onnx")
     models = {k: v for k, v in models.items() if Path(v).is_file()}
 
-    def in_turns(batch: int) -> dict:
-        out = subprocess.check_output([sys.executable, "-c", RETIME, json.dumps(models), str(a.latency_rounds), str(batch)],
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-        return json.loads(out)
+    def in_turns(batch: int) -> dict:   # in a fresh process, as graft auto times (export.runtime)
+        from graftnet.export.runtime import retime_apart
+        times = retime_apart(models, batch, a.latency_rounds, repeats=50 if batch == 1 else 5)
+        return {name: {"median_ms": statistics.median(t), "rounds_ms": t} for name, t in times.items()}
     timed = in_turns(1)
     # batch 64: sub-millisecond batch-1 timings of networks a few pixels apart (80 and 96 px) overlap
     # from round to round; 64 images a run are steadier, and show the work each network does

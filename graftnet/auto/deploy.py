@@ -79,9 +79,10 @@ def _test_once(folder: Path, name: str, source: str, run: Path) -> dict | None:
 def _card(folder: Path, decisions: dict, run: Path, metrics: dict | None, models: dict, shipped: str,
           command: str, tta: bool) -> None:
     cpu = cpu_name() or platform.processor() or platform.machine()
-    how_timed = {True: "the fastest of 5 rounds' medians, timed in turns", False: "median"}
-    latency = {f"ONNX Runtime {k}, batch 1, {how_timed['latency_ms_median' in m]} ({cpu}, {os.cpu_count()} cores)":
-               m["latency_ms"] for k, m in models.items() if "error" not in m}
+    def how_timed(m: dict) -> str:   # stages.timed_together's entries carry their rounds' median too
+        return "the fastest of 5 rounds' medians, timed in turns" if "latency_ms_median" in m else "median"
+    latency = {f"ONNX Runtime {k}, batch 1, {how_timed(m)} ({cpu}, {os.cpu_count()} cores)": m["latency_ms"]
+               for k, m in models.items() if "error" not in m}
     how = ["", "## How this model was made", "",
            f"By `graft auto` within a budget of {decisions['budget_s']:.0f} s on this machine; every decision "
            "with the numbers it was made on is in `decisions.json`, and `report.html` shows each stage.", ""]

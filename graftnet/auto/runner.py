@@ -288,11 +288,13 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
     grown = run("ensemble", made.get("ensemble_s") or None, do_ensemble)
     members = [source_run, *grown["runs"]] if grown and grown.get("runs") and source_run == tuned["run"] else [source_run]
 
+    gap = stages.round_gap(req.budget_s)   # between the rounds of every timing in turns
+
     def do_export():
         models = stages.measure(source_run)
         if len(members) > 1:
             models.update(stages.measure_ensemble(members, models, folder / "ensemble"))
-        models, = stages.timed_together(models, gap=stages.round_gap(req.budget_s))
+        models, = stages.timed_together(models, gap=gap)
         choice = stages.choose(models, req.max_latency_ms)
         if not choice["meets"]:
             log(f"[yellow]auto: {choice['why']}[/]")
@@ -320,8 +322,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
                                     budget.deadline - made["estimates"]["test"] - made["estimates"]["export"],
                                     resume=record.stage("distill").get("attempts", 0) > 1)
         singles = {k: m for k, m in exported["models"].items() if not k.startswith("ensemble")}
-        singles, r["models"] = stages.timed_together(singles, stages.measure(r["run"], r["val_acc"]),
-                                                      gap=stages.round_gap(req.budget_s))
+        singles, r["models"] = stages.timed_together(singles, stages.measure(r["run"], r["val_acc"]), gap=gap)
         choice = stages.choose({**singles, **{f"distilled-{k}": m for k, m in r["models"].items()}}, req.max_latency_ms)
         r["ships"] = choice["model"].startswith("distilled-")
         if r["ships"]:
@@ -345,8 +346,7 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
         resume, epoch_s = record.stage("prune").get("attempts", 0) > 1, made["estimates"]["finetune_epoch"]
         no_tta = {"used": False, "why": "test-time flips not tried: the latency bound is what this stage is for"}
         # fewer pixels first: they keep every channel (stages.MIN_LATENCY_SCALE's evidence)
-        small = stages.smaller_input(exported, req.max_latency_ms, folder, left(), epoch_s, resume,
-                                     gap=stages.round_gap(req.budget_s))
+        small = stages.smaller_input(exported, req.max_latency_ms, folder, left(), epoch_s, resume, gap=gap)
         if small["resized"]:
             first = stages.choose(small["models"], req.max_latency_ms)
             small.update(first, ships=first["meets"], tta=no_tta)
@@ -356,8 +356,8 @@ def _stages(req: Request, folder: Path, record: Record, budget: Budget, data: di
             log(f"auto: prune: {said}; over the bound, so pruning is tried")
         else:
             said = small["why"]
-        r = stages.prune_for_latency(exported, req.max_latency_ms, folder, left(), epoch_s, req.cfg.train.seed, resume,
-                                     gap=stages.round_gap(req.budget_s))
+        r = stages.prune_for_latency(exported, req.max_latency_ms, folder, left(), epoch_s, req.cfg.train.seed,
+                                     resume, gap=gap)
         if not r["pruned"]:
             if small["resized"] and small["models"][small["model"]]["latency_ms"] < small["baseline_ms"]:
                 small["ships"] = True

@@ -322,10 +322,12 @@ def timed_together(*groups: dict, gap: float = ROUND_GAP_S) -> list[dict]:
     paths = {f"{i}/{k}": m["model"] for i, group in enumerate(groups) for k, m in group.items()
              if "error" not in m and "model" in m}
     rounds = retime_apart(paths, gap=gap) if paths else {}
-    return [{k: {**m, "latency_ms": round(min(rounds[f"{i}/{k}"]), 4),
-                 "latency_ms_median": round(statistics.median(rounds[f"{i}/{k}"]), 4),
-                 "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
-             if f"{i}/{k}" in rounds else m for k, m in group.items()} for i, group in enumerate(groups)]
+
+    def retimed(m: dict, t: list[float] | None) -> dict:
+        return m if t is None else {**m, "latency_ms": round(min(t), 4),
+                                    "latency_ms_median": round(statistics.median(t), 4),
+                                    "latency_ms_once": m.get("latency_ms_once", m["latency_ms"])}
+    return [{k: retimed(m, rounds.get(f"{i}/{k}")) for k, m in group.items()} for i, group in enumerate(groups)]
 
 
 def fastest_ms(models: dict) -> float:
